@@ -1,0 +1,169 @@
+"""DPT decoder and the full segmentation model (`DPTSegmentor`: DINOv2 encoder + DPT head).
+
+Module and parameter names follow the original release (`backbone.*`, `head.projects`,
+`head.resize_layers`, `head.scratch.layer{1..4}_rn`, `head.scratch.refinenet{1..4}`,
+`head.scratch.output_conv`), so its checkpoints load unchanged.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.dinov2 import DinoV2Encoder
+from model.presets import PATCH_SIZE, ModelPreset, preset
+
+
+def upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize with align_corners=True, as everywhere in the original DPT."""
+    return F.interpolate(x, size=tuple(size), mode='bilinear', align_corners=True)
+
+
+class ResidualConvUnit(nn.Module):
+    def __init__(self, features: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(features, features, 3, padding=1)
+        self.conv2 = nn.Conv2d(features, features, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(F.relu(self.conv1(F.relu(x))))
+        return out + x
+
+
+class FeatureFusionBlock(nn.Module):
+    """Adds a skip (through resConfUnit1), refines (resConfUnit2), upsamples, projects (out_conv)."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.resConfUnit1 = ResidualConvUnit(features)
+        self.resConfUnit2 = ResidualConvUnit(features)
+        self.out_conv = nn.Conv2d(features, features, 1)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None,
+                size: Sequence[int] | None = None) -> torch.Tensor:
+        if skip is not None:
+            x = x + self.resConfUnit1(skip)
+        x = self.resConfUnit2(x)
+        x = upsample(x, size if size is not None else (x.shape[-2] * 2, x.shape[-1] * 2))
+        return self.out_conv(x)
+
+
+class DPTHead(nn.Module):
+    def __init__(self, nclass: int, in_channels: int, features: int, out_channels: Sequence[int]):
+        super().__init__()
+        c = list(out_channels)
+        self.projects = nn.ModuleList([nn.Conv2d(in_channels, ch, 1) for ch in c])
+        # The four taps come out at 4x, 2x, 1x and 1/2x the patch grid.
+        self.resize_layers = nn.ModuleList([
+            nn.ConvTranspose2d(c[0], c[0], kernel_size=4, stride=4),
+            nn.ConvTranspose2d(c[1], c[1], kernel_size=2, stride=2),
+            nn.Identity(),
+            nn.Conv2d(c[3], c[3], kernel_size=3, stride=2, padding=1),
+        ])
+        self.scratch = nn.Module()
+        for i, ch in enumerate(c, start=1):
+            setattr(self.scratch, f'layer{i}_rn', nn.Conv2d(ch, features, 3, padding=1, bias=False))
+        for i in range(1, 5):
+            setattr(self.scratch, f'refinenet{i}', FeatureFusionBlock(features))
+        self.scratch.output_conv = nn.Sequential(
+            nn.Conv2d(features, features, 3, padding=1), nn.ReLU(True), nn.Conv2d(features, nclass, 1))
+        # refinenet4 fuses no skip, so its resConfUnit1 is never used. It stays in the state dict for
+        # compatibility and is frozen, so every trainable parameter gets a gradient (no DDP
+        # find_unused_parameters).
+        self.scratch.refinenet4.resConfUnit1.requires_grad_(False)
+
+    def fuse(self, features: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+        """Four (B, h*w, C) token maps -> fused (B, features, 8h, 8w) map before the classifier."""
+        s = self.scratch
+        layers = []
+        for i, tokens in enumerate(features):
+            x = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], *grid)
+            x = self.resize_layers[i](self.projects[i](x))
+            layers.append(getattr(s, f'layer{i + 1}_rn')(x))
+        l1, l2, l3, l4 = layers
+        path = s.refinenet4(l4, size=l3.shape[-2:])
+        path = s.refinenet3(path, l3, size=l2.shape[-2:])
+        path = s.refinenet2(path, l2, size=l1.shape[-2:])
+        return s.refinenet1(path, l1)
+
+    def forward(self, features: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+        return self.scratch.output_conv(self.fuse(features, grid))
+
+
+def complementary_masks(pairs: int, channels: int, like: torch.Tensor) -> torch.Tensor:
+    """Channel masks (2 * pairs, C) for [s1; s2]: m in {0, 2} for s1 and 2 - m for s2, both 1 for a
+    random floor(pairs / 2) of the pairs (the original keeps half the pairs undropped)."""
+    m1 = torch.bernoulli(torch.full((pairs, channels), 0.5, device=like.device, dtype=like.dtype)) * 2
+    m2 = 2 - m1
+    kept = torch.randperm(pairs, device=like.device)[:pairs // 2]
+    m1[kept] = 1
+    m2[kept] = 1
+    return torch.cat((m1, m2))
+
+
+def channel_dropout_masks(n: int, channels: int, like: torch.Tensor, p: float = 0.5) -> torch.Tensor:
+    """Plain per-(image, channel) dropout masks (n, C) scaled by 1 / (1 - p) (UniMatch V1's feature
+    perturbation)."""
+    keep = torch.full((n, channels), 1 - p, device=like.device, dtype=like.dtype)
+    return torch.bernoulli(keep) / (1 - p)
+
+
+class DPTSegmentor(nn.Module):
+    """DINOv2 encoder + DPT decoder. `forward(x)` -> logits (B, nclass, H // 14 * 14, W // 14 * 14)."""
+
+    def __init__(self, spec: ModelPreset, nclass: int, drop_path: float = 0.0):
+        super().__init__()
+        self.taps = tuple(spec.taps)
+        self.backbone = DinoV2Encoder.from_preset(spec, drop_path)
+        self.head = DPTHead(nclass, spec.embed_dim, spec.features, spec.out_channels)
+
+    @property
+    def nclass(self) -> int:
+        return self.head.scratch.output_conv[-1].out_channels
+
+    def lock_backbone(self) -> None:
+        self.backbone.requires_grad_(False)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.grad_checkpointing = enable
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.backbone.get_intermediate_layers(x, self.taps)
+
+    def forward(self, x: torch.Tensor, comp_drop: bool = False, n_clean: int = 0,
+                need_fp: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """
+        x: (B, 3, H, W) normalised images.
+        comp_drop: images x[n_clean:] are two strong views [s1; s2] of the same images; their
+            encoder features get complementary channel dropout (the first n_clean, e.g. labeled
+            images, are left untouched, so labeled and strong images can share one forward).
+        need_fp: also return logits from channel-dropped features of every image (UniMatch V1's
+            feature-perturbation stream), computed in the same decoder pass.
+        """
+        grid = (x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE)
+        out_size = (grid[0] * PATCH_SIZE, grid[1] * PATCH_SIZE)
+        features = self.encode(x)
+        b, c = features[0].shape[0], features[0].shape[-1]
+
+        if comp_drop:
+            pairs = (b - n_clean) // 2
+            assert pairs * 2 == b - n_clean, 'comp_drop needs an even number of strong images'
+            masks = complementary_masks(pairs, c, features[0])
+            masks = torch.cat((masks.new_ones(n_clean, c), masks))
+            features = [f * masks[:, None, :] for f in features]
+        if need_fp:
+            masks = channel_dropout_masks(b, c, features[0])
+            features = [torch.cat((f, f * masks[:, None, :])) for f in features]
+
+        logits = upsample(self.head(features, grid), out_size)
+        if need_fp:
+            return logits.chunk(2)
+        return logits
+
+
+def build_model(backbone: str, nclass: int, drop_path: float = 0.0) -> DPTSegmentor:
+    """`build_model('dinov2_small', 21)`: random init; load weights with `model.loading`."""
+    _, spec = preset(backbone)
+    return DPTSegmentor(spec, nclass, drop_path)

@@ -1,0 +1,66 @@
+"""Checkpoint files: atomic writes and loads that never execute code.
+
+`save_atomic` writes to a temporary file in the same directory, flushes it to disk and renames it
+into place, so `latest.pth` is either the old file or the new one, never half of either.
+`safe_load` uses `torch.load(weights_only=True)`: a pickle that carries code (a class to build, a
+function to call) is refused before any of it runs.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """The file holds more than tensors and plain containers; it was not loaded."""
+
+
+def safe_load(path: str | Path, map_location: str | torch.device = 'cpu') -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'checkpoint {path} does not exist')
+    if path.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        return load_file(str(path), device=str(map_location))
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(
+            f'refused to load {path}: it holds objects other than tensors and plain containers, '
+            f'which could run code when unpickled. Only weights are accepted.\n  ({str(err).splitlines()[0]})'
+        ) from None
+    except (RuntimeError, EOFError) as err:
+        raise RuntimeError(f'{path} is not a readable checkpoint (truncated or not a torch file): {err}') from None
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save to `path` via a temporary file in the same directory and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(text: str, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    with os.fdopen(fd, 'w') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

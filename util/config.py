@@ -1,0 +1,192 @@
+"""Typed, validated run configuration.
+
+One flat YAML per dataset (`configs/<dataset>.yaml`) loads into `Config`. The keys of the original
+UniMatch V2 configs keep their names and meaning, so an original config loads unchanged; every other
+field is an addition with a default. Unknown keys and wrong types are errors that name the key.
+`key=value` overrides from the command line are parsed as YAML scalars (`lr=1e-5`, `lock_backbone=true`,
+`criterion.name=OHEM`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ('unimatch_v2', 'fixmatch', 'unimatch_v1', 'supervised')
+EVAL_MODES = ('original', 'center_crop', 'sliding_window')
+PRECISIONS = ('fp32', 'bf16', 'fp16')
+CRITERIA = ('CELoss', 'OHEM')
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit `Config`; the message names the key."""
+
+
+@dataclass
+class Criterion:
+    name: str = 'CELoss'
+    kwargs: dict = field(default_factory=lambda: {'ignore_index': 255})
+
+
+@dataclass
+class Config:
+    # ---- keys of the original release --------------------------------------------------------
+    dataset: str = 'pascal'
+    data_root: str = 'data/pascal'
+    nclass: int = 21
+    crop_size: int = 518
+    epochs: int = 60
+    batch_size: int = 4                  # per process; labeled and unlabeled batches have this size
+    lr: float = 5e-6                     # encoder learning rate at the reference global batch
+    lr_multi: float = 40.0               # decoder lr = lr * lr_multi
+    criterion: Criterion = field(default_factory=Criterion)
+    conf_thresh: float = 0.95
+    model: str = 'dpt'
+    backbone: str = 'dinov2_small'
+    lock_backbone: bool = False
+    # ---- additions -----------------------------------------------------------------------------
+    method: str = 'unimatch_v2'
+    pretrained: str | None = 'auto'      # 'auto' = pretrained/<backbone>.pth; null = random init
+    class_names: list | None = None      # for custom datasets
+    lossu_weight: float = 1.0            # loss = (loss_x + w * loss_u) / (1 + w)
+    ema_decay: float = 0.996
+    weight_decay: float = 0.01
+    eval_mode: str | None = None         # None = the dataset's default (see dataset.registry)
+    eval_batch_size: int = 1
+    labeled_upsample: int = 0            # supervised.py: repeat the labeled list to this length
+    reference_gpus: int = 4              # the paper's process count; lr follows the global batch
+    scale_lr: bool = True                # lr *= world_size * accum / reference_gpus
+    seed: int = 0
+    num_workers: int = -1                # -1 = sized to the machine
+    precision: str = 'fp32'
+    compile: bool = False
+    grad_checkpointing: bool = False
+    grad_accum: int = 1
+    drop_path: float = 0.0
+    log_interval: int = 20
+    max_iters_per_epoch: int = 0         # 0 = a full pass over the unlabeled set (tests use a few)
+    toy_seed: int = 0
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is not None:
+        return isinstance(value, origin)
+    return isinstance(value, hint)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    if not _type_ok(value, hint):
+        raise ConfigError(f'config key {key!r}: expected {getattr(hint, "__name__", hint)}, '
+                          f'got {type(value).__name__} {value!r}')
+    return float(value) if hint is float else value
+
+
+def from_dict(raw: dict, source: str = '<dict>') -> Config:
+    """Build a validated `Config` from a plain dict (a parsed YAML file or a saved checkpoint)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f'{source}: expected a mapping of keys to values, got {type(raw).__name__}')
+    hints = typing.get_type_hints(Config)
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f'{source}: unknown config key(s) {unknown}; known keys: {sorted(known)}')
+    values = {}
+    for key, value in raw.items():
+        if key == 'criterion':
+            value = _criterion(value, source)
+        else:
+            value = _coerce(key, value, hints[key])
+        values[key] = value
+    cfg = Config(**values)
+    _check(cfg, source)
+    return cfg
+
+
+def _criterion(value: Any, source: str) -> Criterion:
+    if isinstance(value, Criterion):
+        return value
+    if not isinstance(value, dict) or set(value) - {'name', 'kwargs'}:
+        raise ConfigError(f'{source}: config key "criterion" must be a mapping with "name" and "kwargs"')
+    crit = Criterion(name=value.get('name', 'CELoss'), kwargs=dict(value.get('kwargs') or {}))
+    return crit
+
+
+def _check(cfg: Config, source: str) -> None:
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f'{source}: config key {key!r} {msg}')
+
+    need(cfg.method in METHODS, 'method', f'must be one of {METHODS}, got {cfg.method!r}')
+    need(cfg.precision in PRECISIONS, 'precision', f'must be one of {PRECISIONS}, got {cfg.precision!r}')
+    need(cfg.eval_mode is None or cfg.eval_mode in EVAL_MODES, 'eval_mode',
+         f'must be one of {EVAL_MODES}, got {cfg.eval_mode!r}')
+    need(cfg.criterion.name in CRITERIA, 'criterion.name',
+         f'must be one of {CRITERIA}, got {cfg.criterion.name!r}')
+    need(cfg.nclass >= 2, 'nclass', f'must be >= 2, got {cfg.nclass}')
+    need(cfg.crop_size >= 14, 'crop_size', f'must be >= 14, got {cfg.crop_size}')
+    need(cfg.epochs >= 1, 'epochs', f'must be >= 1, got {cfg.epochs}')
+    need(cfg.batch_size >= 1, 'batch_size', f'must be >= 1, got {cfg.batch_size}')
+    need(cfg.grad_accum >= 1, 'grad_accum', f'must be >= 1, got {cfg.grad_accum}')
+    need(0.0 <= cfg.conf_thresh <= 1.0, 'conf_thresh', f'must be in [0, 1], got {cfg.conf_thresh}')
+    need(cfg.class_names is None or len(cfg.class_names) == cfg.nclass, 'class_names',
+         f'has {len(cfg.class_names or [])} names but nclass is {cfg.nclass}')
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'criterion.kwargs.thresh=0.7' -> (['criterion', 'kwargs', 'thresh'], 0.7)."""
+    if '=' not in text:
+        raise ConfigError(f'override {text!r} is not of the form key=value')
+    key, value = text.split('=', 1)
+    return key.strip().split('.'), yaml.safe_load(value) if value != '' else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = dict(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, dict) else {}
+            node[part] = child
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply `key=value` overrides, validate."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f'config file {path} does not exist') from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f'{path}: not valid YAML: {err}') from None
+    raw = apply_overrides(raw, overrides or [])
+    return from_dict(raw, source=str(path))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + '.tmp')
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

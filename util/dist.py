@@ -1,0 +1,79 @@
+"""torch.distributed helpers that answer sensibly in a single process.
+
+Launch many processes with `torchrun`; run one with plain `python`. Nothing else in the code checks
+whether it is distributed: `world_size()` is 1 and `is_main()` is True in one process.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get('LOCAL_RANK', 0))
+
+
+def setup(timeout_min: int = 30) -> torch.device:
+    """Initialise the process group when launched by torchrun (NCCL with GPUs, gloo without);
+    returns this process's device."""
+    use_cuda = torch.cuda.is_available()
+    device = torch.device('cuda', local_rank()) if use_cuda else torch.device('cpu')
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ and not is_dist():
+        dist.init_process_group('nccl' if use_cuda else 'gloo',
+                                timeout=datetime.timedelta(minutes=timeout_min),
+                                device_id=device if use_cuda else None)
+    return device
+
+
+def cleanup() -> None:
+    if is_dist():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over processes (no-op in one process); returns t."""
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= world_size()
+    return t
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
