@@ -92,7 +92,7 @@ def cityscapes_palette() -> list[int]:
 
 
 def generated_palette() -> list[int]:
-    """A fixed pseudo-random palette: 0 black, 255 (ignore) white, the rest bright random colours."""
+    """A fixed pseudo-random palette: 0 black, 255 (ignore) white, the rest random colours."""
     rng = np.random.default_rng(12345)  # fixed: the palette must not change between runs
     colors = rng.integers(40, 256, size=(256, 3))
     colors[0] = 0
@@ -143,7 +143,8 @@ def get_nclass(dataset: str, nclass: int | None = None) -> int:
     return spec.nclass
 
 
-def class_names(dataset: str, nclass: int | None = None, names: list[str] | None = None) -> list[str]:
+def class_names(dataset: str, nclass: int | None = None,
+                names: list[str] | None = None) -> list[str]:
     """Class names of `dataset`; `custom` uses `names` from the config or 'class_<k>'."""
     spec = get_spec(dataset)
     nclass = get_nclass(dataset, nclass)

@@ -31,7 +31,8 @@ MODES = ('train_l', 'train_u', 'val')
 def load_mask(path: str | os.PathLike, nclass: int | None = None) -> np.ndarray:
     """A single-channel mask as uint8 [H, W] (palette PNGs give their indices). With `nclass`,
     values outside [0, nclass) and IGNORE_INDEX are an error naming the file."""
-    arr = np.array(Image.open(path))
+    with Image.open(path) as mask:
+        arr = np.array(mask)
     if arr.ndim != 2:
         raise ValueError(f'{path}: mask must be single-channel, got array of shape {arr.shape}')
     if arr.dtype != np.uint8:
@@ -92,13 +93,15 @@ class SemiDataset(Dataset):
         return f'{self.split_file}:{sample.line}'
 
     def _load(self, sample: Sample) -> tuple[Image.Image, Image.Image]:
-        img = Image.open(self.root / sample.image).convert('RGB')
+        with Image.open(self.root / sample.image) as img:
+            img = img.convert('RGB')
         if self.mode == 'train_u':
             # The unlabeled mask is never used for training; a zero canvas tracks where padding
             # lands through the geometric augmentation (and cannot collide with UNLABELED_PAD).
             return img, Image.new('L', img.size, 0)
         if sample.mask is None:
-            raise ValueError(f'{self._where(sample)}: {self.mode} sample {sample.image} has no mask')
+            raise ValueError(f'{self._where(sample)}: {self.mode} sample {sample.image} has no '
+                             f'mask')
         mask = Image.fromarray(load_mask(self.root / sample.mask, self.nclass))
         if mask.size != img.size:
             raise ValueError(f'{self._where(sample)}: mask {sample.mask} is {mask.size}, image '

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,9 +55,10 @@ def write_lines_atomic(path: str | os.PathLike, lines: list[str]) -> None:
     half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    # A unique name per writer (several ranks may write the same file); open() honours the umask.
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
     try:
-        with os.fdopen(fd, 'w') as f:
+        with open(tmp, 'x') as f:
             f.write(''.join(line + '\n' for line in lines))
         os.replace(tmp, path)
     except BaseException:
@@ -94,8 +95,8 @@ def derive_unlabeled(data_root: str | os.PathLike, labeled_path: str | os.PathLi
     samples = [Sample(f'{image_dir}/{p.name}', f'{mask_dir}/{p.stem}.png', i + 1)
                for i, p in enumerate(p for p in images if f'{image_dir}/{p.name}' not in labeled)]
     if not samples:
-        raise SplitError(f'no unlabeled images left in {Path(data_root) / image_dir} after removing '
-                         f'the {len(labeled)} labeled ones of {labeled_path}')
+        raise SplitError(f'no unlabeled images left in {Path(data_root) / image_dir} after '
+                         f'removing the {len(labeled)} labeled ones of {labeled_path}')
     write_lines_atomic(cache_path, [format_line(s) for s in samples])
     return samples
 

@@ -82,6 +82,9 @@ class DinoV2Encoder(VisionTransformer):
 
     def get_intermediate_layers(self, x: torch.Tensor, taps: tuple[int, ...]) -> list[torch.Tensor]:
         """Patch tokens (B, h*w, C) of each tapped block, through the final LayerNorm, class token dropped."""
+        # timm's patch embedding asserts H, W % 14 == 0; crop to the patch grid instead (the rows and
+        # columns a stride-14 conv would never reach), so any input size gives a (H // 14, W // 14) grid.
+        x = x[..., :x.shape[-2] // PATCH_SIZE * PATCH_SIZE, :x.shape[-1] // PATCH_SIZE * PATCH_SIZE]
         x = self._pos_embed(self.patch_embed(x))
         x = self.norm_pre(x)
         outputs = []

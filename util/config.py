@@ -9,6 +9,7 @@ field is an addition with a default. Unknown keys and wrong types are errors tha
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,16 @@ METHODS = ('unimatch_v2', 'fixmatch', 'unimatch_v1', 'supervised')
 EVAL_MODES = ('original', 'center_crop', 'sliding_window')
 PRECISIONS = ('fp32', 'bf16', 'fp16')
 CRITERIA = ('CELoss', 'OHEM')
+
+
+class _Loader(yaml.SafeLoader):
+    """`yaml.safe_load`, but `1e-5` is a float: YAML 1.1 (PyYAML) wants a dot in exponent floats and
+    would read `lr=1e-5` or `lr: 5e-6` as a string."""
+
+
+_Loader.add_implicit_resolver(
+    'tag:yaml.org,2002:float', re.compile(r'^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$'),
+    list('-+0123456789.'))
 
 
 class ConfigError(ValueError):
@@ -70,7 +81,10 @@ class Config:
     drop_path: float = 0.0
     log_interval: int = 20
     max_iters_per_epoch: int = 0         # 0 = a full pass over the unlabeled set (tests use a few)
-    toy_seed: int = 0
+    splits_root: str = 'splits'          # split lists live in <splits_root>/<dataset>/
+    toy_seed: int = 0                    # toy dataset: generator seed and size (train, val images)
+    toy_train: int = 1600
+    toy_val: int = 200
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -151,7 +165,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if '=' not in text:
         raise ConfigError(f'override {text!r} is not of the form key=value')
     key, value = text.split('=', 1)
-    return key.strip().split('.'), yaml.safe_load(value) if value != '' else None
+    return key.strip().split('.'), yaml.load(value, Loader=_Loader) if value != '' else None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -172,7 +186,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply `key=value` overrides, validate."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_Loader) or {}
     except FileNotFoundError:
         raise ConfigError(f'config file {path} does not exist') from None
     except yaml.YAMLError as err:
@@ -190,3 +204,11 @@ def save_config(cfg: Config, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + '.tmp')
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     tmp.replace(path)
+
+
+if __name__ == '__main__':
+    # `python -m util.config CONFIG KEY [key=value ...]` prints one resolved value (for shell scripts).
+    import sys
+    if len(sys.argv) < 3:
+        raise SystemExit('usage: python -m util.config CONFIG KEY [key=value ...]')
+    print(getattr(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2]))

@@ -1,0 +1,119 @@
+"""Evaluate a checkpoint on a labeled split and report per-class IoU and mIoU.
+
+    python evaluate.py --config configs/pascal.yaml --checkpoint exp/pascal/92/best.pth
+    python evaluate.py --config configs/cityscapes.yaml --checkpoint released/cityscapes_1_16.pth \
+        --weights student --mode sliding_window --flip --scales 0.75,1.0,1.25 \
+        --save-dir exp/vis data_root=/data/cityscapes
+    torchrun --nproc_per_node 4 evaluate.py --config configs/ade20k.yaml --checkpoint best.pth
+
+Checkpoints: this project's, the released UniMatch V2 ones (`model` / `model_ema` with `module.`
+keys) and plain state dicts. Defaults: EMA weights where there are any; mode = the config's
+`eval_mode` or the dataset's (sliding window for Cityscapes, whole image elsewhere); split =
+`splits/<dataset>/val.txt`, whose paths are relative to `data_root`. Trailing `key=value` words
+override the config.
+
+Prints the per-class IoU table and, as its last line, `mIoU: NN.NN`; writes the same as JSON
+(default: next to the checkpoint, `eval_<mode>[_flip][_ms].json`, `_student` added with
+`--weights student`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from dataset.registry import class_names, default_eval_mode, get_palette
+from dataset.semi import SemiDataset
+from model import build_model
+from util.checkpoint import write_text_atomic
+from util.config import EVAL_MODES, load_config
+from util.dist import cleanup, is_main, setup
+from util.evaluation import evaluate, format_iou_table, load_eval_weights, parse_scales
+
+SPLITS_ROOT = Path(__file__).resolve().parent / 'splits'
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--config', required=True)
+    p.add_argument('--checkpoint', required=True)
+    p.add_argument('--weights', choices=('ema', 'student'), default=None,
+                   help='which weights of a checkpoint holding both (default: ema)')
+    p.add_argument('--mode', choices=EVAL_MODES, default=None)
+    p.add_argument('--flip', action='store_true', help='average with the horizontally flipped image')
+    p.add_argument('--scales', default='1.0', help='comma-separated test scales, e.g. 0.75,1.0,1.25')
+    p.add_argument('--split', default=None, help='split file (default: splits/<dataset>/val.txt)')
+    p.add_argument('--save-dir', default=None, help='write palette PNGs and side-by-side JPEGs here')
+    p.add_argument('--output-json', default=None)
+    p.add_argument('overrides', nargs='*', help='config overrides, key=value')
+    return p.parse_args(argv)
+
+
+def default_json_path(checkpoint: str, mode: str, flip: bool, scales: tuple[float, ...],
+                      weights: str | None) -> Path:
+    name = f'eval_{mode}{"_flip" if flip else ""}{"_ms" if scales != (1.0,) else ""}'
+    name += '_student' if weights == 'student' else ''  # asked for: keep it apart from the EMA's
+    return Path(checkpoint).resolve().parent / f'{name}.json'
+
+
+def report_json(report: dict) -> str:
+    """Indented JSON with one line per confusion-matrix row (nclass x nclass numbers)."""
+    text = json.dumps({k: v for k, v in report.items() if k != 'confusion'}, indent=1)
+    rows = ',\n  '.join(json.dumps(row) for row in report['confusion'])
+    return text[:-2] + f',\n "confusion": [\n  {rows}\n ]\n}}\n'
+
+
+def publish(result: dict, run: dict, names: list[str], out: Path) -> None:
+    """Print the IoU table and, last, `mIoU: NN.NN`; write the JSON report (a failed write only
+    warns: the numbers are on screen)."""
+    report = {**run, 'miou': result['miou'], 'pixel_acc': result['pixel_acc'],
+              'n_images': result['n_images'], 'iou': dict(zip(names, result['iou'])),
+              'confusion': result['confusion']}
+    print(f'{run["dataset"]} {Path(run["split"]).name}: {result["n_images"]} images, '
+          f'mode {run["mode"]}, flip {run["flip"]}, scales {run["scales"]}, {run["weights"]} weights')
+    print(format_iou_table(result['iou'], names))
+    try:
+        write_text_atomic(report_json(report), out)
+        print(f'wrote {out}')
+    except OSError as err:
+        print(f'warning: could not write {out}: {err}', file=sys.stderr)
+    print(f'mIoU: {result["miou"]:.2f}', flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = setup()
+    cfg = load_config(args.config, args.overrides)
+    mode = args.mode or cfg.eval_mode or default_eval_mode(cfg.dataset)
+    scales = parse_scales(args.scales)
+    split = Path(args.split) if args.split else SPLITS_ROOT / cfg.dataset / 'val.txt'
+    if not split.is_file():
+        raise SystemExit(f'error: split file {split} does not exist (pass --split)')
+
+    model = build_model(cfg.backbone, cfg.nclass)
+    which = load_eval_weights(model, args.checkpoint, args.weights, cfg.backbone, cfg.nclass,
+                              args.config)
+    model.to(device).eval()
+    valset = SemiDataset(cfg.data_root, split, 'val', cfg.crop_size, nclass=cfg.nclass)
+    names = class_names(cfg.dataset, cfg.nclass, cfg.class_names)
+    workers = cfg.num_workers if cfg.num_workers >= 0 else min(4, os.cpu_count() or 1)
+
+    result = evaluate(model, valset, cfg.nclass, mode, cfg.crop_size, args.flip, scales, device,
+                      save_dir=args.save_dir, palette=get_palette(cfg.dataset, cfg.nclass),
+                      num_workers=workers)
+    if is_main():
+        run = {'checkpoint': str(args.checkpoint), 'weights': which, 'config_file': str(args.config),
+               'dataset': cfg.dataset, 'split': str(split), 'mode': mode, 'flip': args.flip,
+               'scales': list(scales)}
+        out = Path(args.output_json) if args.output_json else default_json_path(
+            args.checkpoint, mode, args.flip, scales, args.weights)
+        publish(result, run, names, out)
+    cleanup()
+    return result
+
+
+if __name__ == '__main__':
+    main()

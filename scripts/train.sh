@@ -1,0 +1,47 @@
+#!/bin/sh
+# Train with the paper's launch: torchrun, one process per GPU (one process on a machine without).
+#
+#   sh scripts/train.sh <dataset> <split> [method] [gpus] [port] [key=value ...]
+#   sh scripts/train.sh toy 1_16                       # built-in data, CPU, minutes
+#   sh scripts/train.sh pascal 92                      # UniMatch V2, DINOv2-S, 4 GPUs as the paper
+#   sh scripts/train.sh cityscapes 1_16 fixmatch 8 29501 backbone=dinov2_base
+#
+# method: unimatch_v2 (default) | fixmatch | unimatch_v1 | supervised
+# gpus: processes on this node (default: every visible GPU, or 1 without GPUs; more than 1 without
+#   GPUs runs that many CPU processes with gloo). The learning rate follows the global batch
+#   (lr x gpus / 4, the paper's 4 GPUs); pass scale_lr=false to keep the config's lr.
+# Output: exp/<dataset>/<method>/<backbone>/<split>/ (checkpoints, results.json, train.log, out.log);
+#   EXP_DIR=dir puts it under dir instead of exp.
+set -e
+if [ $# -lt 2 ]; then
+    sed -n '2,14p' "$0"; exit 2
+fi
+dataset=$1; split=$2; shift 2
+method=unimatch_v2; gpus=; port=
+for arg in "$@"; do
+    case "$arg" in *=*) break ;; esac
+    if [ -z "$positional_method" ]; then method=$arg; positional_method=1
+    elif [ -z "$gpus" ]; then gpus=$arg
+    elif [ -z "$port" ]; then port=$arg
+    fi
+    shift
+done
+cd "$(dirname "$0")/.."
+config=configs/$dataset.yaml
+[ -f "$config" ] || { echo "no config $config" >&2; exit 2; }
+if [ -z "$gpus" ]; then
+    gpus=$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')
+fi
+port=${port:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+
+if [ "$method" = supervised ]; then script=supervised.py; else script=unimatch_v2.py; set -- "method=$method" "$@"; fi
+backbone=$(python -m util.config "$config" backbone "$@")
+save_path=${EXP_DIR:-exp}/$dataset/$method/$backbone/$split
+mkdir -p "$save_path"
+echo "training $method on $dataset/$split with $gpus process(es) -> $save_path"
+status=$(mktemp)
+{ torchrun --nproc_per_node="$gpus" --master_addr=127.0.0.1 --master_port="$port" \
+    "$script" --config "$config" --split "$split" --save-path "$save_path" "$@" 2>&1; echo $? > "$status"; } \
+    | tee -a "$save_path/out.log"
+code=$(cat "$status"); rm -f "$status"
+exit "$code"

@@ -1,0 +1,100 @@
+"""End to end: each entry script trains a few iterations on a small generated toy set, writes
+latest.pth / best.pth / results.json, and resumes from them; scripts/train.sh under torchrun with two
+CPU processes (gloo)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import supervised
+import unimatch_v2
+from dataset.toy import ensure_toy
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ['crop_size=42', 'batch_size=2', 'max_iters_per_epoch=2', 'log_interval=1', 'num_workers=0',
+        'toy_train=32', 'toy_val=3', 'pretrained=null']
+
+
+@pytest.fixture(scope='module')
+def toy(tmp_path_factory) -> list[str]:
+    base = tmp_path_factory.mktemp('toy')
+    ensure_toy(base / 'data', base / 'splits' / 'toy', n_train=32, n_val=3)
+    return FAST + [f'data_root={base / "data"}', f'splits_root={base / "splits"}']
+
+
+def results(run_dir: Path) -> dict:
+    return json.loads((run_dir / 'results.json').read_text())
+
+
+@pytest.mark.parametrize('method', ['unimatch_v2', 'fixmatch', 'unimatch_v1'])
+def test_semi_methods_train_and_resume(toy, tmp_path, method):
+    run_dir = tmp_path / method
+    args = ['--config', str(ROOT / 'configs/toy.yaml'), '--split', '1_16', '--save-path', str(run_dir)]
+    unimatch_v2.main(args + toy + ['epochs=1', f'method={method}'])
+    res = results(run_dir)
+    assert res['epochs'] == 1 and res['method'] == method
+    assert res['miou_ema'] is not None and len(res['miou_ema']) == 1
+    assert 0.0 <= res['best_miou_ema'] <= 100.0
+    ckpt = torch.load(run_dir / 'latest.pth', weights_only=True)
+    assert ckpt['epoch'] == 0 and ckpt['model_ema'] is not None and ckpt['config']['method'] == method
+    assert (run_dir / 'best.pth').exists()
+
+    # A second launch with more epochs resumes after epoch 0 instead of starting over.
+    unimatch_v2.main(args + toy + ['epochs=2', f'method={method}'])
+    res = results(run_dir)
+    assert res['epochs'] == 2 and [h['epoch'] for h in res['history']] == [0, 1]
+    assert 'resumed from' in (run_dir / 'train.log').read_text()
+
+
+def test_supervised_trains_and_resumes(toy, tmp_path):
+    run_dir = tmp_path / 'sup'
+    args = ['--config', str(ROOT / 'configs/toy.yaml'), '--split', '1_16', '--save-path', str(run_dir)]
+    supervised.main(args + toy + ['epochs=1'])
+    res = results(run_dir)
+    assert res['epochs'] == 1 and res['method'] == 'supervised'
+    assert res['miou_ema'] is None and res['best_miou_ema'] is None and res['final_miou'] is not None
+    supervised.main(args + toy + ['epochs=2'])
+    assert results(run_dir)['epochs'] == 2
+
+
+def test_original_flags(toy, tmp_path):
+    splits = Path(next(a for a in toy if a.startswith('splits_root=')).split('=', 1)[1]) / 'toy'
+    run_dir = tmp_path / 'flags'
+    unimatch_v2.main(['--config', str(ROOT / 'configs/toy.yaml'), '--labeled-id-path', str(splits / '1_8/labeled.txt'),
+                      '--unlabeled-id-path', str(splits / '1_8/unlabeled.txt'), '--save-path', str(run_dir)]
+                     + toy + ['epochs=1'])
+    assert results(run_dir)['epochs'] == 1
+
+
+def test_resume_refuses_other_class_count(toy, tmp_path):
+    run_dir = tmp_path / 'mismatch'
+    args = ['--config', str(ROOT / 'configs/toy.yaml'), '--split', '1_16', '--save-path', str(run_dir)]
+    supervised.main(args + toy + ['epochs=1'])
+    with pytest.raises(Exception, match='nclass'):
+        supervised.main(args + toy + ['epochs=2', 'nclass=7', 'class_names=null'])
+
+
+def test_train_sh_two_processes(toy, tmp_path):
+    """scripts/train.sh launches torchrun with 2 CPU processes (gloo) and both take part."""
+    env = {**os.environ, 'EXP_DIR': str(tmp_path / 'exp'), 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.run(['sh', 'scripts/train.sh', 'toy', '1_16', 'unimatch_v2', '2'] + toy + ['epochs=1'],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = tmp_path / 'exp/toy/unimatch_v2/dinov2_tiny/1_16'
+    assert '2 process(es) on cpu' in proc.stdout
+    res = results(run_dir)
+    assert res['epochs'] == 1 and (run_dir / 'out.log').exists()
+
+
+def test_train_sh_fails_loudly(tmp_path):
+    env = {**os.environ, 'EXP_DIR': str(tmp_path / 'exp')}
+    proc = subprocess.run(['sh', 'scripts/train.sh', 'toy', '1_16', 'unimatch_v2', '1', 'no_such_key=1'],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert 'no_such_key' in proc.stdout + proc.stderr

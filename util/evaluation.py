@@ -1,0 +1,185 @@
+"""Evaluate a segmentation model on a labeled dataset, and the helpers that show its predictions.
+
+`evaluate` is shared by the training scripts (every epoch, model and EMA) and `evaluate.py`. Each
+process takes the images `rank, rank + world_size, ...` at batch size 1 (no padding sampler, so
+no image is counted twice), accumulates a confusion matrix on the device and all-reduces it once.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from dataset.registry import generated_palette
+from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD
+from model.loading import WeightsMismatchError, load_checked, model_state_from
+from util.checkpoint import safe_load
+from util.dist import is_main, rank, world_size
+from util.inference import predict
+from util.metrics import IGNORE_INDEX, ConfusionMatrix
+
+OVERLAY_ALPHA = 0.5  # weight of the class colours over the image in overlays
+MAX_PALETTE_CLASSES = 255  # class ids must fit a palette PNG next to IGNORE_INDEX
+
+
+# ---- loading a model for evaluation --------------------------------------------------------
+
+def check_checkpoint_config(ckpt: dict, path: str | Path, backbone: str, nclass: int,
+                            config_path: str | Path = 'the config') -> None:
+    """Refuse (WeightsMismatchError) a checkpoint whose saved config names another class count
+    or encoder, before any shape mismatch gets reported key by key."""
+    saved = ckpt.get('config') if isinstance(ckpt, dict) else None
+    if not isinstance(saved, dict):
+        return
+    for key, ours in (('nclass', nclass), ('backbone', backbone)):
+        if key in saved and saved[key] != ours:
+            raise WeightsMismatchError(
+                f'checkpoint {path} was trained with {key}={saved[key]!r} but {config_path} has '
+                f'{key}={ours!r}; use the matching config or override it ({key}={saved[key]})')
+
+
+def load_eval_weights(model: nn.Module, path: str | Path, weights: str | None, backbone: str,
+                      nclass: int, config_path: str | Path = 'the config') -> str:
+    """Load a full-model checkpoint (ours, a released UniMatch V2 one with `module.` keys, or a
+    plain state dict) into `model` after checking its saved config; returns 'ema', 'student' or
+    'plain'. Reads the file once (`model.loading.load_weights` would read it again)."""
+    ckpt = safe_load(path)
+    check_checkpoint_config(ckpt, path, backbone, nclass, config_path)
+    state, which = model_state_from(ckpt, weights)
+    load_checked(model, state, str(path))
+    return which
+
+
+# ---- evaluation ------------------------------------------------------------------------------
+
+def _single(batch: list) -> dict:
+    return batch[0]
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, dataset: Dataset, nclass: int, mode: str, crop_size: int,
+             flip: bool = False, scales: Sequence[float] = (1.0,), device: torch.device | None = None,
+             save_dir: str | Path | None = None, palette: list[int] | None = None,
+             progress: bool = True, num_workers: int = 0) -> dict:
+    """mIoU of `model` on `dataset` (items {'image' [3, H, W] normalised, 'mask' int [H, W],
+    'name' str}), over all processes.
+
+    Returns {'miou', 'iou' (per class, percent), 'pixel_acc' (percent), 'n_images' (all
+    processes), 'confusion' (nclass x nclass counts, rows = ground truth)}.
+    save_dir: also write `<name>.png` (palette PNG of class ids; 255 where nothing was predicted)
+    and `side_by_side/<name>.jpg` (image | ground truth | prediction).
+    """
+    if device is None:
+        device = next(model.parameters(), torch.empty(0)).device
+    was_training = model.training
+    model.eval()
+    shard = Subset(dataset, range(rank(), len(dataset), world_size()))
+    loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=num_workers,
+                        collate_fn=_single)
+    if save_dir is not None:
+        save_dir = Path(save_dir)
+        (save_dir / 'side_by_side').mkdir(parents=True, exist_ok=True)
+        palette = palette or generated_palette()
+
+    cm = ConfusionMatrix(nclass, device)
+    for item in tqdm(loader, desc=f'eval {mode}', disable=not (progress and is_main()),
+                     dynamic_ncols=True):
+        image = item['image'].to(device, non_blocking=True)[None]  # [1, 3, H, W]
+        mask = item['mask'].to(device, non_blocking=True)[None]    # [1, H, W]
+        probs, valid = predict(model, image, mode, crop_size, nclass, flip, scales)
+        pred = probs.argmax(dim=1)
+        cm.update(pred, mask.masked_fill(~valid, IGNORE_INDEX))
+        if save_dir is not None:
+            pred_ids = pred[0].masked_fill(~valid[0], IGNORE_INDEX)
+            save_prediction(pred_ids, palette, save_dir / f'{item["name"]}.png')
+            save_side_by_side(item['image'], item['mask'], pred_ids, palette,
+                              save_dir / 'side_by_side' / f'{item["name"]}.jpg')
+
+    cm.reduce()
+    model.train(was_training)
+    return {'miou': cm.miou(), 'iou': cm.iou().tolist(), 'pixel_acc': cm.pixel_acc(),
+            'n_images': cm.n_images, 'confusion': cm.mat.tolist()}
+
+
+def format_iou_table(iou: Sequence[float], class_names: Sequence[str]) -> str:
+    """Aligned 'class  IoU' lines followed by the mean."""
+    if len(iou) != len(class_names):
+        raise ValueError(f'{len(iou)} IoU values for {len(class_names)} class names')
+    width = max([len(n) for n in class_names] + [len('class')])
+    lines = [f'{"id":>3}  {"class":<{width}}  {"IoU":>6}']
+    lines += [f'{k:>3}  {name:<{width}}  {v:6.2f}' for k, (name, v) in enumerate(zip(class_names, iou))]
+    lines.append(f'{"":>3}  {"mean":<{width}}  {sum(iou) / len(iou):6.2f}')
+    return '\n'.join(lines)
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    """'0.75,1.0,1.25' -> (0.75, 1.0, 1.25); every scale must be positive."""
+    try:
+        scales = tuple(float(s) for s in text.split(',') if s.strip())
+    except ValueError:
+        raise ValueError(f'scales must be comma-separated numbers, got {text!r}') from None
+    if not scales or any(not math.isfinite(s) or s <= 0 for s in scales):
+        raise ValueError(f'scales must be positive numbers, got {text!r}')
+    return scales
+
+
+# ---- pictures of predictions -----------------------------------------------------------------
+
+def _numpy(ids: torch.Tensor | np.ndarray) -> np.ndarray:
+    return ids.cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+
+
+def palette_image(ids: torch.Tensor | np.ndarray, palette: list[int]) -> Image.Image:
+    """Class ids [H, W] (values <= 255) as a PIL 'P' image whose pixel values are the ids."""
+    ids = _numpy(ids)
+    if ids.size and (ids.min() < 0 or ids.max() > MAX_PALETTE_CLASSES):
+        raise ValueError(f'class ids must lie in [0, {MAX_PALETTE_CLASSES}] for a palette PNG')
+    img = Image.fromarray(ids.astype(np.uint8))  # 'L'; putpalette makes it 'P', same values
+    img.putpalette(palette)
+    return img
+
+
+def save_prediction(ids: torch.Tensor, palette: list[int], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    palette_image(ids, palette).save(path)
+
+
+def denormalize(image: torch.Tensor) -> Image.Image:
+    """Normalised float [3, H, W] (ImageNet mean/std) -> PIL RGB."""
+    mean = image.new_tensor(IMAGENET_MEAN)[:, None, None]
+    std = image.new_tensor(IMAGENET_STD)[:, None, None]
+    rgb = ((image * std + mean).clamp(0, 1) * 255 + 0.5).byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(rgb)
+
+
+def save_side_by_side(image: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor,
+                      palette: list[int], path: str | Path) -> None:
+    """image [3, H, W] normalised | ground truth [H, W] | prediction [H, W], as one JPEG."""
+    panels = [denormalize(image), palette_image(mask.clamp(0, 255), palette).convert('RGB'),
+              palette_image(pred, palette).convert('RGB')]
+    w, h = panels[0].size
+    canvas = Image.new('RGB', (3 * w, h))
+    for k, panel in enumerate(panels):
+        canvas.paste(panel, (k * w, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, quality=90)
+
+
+def overlay(image: Image.Image, ids: torch.Tensor | np.ndarray, palette: list[int],
+            alpha: float = OVERLAY_ALPHA) -> Image.Image:
+    """Class colours blended over an RGB image; pixels marked IGNORE_INDEX show the image only."""
+    image = image.convert('RGB')
+    blended = Image.blend(image, palette_image(ids, palette).convert('RGB'), alpha)
+    unpredicted = _numpy(ids) == IGNORE_INDEX
+    if unpredicted.any():
+        blended.paste(image, mask=Image.fromarray(unpredicted.astype(np.uint8) * 255))
+    return blended

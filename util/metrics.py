@@ -1,0 +1,67 @@
+"""Segmentation metrics from a confusion matrix accumulated on the device.
+
+Counts are summed over the whole evaluation set and, once at the end, over processes; per-class
+IoU follows the original UniMatch V2 formula `I / (U + 1e-10) * 100`. A class that appears in
+neither the prediction nor the ground truth anywhere has I = U = 0 and therefore IoU 0, and the
+mean is taken over all `nclass` classes, so such a class pulls mIoU down. That is what the original
+does (and what its reported numbers include); it never happens on the real validation sets, where
+every class is present.
+"""
+from __future__ import annotations
+
+import torch
+
+from util.dist import all_reduce_sum
+
+IGNORE_INDEX = 255  # target value excluded from every count
+EPS = 1e-10         # the original's guard against 0 / 0
+
+
+class ConfusionMatrix:
+    """`mat[t, p]` = number of pixels of true class t predicted as p (int64, on `device`).
+
+    Targets outside [0, nclass) (IGNORE_INDEX included) are skipped. Predictions must lie in
+    [0, nclass) (they come from an argmax over nclass channels).
+    """
+
+    def __init__(self, nclass: int, device: torch.device | str = 'cpu'):
+        self.nclass = nclass
+        self.mat = torch.zeros(nclass, nclass, dtype=torch.int64, device=device)
+        self.n_images = 0
+        self._reduced = False
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """pred, target: int [B, H, W] or [H, W] of the same shape."""
+        if pred.shape != target.shape:
+            raise ValueError(f'pred {tuple(pred.shape)} and target {tuple(target.shape)} '
+                             f'differ in shape')
+        self.n_images += pred.shape[0] if pred.dim() == 3 else 1
+        pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
+        keep = (target >= 0) & (target < self.nclass)
+        index = target[keep] * self.nclass + pred[keep]
+        self.mat += torch.bincount(index, minlength=self.nclass ** 2).view(self.nclass, self.nclass)
+
+    def reduce(self) -> ConfusionMatrix:
+        """Sum the counts (and image counts) over processes in one all-reduce; idempotent."""
+        if not self._reduced:
+            packed = torch.cat((self.mat.view(-1), self.mat.new_tensor([self.n_images])))
+            all_reduce_sum(packed)
+            self.mat = packed[:-1].view(self.nclass, self.nclass)
+            self.n_images = int(packed[-1])
+            self._reduced = True
+        return self
+
+    def iou(self) -> torch.Tensor:
+        """Per-class IoU in percent, float64 [nclass]; 0 for classes absent from pred and target."""
+        mat = self.mat.double()
+        intersection = mat.diag()
+        union = mat.sum(0) + mat.sum(1) - intersection
+        return intersection / (union + EPS) * 100
+
+    def miou(self) -> float:
+        return self.iou().mean().item()
+
+    def pixel_acc(self) -> float:
+        """Correct / scored pixels, in percent (0 when nothing was scored)."""
+        total = self.mat.sum().item()
+        return self.mat.diag().sum().item() / total * 100 if total else 0.0
