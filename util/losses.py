@@ -35,9 +35,20 @@ class OhemCrossEntropy(nn.Module):
         return F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index)
 
 
+class CrossEntropy(nn.Module):
+    """Cross-entropy in fp32 whatever the logits' dtype (autocast)."""
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX):
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index)
+
+
 def build_criterion(name: str, kwargs: dict) -> nn.Module:
     if name == 'CELoss':
-        return nn.CrossEntropyLoss(ignore_index=kwargs.get('ignore_index', IGNORE_INDEX))
+        return CrossEntropy(**kwargs)
     if name == 'OHEM':
         return OhemCrossEntropy(**kwargs)
     raise ValueError(f'unknown criterion {name!r} (CELoss or OHEM)')
