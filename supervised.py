@@ -13,17 +13,20 @@ from dataset.semi import SemiDataset
 from util import dist, trainer
 from util.logger import TensorBoard
 from util.losses import build_criterion
+from util.precision import Precision
 from util.steps import supervised_step
 
 
-def train_epoch(run, epoch, ddp, optimizer, criterion, loader, tb) -> dict:
+def train_epoch(run, epoch, ddp, optimizer, precision, criterion, loader, tb) -> dict:
     loader.sampler.set_epoch(epoch)
     iters = trainer.iteration_budget(len(loader), run.cfg)
     step_log = trainer.StepLog(run, tb, epoch, iters)
     ddp.train()
     for i, batch in zip(range(iters), loader):
-        out = supervised_step(ddp, trainer.to_device(batch, run.device), criterion)
-        lr = trainer.optimizer_step(out['loss'], optimizer, run.cfg, epoch * iters + i, step_log.total)
+        with precision.autocast():
+            out = supervised_step(ddp, trainer.to_device(batch, run.device), criterion)
+        lr = trainer.optimizer_step(out['loss'], optimizer, precision, run.cfg, epoch * iters + i,
+                                    step_log.total)
         step_log(i, out, lr)
     return step_log.summary()
 
@@ -46,12 +49,13 @@ def main(argv: list[str] | None = None) -> None:
     state = trainer.resume(run.run_dir, model, None, optimizer, cfg, run.log)
     ddp = trainer.wrap_ddp(model, run.device)
     criterion = build_criterion(cfg.criterion.name, cfg.criterion.kwargs)
+    precision = Precision(cfg.precision, run.device)
     tb = TensorBoard(run.run_dir)
 
     run.log.info(f'supervised: {n_labeled} labeled images ({nsample} per epoch), '
                  f'{trainer.iteration_budget(len(loader), cfg)} iterations per epoch')
     for epoch in range(state.epoch + 1, cfg.epochs):
-        stats = train_epoch(run, epoch, ddp, optimizer, criterion, loader, tb)
+        stats = train_epoch(run, epoch, ddp, optimizer, precision, criterion, loader, tb)
         trainer.end_of_epoch(run, epoch, model, None, optimizer, state, valset, stats)
         tb.scalars({'miou': state.history[-1]['miou']}, epoch, 'val/')
     tb.close()

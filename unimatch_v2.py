@@ -13,6 +13,7 @@ from util import dist, trainer
 from util.ema import EMATeacher
 from util.logger import TensorBoard
 from util.losses import build_criterion
+from util.precision import Precision
 from util.steps import METHOD_OPTIONS, SemiOptions, unimatch_v1_step, weak_to_strong_step
 from dataset.semi import SemiDataset
 
@@ -23,8 +24,8 @@ def semi_options(cfg) -> SemiOptions:
                        comp_drop=base.comp_drop, fused=True)
 
 
-def train_epoch(run, epoch, student, ddp, teacher, optimizer, criterion, loader_l, loader_u, opt,
-                tb) -> dict:
+def train_epoch(run, epoch, student, ddp, teacher, optimizer, precision, criterion, loader_l, loader_u,
+                opt, tb) -> dict:
     loader_l.sampler.set_epoch(epoch)
     loader_u.sampler.set_epoch(epoch)
     iters = trainer.iteration_budget(len(loader_u), run.cfg)
@@ -33,11 +34,12 @@ def train_epoch(run, epoch, student, ddp, teacher, optimizer, criterion, loader_
     for i, batch_l, batch_u in zip(range(iters), loader_l, loader_u):
         it = epoch * iters + i
         batch_l, batch_u = trainer.to_device(batch_l, run.device), trainer.to_device(batch_u, run.device)
-        if run.cfg.method == 'unimatch_v1':
-            out = unimatch_v1_step(ddp, batch_l, batch_u, criterion, opt)
-        else:
-            out = weak_to_strong_step(ddp, teacher, batch_l, batch_u, criterion, opt)
-        lr = trainer.optimizer_step(out['loss'], optimizer, run.cfg, it, step_log.total)
+        with precision.autocast():
+            if run.cfg.method == 'unimatch_v1':
+                out = unimatch_v1_step(ddp, batch_l, batch_u, criterion, opt)
+            else:
+                out = weak_to_strong_step(ddp, teacher, batch_l, batch_u, criterion, opt)
+        lr = trainer.optimizer_step(out['loss'], optimizer, precision, run.cfg, it, step_log.total)
         teacher.update(student, it)
         step_log(i, out, lr)
     return step_log.summary()
@@ -66,13 +68,14 @@ def main(argv: list[str] | None = None) -> None:
     state = trainer.resume(run.run_dir, student, teacher, optimizer, cfg, run.log)
     ddp = trainer.wrap_ddp(student, run.device)
     criterion = build_criterion(cfg.criterion.name, cfg.criterion.kwargs)
+    precision = Precision(cfg.precision, run.device)
     tb = TensorBoard(run.run_dir)
 
     run.log.info(f'{cfg.method}: {len(trainset_l.samples)} labeled / {len(trainset_u)} unlabeled images, '
                  f'{trainer.iteration_budget(len(loader_u), cfg)} iterations per epoch')
     for epoch in range(state.epoch + 1, cfg.epochs):
-        stats = train_epoch(run, epoch, student, ddp, teacher, optimizer, criterion, loader_l, loader_u,
-                            opt, tb)
+        stats = train_epoch(run, epoch, student, ddp, teacher, optimizer, precision, criterion, loader_l,
+                            loader_u, opt, tb)
         trainer.end_of_epoch(run, epoch, student, teacher, optimizer, state, valset, stats)
         tb.scalars({'miou': state.history[-1]['miou'], 'miou_ema': state.history[-1]['miou_ema']}, epoch, 'val/')
     tb.close()

@@ -172,10 +172,17 @@ def test_ohem_ignores_ignore_index_pixels():
 
 def test_build_criterion_celoss():
     crit = build_criterion('CELoss', {'ignore_index': 255})
-    assert isinstance(crit, nn.CrossEntropyLoss) and crit.ignore_index == 255
+    assert isinstance(crit, nn.Module) and not isinstance(crit, OhemCrossEntropy)
+    assert crit.ignore_index == 255
     logits, target = _random_problem(7)
-    assert torch.allclose(crit(logits, target), F.cross_entropy(logits, target, ignore_index=255))
-    assert build_criterion('CELoss', {'ignore_index': 3}).ignore_index == 3
+    assert torch.allclose(crit(logits, target), F.cross_entropy(logits, target, ignore_index=255), atol=1e-6)
+    # bf16 logits (autocast) still give an fp32 loss.
+    assert build_criterion('CELoss', {})(logits.bfloat16(), target).dtype == torch.float32
+    # A custom ignore index is honoured.
+    crit3 = build_criterion('CELoss', {'ignore_index': 3})
+    t3 = target.masked_fill(target == IGNORE_INDEX, 3)
+    assert crit3.ignore_index == 3
+    assert torch.allclose(crit3(logits, t3), F.cross_entropy(logits, t3, ignore_index=3), atol=1e-6)
 
 
 def test_build_criterion_ohem_takes_config_kwargs():

@@ -74,7 +74,8 @@ class Config:
     scale_lr: bool = True                # lr *= world_size * accum / reference_gpus
     seed: int = 0
     num_workers: int = -1                # -1 = sized to the machine
-    precision: str = 'fp32'
+    precision: str = 'bf16'             # autocast dtype of forward passes (fp32: none)
+    channels_last: bool = False
     compile: bool = False
     grad_checkpointing: bool = False
     grad_accum: int = 1

@@ -29,6 +29,7 @@ from util.checkpoint import safe_load, save_atomic, write_text_atomic
 from util.config import Config, ConfigError, from_dict, load_config, save_config, to_dict
 from util.ema import EMATeacher
 from util.logger import Meter, get_logger
+from util.precision import Precision
 
 
 # ---- arguments and run directory -------------------------------------------------------------------
@@ -326,11 +327,10 @@ class StepLog:
         return {**self.meter.means(), 'sec_per_iter': (time.time() - self.t0) / max(1, self.iters)}
 
 
-def optimizer_step(loss: torch.Tensor, optimizer, cfg: Config, it: int, total: int) -> float:
+def optimizer_step(loss: torch.Tensor, optimizer, precision: Precision, cfg: Config, it: int,
+                   total: int) -> float:
     """Backward, step, then the poly learning rate for the next iteration; returns that lr."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    precision.backward_step(loss, optimizer)
     return set_poly_lr(optimizer, cfg, it + 1, total)
 
 

@@ -1,0 +1,206 @@
+"""Time UniMatch V2 training steps: the original's recipe against this project's default, in one run.
+
+    python benchmark.py --config configs/pascal.yaml backbone=dinov2_small crop_size=238 batch_size=2
+    python benchmark.py --config configs/toy.yaml --steps 20
+
+Recipes, on the same generated batches:
+  original  fp32, labeled and strong images in two student forwards, EMA in a Python loop over
+            tensors, DDP with find_unused_parameters=True (the original release's step)
+  default   the config's precision (bf16 by default), one fused student forward, foreach EMA,
+            DDP without find_unused_parameters, plus the config's channels_last / compile /
+            grad_checkpointing choices
+Steps of the two recipes alternate after warm-up, so machine noise hits both alike. Peak memory is
+measured in a fresh child process per recipe (max RSS on CPU, max allocated on CUDA). The data
+pipeline (unlabeled samples with their strong views, from generated images) is timed alone.
+The last line is `speedup: N.NNx` (original time / default time).
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel
+
+from model import build_model
+from util.config import Config, load_config
+from util.ema import EMATeacher
+from util.losses import build_criterion
+from util.precision import Precision
+from util.steps import METHOD_OPTIONS, SemiOptions, weak_to_strong_step
+from util.trainer import build_optimizer
+
+RECIPES = ('original', 'default')
+
+
+@dataclass
+class Recipe:
+    name: str
+    precision: str
+    fused: bool
+    foreach_ema: bool
+    find_unused: bool
+
+
+def recipe(name: str, cfg: Config) -> Recipe:
+    if name == 'original':
+        return Recipe(name, 'fp32', fused=False, foreach_ema=False, find_unused=True)
+    return Recipe(name, cfg.precision, fused=True, foreach_ema=True, find_unused=False)
+
+
+def make_batch(cfg: Config, device: torch.device, seed: int) -> tuple[dict, dict]:
+    """Random normalised images, labels, CutMix boxes and valid masks of the training shapes."""
+    g = torch.Generator().manual_seed(seed)
+    b, s = cfg.batch_size, cfg.crop_size
+    boxes = torch.zeros(b, 2, s, s, dtype=torch.bool)
+    boxes[:, :, s // 4: s // 2, s // 4: s // 2] = torch.rand(b, 2, 1, 1, generator=g) < 0.5
+    batch_l = {'image': torch.randn(b, 3, s, s, generator=g),
+               'mask': torch.randint(0, cfg.nclass, (b, s, s), generator=g)}
+    batch_u = {'image': torch.randn(b, 3, s, s, generator=g),
+               'strong': torch.randn(b, 2, 3, s, s, generator=g),
+               'boxes': boxes, 'valid': torch.ones(b, s, s, dtype=torch.bool)}
+    move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+    return move(batch_l), move(batch_u)
+
+
+class Trainer:
+    """One recipe's model, teacher, optimizer and step."""
+
+    def __init__(self, r: Recipe, cfg: Config, device: torch.device):
+        torch.manual_seed(cfg.seed)
+        self.r, self.cfg, self.device = r, cfg, device
+        self.student = build_model(cfg.backbone, cfg.nclass).to(device)
+        if cfg.lock_backbone:
+            self.student.lock_backbone()
+        if r.name == 'default':
+            self.student.set_grad_checkpointing(cfg.grad_checkpointing)
+            if cfg.channels_last:
+                self.student.to(memory_format=torch.channels_last)
+        self.teacher = EMATeacher(self.student, cfg.ema_decay)
+        self.optimizer = build_optimizer(self.student, cfg)
+        ids = [device.index] if device.type == 'cuda' else None
+        self.ddp = DistributedDataParallel(self.student, device_ids=ids, broadcast_buffers=False,
+                                           find_unused_parameters=r.find_unused)
+        self.forward = torch.compile(self.ddp) if (cfg.compile and r.name == 'default') else self.ddp
+        self.precision = Precision(r.precision, device)
+        self.criterion = build_criterion(cfg.criterion.name, cfg.criterion.kwargs)
+        base = METHOD_OPTIONS['unimatch_v2']
+        self.opt = SemiOptions(cfg.conf_thresh, cfg.lossu_weight, base.views, base.comp_drop, fused=r.fused)
+        self.it = 0
+
+    def step(self, batch_l: dict, batch_u: dict) -> float:
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with self.precision.autocast():
+            out = weak_to_strong_step(self.forward, self.teacher, batch_l, batch_u, self.criterion, self.opt)
+        self.precision.backward_step(out['loss'], self.optimizer)
+        (self.teacher.update if self.r.foreach_ema else self.teacher.update_loop)(self.student, self.it)
+        self.it += 1
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+
+def init_single_process_group() -> None:
+    if not tdist.is_initialized():
+        with tempfile.NamedTemporaryFile(delete=False) as f:
+            store = f.name
+        backend = 'nccl' if torch.cuda.is_available() else 'gloo'
+        tdist.init_process_group(backend, init_method=f'file://{store}', rank=0, world_size=1)
+
+
+def device_for_run() -> torch.device:
+    return torch.device('cuda', 0) if torch.cuda.is_available() else torch.device('cpu')
+
+
+def peak_memory_child(name: str, cfg: Config, steps: int, queue) -> None:
+    device = device_for_run()
+    init_single_process_group()
+    trainer = Trainer(recipe(name, cfg), cfg, device)
+    batch = make_batch(cfg, device, 0)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(steps):
+        trainer.step(*batch)
+    if device.type == 'cuda':
+        queue.put((name, torch.cuda.max_memory_allocated() / 2**20))
+    else:
+        queue.put((name, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def peak_memory(cfg: Config, steps: int) -> dict[str, float]:
+    ctx = mp.get_context('spawn')
+    queue, peaks = ctx.Queue(), {}
+    for name in RECIPES:
+        p = ctx.Process(target=peak_memory_child, args=(name, cfg, steps, queue))
+        p.start()
+        got, mib = queue.get()
+        p.join()
+        peaks[got] = mib
+    return peaks
+
+
+def data_pipeline_rate(cfg: Config, n: int = 64) -> float:
+    """Unlabeled samples per second (decode, rescale, crop, flip, two strong views, boxes) on
+    generated toy images, in this process."""
+    from dataset.semi import SemiDataset
+    from dataset.toy import ensure_toy
+    with tempfile.TemporaryDirectory() as tmp:
+        ensure_toy(f'{tmp}/data', f'{tmp}/splits', n_train=32, n_val=1, workers=1)
+        ds = SemiDataset(f'{tmp}/data', f'{tmp}/splits/all/labeled.txt', 'train_u', cfg.crop_size)
+        ds[0]
+        t0 = time.perf_counter()
+        for i in range(n):
+            ds[i % len(ds)]
+        return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--config', required=True)
+    p.add_argument('--steps', type=int, default=10, help='timed steps per recipe')
+    p.add_argument('--warmup', type=int, default=3)
+    p.add_argument('--memory-steps', type=int, default=3)
+    p.add_argument('overrides', nargs='*')
+    args = p.parse_args()
+    cfg = load_config(args.config, ['pretrained=null'] + args.overrides)
+    device = device_for_run()
+    init_single_process_group()
+    print(f'{cfg.backbone}, crop {cfg.crop_size}, batch {cfg.batch_size}+{cfg.batch_size} per step, '
+          f'{cfg.nclass} classes, {device.type} ({torch.get_num_threads()} threads), default precision '
+          f'{cfg.precision}', flush=True)
+
+    trainers = {name: Trainer(recipe(name, cfg), cfg, device) for name in RECIPES}
+    batches = [make_batch(cfg, device, seed) for seed in range(2)]
+    for i in range(args.warmup):
+        for t in trainers.values():
+            t.step(*batches[i % 2])
+    times = {name: [] for name in RECIPES}
+    for i in range(args.steps):
+        for name, t in trainers.items():
+            times[name].append(t.step(*batches[i % 2]))
+    del trainers
+
+    peaks = peak_memory(cfg, args.memory_steps)
+    mem_unit = 'max allocated' if device.type == 'cuda' else 'max RSS'
+    images = 2 * cfg.batch_size
+    print(f'{"recipe":<10}{"s/step":>10}{"img/s":>10}{"peak MiB (" + mem_unit + ")":>26}')
+    for name in RECIPES:
+        sec = statistics.median(times[name])
+        print(f'{name:<10}{sec:>10.3f}{images / sec:>10.2f}{peaks[name]:>26.0f}')
+    print(f'data pipeline: {data_pipeline_rate(cfg):.1f} unlabeled samples/s per worker '
+          f'(crop {cfg.crop_size}, {os.cpu_count()} CPUs)')
+    print(f'speedup: {statistics.median(times["original"]) / statistics.median(times["default"]):.2f}x')
+    tdist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
