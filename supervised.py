@@ -5,7 +5,8 @@
 
 As the original: batch size 2x the semi-supervised one, the labeled list repeated to
 `labeled_upsample` samples per epoch when it is shorter (3000 for Pascal/Cityscapes), the same
-optimizer, schedule and evaluation. Writes latest.pth / best.pth / results.json to the run directory.
+optimizer, schedule and evaluation. Writes latest.pth / best.pth / results.json to the run directory
+and resumes from latest.pth, mid-epoch included.
 """
 from __future__ import annotations
 
@@ -17,48 +18,37 @@ from util.precision import Precision
 from util.steps import supervised_step
 
 
-def train_epoch(run, epoch, ddp, optimizer, precision, criterion, loader, tb) -> dict:
-    loader.sampler.set_epoch(epoch)
-    iters = trainer.iteration_budget(len(loader), run.cfg)
-    step_log = trainer.StepLog(run, tb, epoch, iters)
-    ddp.train()
-    for i, batch in zip(range(iters), loader):
-        with precision.autocast():
-            out = supervised_step(ddp, trainer.to_device(batch, run.device), criterion)
-        lr = trainer.optimizer_step(out['loss'], optimizer, precision, run.cfg, epoch * iters + i,
-                                    step_log.total)
-        step_log(i, out, lr)
-    return step_log.summary()
+def build_loader(run: trainer.Run):
+    cfg = run.cfg
+    n_labeled = len(SemiDataset(cfg.data_root, run.labeled, 'train_l', cfg.crop_size).samples)
+    trainset = SemiDataset(cfg.data_root, run.labeled, 'train_l', cfg.crop_size,
+                           nsample=max(n_labeled, cfg.labeled_upsample), nclass=cfg.nclass)
+    return trainer.make_loader(trainset, cfg, cfg.batch_size * 2), n_labeled
 
 
+@trainer.guarded
 def main(argv: list[str] | None = None) -> None:
     args = trainer.parse_args(__doc__.splitlines()[0], argv)
     run = trainer.setup_run(args, method='supervised')
     cfg = run.cfg
-
-    labeled, _, val = trainer.data_paths(cfg, args)
-    n_labeled = len(SemiDataset(cfg.data_root, labeled, 'train_l', cfg.crop_size).samples)
-    nsample = max(n_labeled, cfg.labeled_upsample)
-    trainset = SemiDataset(cfg.data_root, labeled, 'train_l', cfg.crop_size, nsample=nsample,
-                           nclass=cfg.nclass)
-    loader = trainer.make_loader(trainset, cfg, cfg.batch_size * 2)
-    valset = trainer.val_dataset(cfg, val)
+    loader, n_labeled = build_loader(run)
+    valset = trainer.val_dataset(run)
 
     model = trainer.build_student(cfg, run.device, run.log)
-    optimizer = trainer.build_optimizer(model, cfg)
-    state = trainer.resume(run.run_dir, model, None, optimizer, cfg, run.log)
-    ddp = trainer.wrap_ddp(model, run.device)
+    tr = trainer.Training(run, model, trainer.wrap_ddp(model, run.device), None,
+                          trainer.build_optimizer(model, cfg), Precision(cfg.precision, run.device),
+                          trainer.TrainState(), TensorBoard(run.run_dir))
+    trainer.resume(tr)
     criterion = build_criterion(cfg.criterion.name, cfg.criterion.kwargs)
-    precision = Precision(cfg.precision, run.device)
-    tb = TensorBoard(run.run_dir)
+    preemption = trainer.Preemption()
 
-    run.log.info(f'supervised: {n_labeled} labeled images ({nsample} per epoch), '
-                 f'{trainer.iteration_budget(len(loader), cfg)} iterations per epoch')
-    for epoch in range(state.epoch + 1, cfg.epochs):
-        stats = train_epoch(run, epoch, ddp, optimizer, precision, criterion, loader, tb)
-        trainer.end_of_epoch(run, epoch, model, None, optimizer, state, valset, stats)
-        tb.scalars({'miou': state.history[-1]['miou']}, epoch, 'val/')
-    tb.close()
+    run.log.info(f'supervised: {n_labeled} labeled images ({len(loader.dataset)} per epoch), '
+                 f'{trainer.epoch_iterations(loader, cfg)} iterations per epoch')
+    for epoch in range(tr.state.epoch + 1, cfg.epochs):
+        stats = trainer.train_epoch(tr, epoch, [loader], lambda batch: supervised_step(tr.ddp, batch, criterion),
+                                    preemption)
+        trainer.end_of_epoch(tr, epoch, valset, stats)
+    tr.tb.close()
     dist.cleanup()
 
 

@@ -72,12 +72,17 @@ def test_original_flags(toy, tmp_path):
     assert results(run_dir)['epochs'] == 1
 
 
-def test_resume_refuses_other_class_count(toy, tmp_path):
+def test_resume_refuses_other_class_count(toy, tmp_path, capsys):
     run_dir = tmp_path / 'mismatch'
     args = ['--config', str(ROOT / 'configs/toy.yaml'), '--split', '1_16', '--save-path', str(run_dir)]
     supervised.main(args + toy + ['epochs=1'])
-    with pytest.raises(Exception, match='nclass'):
-        supervised.main(args + toy + ['epochs=2', 'nclass=7', 'class_names=null'])
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.suffix in ('.pth', '.json', '.yaml')}
+    with pytest.raises(SystemExit) as exit_info:
+        supervised.main(args + toy + ['epochs=2', 'nclass=7'])
+    assert exit_info.value.code == 1
+    assert 'trained with nclass=6 but the config has nclass=7' in capsys.readouterr().err
+    after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.suffix in ('.pth', '.json', '.yaml')}
+    assert after == before
 
 
 def test_train_sh_two_processes(toy, tmp_path):

@@ -82,6 +82,8 @@ class Config:
     drop_path: float = 0.0
     log_interval: int = 20
     max_iters_per_epoch: int = 0         # 0 = a full pass over the unlabeled set (tests use a few)
+    checkpoint_minutes: float = 0.0      # also write latest.pth mid-epoch this often (0 = per epoch)
+    on_nonfinite: str = 'stop'           # a NaN/inf loss: 'stop' the run or 'skip' the step
     splits_root: str = 'splits'          # split lists live in <splits_root>/<dataset>/
     toy_seed: int = 0                    # toy dataset: generator seed and size (train, val images)
     toy_train: int = 1600
@@ -146,6 +148,8 @@ def _check(cfg: Config, source: str) -> None:
             raise ConfigError(f'{source}: config key {key!r} {msg}')
 
     need(cfg.method in METHODS, 'method', f'must be one of {METHODS}, got {cfg.method!r}')
+    need(cfg.on_nonfinite in ('stop', 'skip'), 'on_nonfinite',
+         f"must be 'stop' or 'skip', got {cfg.on_nonfinite!r}")
     need(cfg.precision in PRECISIONS, 'precision', f'must be one of {PRECISIONS}, got {cfg.precision!r}')
     need(cfg.eval_mode is None or cfg.eval_mode in EVAL_MODES, 'eval_mode',
          f'must be one of {EVAL_MODES}, got {cfg.eval_mode!r}')

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import logging
 import os
 import random
+import signal
+import sys
+import threading
 import time
+from typing import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +25,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from dataset.checks import DataError, check_inputs, raise_on_errors
 from dataset.registry import default_eval_mode
 from dataset.semi import SemiDataset, split_paths
-from model import build_model, load_pretrained_encoder, load_weights
+from model import WeightsMismatchError, build_model, load_pretrained_encoder, load_weights
 from util import dist
-from util.checkpoint import safe_load, save_atomic, write_text_atomic
+from util.checkpoint import UnsafeCheckpointError, safe_load, save_atomic, write_text_atomic
 from util.config import Config, ConfigError, from_dict, load_config, save_config, to_dict
 from util.ema import EMATeacher
 from util.logger import Meter, get_logger
@@ -41,6 +46,7 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
     p.add_argument('--labeled-id-path', help='labeled split file (original flag; overrides --split)')
     p.add_argument('--unlabeled-id-path', help='unlabeled split file (original flag)')
     p.add_argument('--save-path', help='run directory (default exp/<dataset>/<method>/<backbone>/<split>)')
+    p.add_argument('--check-data', action='store_true', help='check every image and mask, then exit')
     p.add_argument('overrides', nargs='*', help='config overrides key=value')
     args = p.parse_args(argv)
     if not args.split and not args.labeled_id_path:
@@ -55,23 +61,40 @@ class Run:
     device: torch.device
     log: object
     split: str
+    labeled: Path
+    unlabeled: Path
+    val: Path
 
 
 def setup_run(args: argparse.Namespace, method: str | None = None) -> Run:
+    """Config, data checks, then (only if the inputs are sound) the run directory and its log.
+
+    Nothing in the run directory is written or truncated before the config and every split file
+    have passed their checks; `--check-data` checks every file and exits.
+    """
     device = dist.setup()
     overrides = list(args.overrides) + ([f'method={method}'] if method else [])
     cfg = load_config(args.config, overrides)
     split = args.split or Path(args.labeled_id_path).parent.name
+    labeled, unlabeled, val = data_paths(cfg, args)
+    splits = {'labeled': labeled, 'val': val}
+    if cfg.method != 'supervised':
+        splits['unlabeled'] = unlabeled
+    problems = check_inputs(cfg.data_root, splits, cfg.nclass, full=args.check_data)
+    raise_on_errors(problems, log=lambda m: print(m, flush=True) if dist.is_main() else None)
+    if args.check_data:
+        print(f'checked every file of {", ".join(str(p) for p in splits.values())}: no errors')
+        raise SystemExit(0)
+
     run_dir = Path(args.save_path or f'exp/{cfg.dataset}/{cfg.method}/{cfg.backbone}/{split}')
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / 'config.yaml')
     dist.barrier()
     seed_everything(cfg.seed + dist.rank())
     log = get_logger(run_dir)
     log.info(f'config {args.config} ({" ".join(overrides) or "no overrides"}) -> {run_dir}, '
              f'{dist.world_size()} process(es) on {device.type}')
-    return Run(cfg, run_dir, device, log, split)
+    return Run(cfg, run_dir, device, log, split, labeled, unlabeled, val)
 
 
 def seed_everything(seed: int) -> None:
@@ -90,11 +113,28 @@ def num_workers(cfg: Config) -> int:
     return max(0, min(8, per_process - 1))
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler whose epoch can start part-way: `set_epoch(epoch, skip)` drops the first
+    `skip` indices of this process's (seeded, epoch-dependent) order, so a run resumed mid-epoch
+    sees exactly the samples it had not seen yet."""
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        return iter(indices[getattr(self, 'skip', 0):])
+
+    def __len__(self) -> int:
+        return self.num_samples - getattr(self, 'skip', 0)
+
+
 def make_loader(dataset, cfg: Config, batch_size: int, seed_offset: int = 0) -> DataLoader:
-    """Shuffled, drop_last loader over this process's shard (DistributedSampler in every case, so
-    one process and many follow the same code)."""
-    sampler = DistributedSampler(dataset, num_replicas=dist.world_size(), rank=dist.rank(),
-                                 shuffle=True, seed=cfg.seed + seed_offset)
+    """Shuffled, drop_last loader over this process's shard (the same sampler in one process and
+    many), with workers, pinning and persistence sized to the machine."""
+    sampler = ResumableSampler(dataset, num_replicas=dist.world_size(), rank=dist.rank(),
+                               shuffle=True, seed=cfg.seed + seed_offset)
     workers = num_workers(cfg)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=torch.cuda.is_available(), drop_last=True,
@@ -189,6 +229,9 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
 @dataclass
 class TrainState:
     epoch: int = -1                      # last completed epoch
+    iteration: int = 0                   # iterations already done in epoch + 1 (mid-epoch checkpoints)
+    global_step: int = 0                 # optimizer steps taken over the whole run
+    skipped_steps: int = 0               # steps skipped for a non-finite loss (on_nonfinite: skip)
     best_miou: float = 0.0
     best_miou_ema: float = 0.0
     best_epoch: int = -1
@@ -196,64 +239,210 @@ class TrainState:
     history: list = field(default_factory=list)    # per epoch: {'epoch', 'miou', 'miou_ema', ...}
 
 
-def checkpoint_dict(student: nn.Module, teacher: EMATeacher | None, optimizer, state: TrainState,
-                    cfg: Config) -> dict:
+@dataclass
+class Training:
+    """Everything one training run updates, built once by the entry script."""
+    run: Run
+    student: nn.Module                   # unwrapped
+    ddp: nn.Module                       # the student, DDP-wrapped when distributed
+    teacher: EMATeacher | None
+    optimizer: torch.optim.Optimizer
+    precision: Precision
+    state: TrainState
+    tb: object
+
+
+def checkpoint_dict(tr: Training) -> dict:
+    s, cfg = tr.state, tr.run.cfg
     return {
-        'model': student.state_dict(),
-        'model_ema': teacher.state_dict() if teacher else None,
-        'optimizer': optimizer.state_dict(),
-        'epoch': state.epoch,
-        'previous_best': state.best_miou,
-        'previous_best_ema': state.best_miou_ema,
-        'best_epoch': state.best_epoch,
-        'best_epoch_ema': state.best_epoch_ema,
-        'history': state.history,
+        'model': tr.student.state_dict(),
+        'model_ema': tr.teacher.state_dict() if tr.teacher else None,
+        'optimizer': tr.optimizer.state_dict(),
+        'scaler': tr.precision.state_dict(),
+        'epoch': s.epoch,
+        'iteration': s.iteration,
+        'global_step': s.global_step,
+        'skipped_steps': s.skipped_steps,
+        'previous_best': s.best_miou,
+        'previous_best_ema': s.best_miou_ema,
+        'best_epoch': s.best_epoch,
+        'best_epoch_ema': s.best_epoch_ema,
+        'history': s.history,
         'config': to_dict(cfg),
     }
 
 
-def resume(run_dir: Path, student: nn.Module, teacher: EMATeacher | None, optimizer, cfg: Config,
-           log) -> TrainState:
-    path = run_dir / 'latest.pth'
-    if not path.exists():
-        return TrainState()
-    ckpt = safe_load(path)
-    check_compatible(ckpt.get('config'), cfg, path)
-    student.load_state_dict(ckpt['model'])
-    if teacher is not None and ckpt.get('model_ema') is not None:
-        teacher.load_state_dict(ckpt['model_ema'])
-    optimizer.load_state_dict(ckpt['optimizer'])
-    state = TrainState(ckpt['epoch'], ckpt['previous_best'], ckpt.get('previous_best_ema', 0.0),
-                       ckpt.get('best_epoch', -1), ckpt.get('best_epoch_ema', -1), ckpt.get('history', []))
-    log.info(f'resumed from {path} after epoch {state.epoch}')
-    return state
+def save_checkpoint(tr: Training, best: bool = False) -> None:
+    if dist.is_main():
+        ckpt = checkpoint_dict(tr)
+        save_atomic(ckpt, tr.run.run_dir / 'latest.pth')
+        if best:
+            save_atomic(ckpt, tr.run.run_dir / 'best.pth')
+    dist.barrier()
+
+
+def resume(tr: Training) -> None:
+    """Continue from `<run_dir>/latest.pth` when it exists (after its last epoch, or mid-epoch)."""
+    path = tr.run.run_dir / 'latest.pth'
+    ckpt = safe_load(path) if path.exists() else None
+    if ckpt is not None:
+        check_compatible(ckpt.get('config'), tr.run.cfg, path)
+    if dist.is_main():     # written only once the config is known to fit the run's checkpoint
+        save_config(tr.run.cfg, tr.run.run_dir / 'config.yaml')
+    if ckpt is None:
+        return
+    tr.student.load_state_dict(ckpt['model'])
+    if tr.teacher is not None and ckpt.get('model_ema') is not None:
+        tr.teacher.load_state_dict(ckpt['model_ema'])
+    tr.optimizer.load_state_dict(ckpt['optimizer'])
+    tr.precision.load_state_dict(ckpt.get('scaler', {}))
+    tr.state = TrainState(ckpt['epoch'], ckpt.get('iteration', 0), ckpt.get('global_step', 0),
+                          ckpt.get('skipped_steps', 0), ckpt['previous_best'],
+                          ckpt.get('previous_best_ema', 0.0), ckpt.get('best_epoch', -1),
+                          ckpt.get('best_epoch_ema', -1), ckpt.get('history', []))
+    where = f'epoch {tr.state.epoch + 1} iteration {tr.state.iteration}' if tr.state.iteration \
+        else f'the end of epoch {tr.state.epoch}'
+    tr.run.log.info(f'resumed from {path} at {where} (step {tr.state.global_step})')
 
 
 def check_compatible(saved: dict | None, cfg: Config, path: Path) -> None:
     if not saved:
         return
-    for key in ('nclass', 'backbone', 'dataset'):
+    for key in ('nclass', 'backbone', 'dataset', 'method'):
         if key in saved and saved[key] != getattr(cfg, key):
             raise ConfigError(f'{path} was trained with {key}={saved[key]!r} but the config has '
                               f'{key}={getattr(cfg, key)!r}; use another --save-path or fix the config')
 
 
-def save_results(run_dir: Path, state: TrainState, cfg: Config, semi: bool, extra: dict | None = None) -> None:
-    hist = state.history
+def save_results(tr: Training) -> None:
+    s, cfg, semi = tr.state, tr.run.cfg, tr.teacher is not None
+    hist = s.history
     results = {
-        'dataset': cfg.dataset, 'method': cfg.method, 'backbone': cfg.backbone,
-        'epochs': len(hist), 'epochs_total': cfg.epochs,
+        'dataset': cfg.dataset, 'method': cfg.method, 'backbone': cfg.backbone, 'split': tr.run.split,
+        'epochs': len(hist), 'epochs_total': cfg.epochs, 'global_step': s.global_step,
+        'skipped_steps': s.skipped_steps,
         'miou': [h['miou'] for h in hist],
         'miou_ema': [h['miou_ema'] for h in hist] if semi else None,
-        'best_miou': state.best_miou if hist else None,
-        'best_miou_ema': state.best_miou_ema if (hist and semi) else None,
+        'best_miou': s.best_miou if hist else None,
+        'best_miou_ema': s.best_miou_ema if (hist and semi) else None,
         'final_miou': hist[-1]['miou'] if hist else None,
         'final_miou_ema': hist[-1]['miou_ema'] if (hist and semi) else None,
-        'best_epoch': state.best_epoch, 'best_epoch_ema': state.best_epoch_ema if semi else None,
+        'best_epoch': s.best_epoch, 'best_epoch_ema': s.best_epoch_ema if semi else None,
         'history': hist,
-        **(extra or {}),
     }
-    write_text_atomic(json.dumps(results, indent=2) + '\n', run_dir / 'results.json')
+    if dist.is_main():
+        write_text_atomic(json.dumps(results, indent=2) + '\n', tr.run.run_dir / 'results.json')
+
+
+# ---- the training loop ----------------------------------------------------------------------------
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint at the current iteration has been saved."""
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Preemption:
+    """Turns SIGTERM (SLURM preemption, `kill`) into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def poll(self, device: torch.device, checkpoint_due: bool) -> tuple[bool, bool]:
+        """(stop, save) agreed by every process: stop when any process was signalled, save when
+        stopping or when any process finds a timed checkpoint due. One all-reduce per step."""
+        flags = dist.all_reduce_sum(torch.tensor([float(self.requested), float(checkpoint_due)], device=device))
+        stop = bool(flags[0] > 0)
+        return stop, stop or bool(flags[1] > 0)
+
+
+def epoch_iterations(loader: DataLoader, cfg: Config) -> int:
+    n = loader.sampler.num_samples // loader.batch_size     # drop_last, whatever the resume skip
+    return min(n, cfg.max_iters_per_epoch) if cfg.max_iters_per_epoch > 0 else n
+
+
+def train_epoch(tr: Training, epoch: int, loaders: list[DataLoader],
+                step_fn: Callable[..., dict[str, torch.Tensor]], preemption: Preemption) -> dict:
+    """One epoch over zip(*loaders) (the first loader sets its length), from `tr.state.iteration`.
+
+    step_fn(*batches) -> dict of losses/statistics with 'loss'. Non-finite losses stop the run
+    (or skip the step, `on_nonfinite: skip`) without writing a checkpoint. On SIGTERM, or every
+    `checkpoint_minutes`, latest.pth is written at the current iteration.
+    """
+    run, cfg, state = tr.run, tr.run.cfg, tr.state
+    iters = epoch_iterations(loaders[0], cfg)
+    start = state.iteration
+    for loader in loaders:
+        loader.sampler.set_epoch(epoch, skip=start * loader.batch_size)
+    step_log = StepLog(run, tr.tb, epoch, iters, start)
+    last_save = time.time()
+    tr.ddp.train()
+    for i, batches in zip(range(start, iters), zip(*loaders)):
+        it = epoch * iters + i
+        with tr.precision.autocast():
+            out = step_fn(*(to_device(b, run.device) for b in batches))
+        if not all_finite(out):
+            if not handle_nonfinite(tr, out, epoch, i):
+                continue
+        lr = optimizer_step(out['loss'], tr.optimizer, tr.precision, cfg, it, iters * cfg.epochs)
+        if tr.teacher is not None:
+            tr.teacher.update(tr.student, it)
+        state.iteration, state.global_step = i + 1, state.global_step + 1
+        step_log(i, out, lr)
+        due = cfg.checkpoint_minutes > 0 and time.time() - last_save > 60 * cfg.checkpoint_minutes
+        stop, save = preemption.poll(run.device, due)
+        if save:
+            save_checkpoint(tr)
+            last_save = time.time()
+            run.log.info(f'checkpoint at epoch {epoch} iteration {i + 1} (step {state.global_step})')
+        if stop:
+            raise Preempted
+    state.iteration = 0
+    return step_log.summary()
+
+
+def all_finite(out: dict[str, torch.Tensor]) -> bool:
+    """Every loss term finite on every process."""
+    bad = torch.tensor([0.0 if torch.isfinite(out['loss']).all() else 1.0], device=out['loss'].device)
+    return bool(dist.all_reduce_sum(bad).item() == 0)
+
+
+def handle_nonfinite(tr: Training, out: dict[str, torch.Tensor], epoch: int, i: int) -> bool:
+    """Log the step and every term; raise (stop) or count a skipped step. Returns False to skip."""
+    terms = ', '.join(f'{k}={float(v):.4g}' for k, v in out.items())
+    msg = f'non-finite loss at epoch {epoch} iteration {i} (step {tr.state.global_step}): {terms}'
+    if tr.run.cfg.on_nonfinite == 'skip':
+        tr.run.log.warning(msg + ' -- step skipped')
+        tr.optimizer.zero_grad(set_to_none=True)
+        tr.state.skipped_steps += 1
+        return False
+    tr.run.log.error(msg + ' -- stopping; the last checkpoint is left as it was')
+    raise NonFiniteLoss(msg)
+
+
+def guarded(main: Callable[[], None]) -> Callable[[], None]:
+    """Wrap an entry script's main: a preempted run exits 0 after its checkpoint; input and config
+    errors end with their message and exit code 1 (no traceback)."""
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except Preempted:
+            logging.getLogger('semiseg').info('preempted (SIGTERM): checkpoint saved, exiting')
+            dist.cleanup()
+            raise SystemExit(0)
+        except (DataError, ConfigError, WeightsMismatchError, UnsafeCheckpointError, NonFiniteLoss,
+                FileNotFoundError) as err:
+            if dist.is_main() or not isinstance(err, NonFiniteLoss):
+                print(f'error: {err}', file=sys.stderr, flush=True)
+            raise SystemExit(1)
+    return wrapper
 
 
 # ---- evaluation at the end of an epoch ----------------------------------------------------------------
@@ -262,54 +451,47 @@ def eval_mode(cfg: Config) -> str:
     return cfg.eval_mode or default_eval_mode(cfg.dataset)
 
 
-def val_dataset(cfg: Config, val_path: Path) -> SemiDataset:
-    return SemiDataset(cfg.data_root, val_path, 'val', cfg.crop_size, nclass=cfg.nclass)
+def val_dataset(run: Run) -> SemiDataset:
+    return SemiDataset(run.cfg.data_root, run.val, 'val', run.cfg.crop_size, nclass=run.cfg.nclass)
 
 
-def end_of_epoch(run: Run, epoch: int, student: nn.Module, teacher: EMATeacher | None, optimizer,
-                 state: TrainState, valset, train_stats: dict) -> None:
-    """Evaluate student (and EMA), update best figures, save latest/best checkpoints and results.json."""
+def end_of_epoch(tr: Training, epoch: int, valset, train_stats: dict) -> None:
+    """Evaluate student (and EMA), update best figures, save latest/best checkpoints and results.json.
+    best.pth follows the EMA mIoU for semi-supervised runs (what the paper reports)."""
+    from dataset.registry import class_names
     from util.evaluation import evaluate, format_iou_table
-    cfg, log = run.cfg, run.log
+    run, cfg, state = tr.run, tr.run.cfg, tr.state
     mode = eval_mode(cfg)
     t0 = time.time()
-    res = evaluate(student, valset, cfg.nclass, mode, cfg.crop_size, device=run.device, progress=False)
-    res_ema = evaluate(teacher.model, valset, cfg.nclass, mode, cfg.crop_size, device=run.device,
-                       progress=False) if teacher else None
-    student.train()
-    entry = {'epoch': epoch, 'miou': res['miou'], 'miou_ema': res_ema['miou'] if res_ema else None,
-             'iou': res['iou'], 'iou_ema': res_ema['iou'] if res_ema else None, **train_stats}
-    state.history.append(entry)
+    res = evaluate(tr.student, valset, cfg.nclass, mode, cfg.crop_size, device=run.device, progress=False)
+    res_ema = evaluate(tr.teacher.model, valset, cfg.nclass, mode, cfg.crop_size, device=run.device,
+                       progress=False) if tr.teacher else None
+    state.history.append({'epoch': epoch, 'miou': res['miou'], 'miou_ema': res_ema['miou'] if res_ema else None,
+                          'iou': res['iou'], 'iou_ema': res_ema['iou'] if res_ema else None, **train_stats})
     state.epoch = epoch
-    if res['miou'] > state.best_miou:
+    improved = (res_ema or res)['miou'] >= (state.best_miou_ema if res_ema else state.best_miou)
+    if res['miou'] >= state.best_miou:
         state.best_miou, state.best_epoch = res['miou'], epoch
-    improved = res['miou'] >= state.best_miou if teacher is None else res_ema['miou'] >= state.best_miou_ema
-    if res_ema and res_ema['miou'] > state.best_miou_ema:
+    if res_ema and res_ema['miou'] >= state.best_miou_ema:
         state.best_miou_ema, state.best_epoch_ema = res_ema['miou'], epoch
 
-    from dataset.registry import class_names
     names = class_names(cfg.dataset, cfg.nclass, cfg.class_names)
-    best = res_ema or res
-    log.info(f'epoch {epoch} per-class IoU ({"EMA" if res_ema else "model"}, {mode}):\n'
-             + format_iou_table(best['iou'], names))
+    run.log.info(f'epoch {epoch} per-class IoU ({"EMA" if res_ema else "model"}, {mode}):\n'
+                 + format_iou_table((res_ema or res)['iou'], names))
     ema_txt = f', EMA mIoU {res_ema["miou"]:.2f} (best {state.best_miou_ema:.2f})' if res_ema else ''
-    log.info(f'epoch {epoch}: mIoU {res["miou"]:.2f} (best {state.best_miou:.2f}){ema_txt}, '
-             f'eval {time.time() - t0:.1f}s')
-    if dist.is_main():
-        ckpt = checkpoint_dict(student, teacher, optimizer, state, cfg)
-        save_atomic(ckpt, run.run_dir / 'latest.pth')
-        if improved:
-            save_atomic(ckpt, run.run_dir / 'best.pth')
-        save_results(run.run_dir, state, cfg, semi=teacher is not None)
-    dist.barrier()
+    run.log.info(f'epoch {epoch}: mIoU {res["miou"]:.2f} (best {state.best_miou:.2f}){ema_txt}, '
+                 f'eval {time.time() - t0:.1f}s')
+    tr.tb.scalars({'miou': res['miou'], **({'miou_ema': res_ema['miou']} if res_ema else {})}, epoch, 'val/')
+    save_checkpoint(tr, best=improved)
+    save_results(tr)
 
 
 class StepLog:
     """Per-step bookkeeping of a training epoch: process-averaged statistics, running means,
     TensorBoard scalars and a console line every `log_interval` steps with speed and ETA."""
 
-    def __init__(self, run: Run, tb, epoch: int, iters: int):
-        self.run, self.tb, self.epoch, self.iters = run, tb, epoch, iters
+    def __init__(self, run: Run, tb, epoch: int, iters: int, start: int = 0):
+        self.run, self.tb, self.epoch, self.iters, self.start = run, tb, epoch, iters, start
         self.total = iters * run.cfg.epochs
         self.meter, self.t0 = Meter(), time.time()
 
@@ -319,12 +501,13 @@ class StepLog:
         self.meter.update(stats)
         self.tb.scalars({**stats, 'lr': lr}, it, 'train/')
         if (i + 1) % self.run.cfg.log_interval == 0 or i + 1 == self.iters:
-            spi = (time.time() - self.t0) / (i + 1)
+            spi = (time.time() - self.t0) / (i + 1 - self.start)
             self.run.log.info(f'epoch {self.epoch} iter {i + 1}/{self.iters}: {self.meter}, lr {lr:.2e}, '
                               f'{spi:.2f} s/it, ETA {eta(spi, self.total - it - 1)}')
 
     def summary(self) -> dict:
-        return {**self.meter.means(), 'sec_per_iter': (time.time() - self.t0) / max(1, self.iters)}
+        done = max(1, self.iters - self.start)
+        return {**self.meter.means(), 'sec_per_iter': (time.time() - self.t0) / done}
 
 
 def optimizer_step(loss: torch.Tensor, optimizer, precision: Precision, cfg: Config, it: int,
@@ -338,14 +521,6 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def iteration_budget(loader_len: int, cfg: Config) -> int:
-    return min(loader_len, cfg.max_iters_per_epoch) if cfg.max_iters_per_epoch > 0 else loader_len
-
-
 def eta(seconds_per_iter: float, iters_left: int) -> str:
     s = int(seconds_per_iter * iters_left)
     return f'{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s'
-
-
-def math_isfinite(values: dict[str, torch.Tensor]) -> bool:
-    return all(math.isfinite(float(v)) for v in values.values())

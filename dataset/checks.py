@@ -1,0 +1,139 @@
+"""Input checks run before training or evaluation touches anything on disk.
+
+Fast checks (always): each split file parses and is not empty, every path it names exists, no id is
+listed twice, labeled and unlabeled lists do not overlap (a warning: the original's `all` splits
+do). Full checks (`--check-data`): every image and mask opens and decodes, masks are single-channel
+with values in [0, nclass) or 255, mask and image sizes agree, and images that are not 8-bit RGB are
+reported (gray, RGBA and palette images are converted; 16-bit and other modes are refused).
+Every problem names the split file, the line and the path.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dataset.splits import Sample, SplitError, read_split
+
+IGNORE_INDEX = 255
+CONVERTED_MODES = {'L': 'gray', 'LA': 'gray with alpha', 'RGBA': 'RGBA', 'P': 'palette',
+                   'CMYK': 'CMYK', 'YCbCr': 'YCbCr'}      # PIL converts these to RGB faithfully
+MASK_MODES = {'L', 'P'}                                    # single-channel 8-bit class ids
+
+
+@dataclass(frozen=True)
+class Problem:
+    level: str            # 'error' or 'warning'
+    where: str            # split file and line
+    message: str
+
+    def __str__(self) -> str:
+        return f'{self.level}: {self.where}: {self.message}'
+
+
+class DataError(RuntimeError):
+    """At least one input error; the message lists every problem found."""
+
+
+def _where(split: Path, sample: Sample | None = None) -> str:
+    return f'{split}:{sample.line}' if sample else str(split)
+
+
+def check_split(root: str | os.PathLike, split: str | os.PathLike, role: str, nclass: int,
+                full: bool = False) -> tuple[list[Problem], list[Sample]]:
+    """Problems of one split file (role: 'labeled', 'unlabeled' or 'val')."""
+    root, split = Path(root), Path(split)
+    problems: list[Problem] = []
+    if not split.is_file():
+        return [Problem('error', str(split), f'{role} split file does not exist')], []
+    try:
+        samples = read_split(split)
+    except SplitError as err:
+        return [Problem('error', str(split), str(err))], []
+    if not samples:
+        return [Problem('error', str(split), f'{role} split is empty')], []
+
+    seen: dict[str, int] = {}
+    for s in samples:
+        if s.image in seen:
+            problems.append(Problem('error', _where(split, s),
+                                    f'{s.image} is listed twice (first on line {seen[s.image]})'))
+        seen.setdefault(s.image, s.line)
+        needs_mask = role != 'unlabeled'
+        if needs_mask and s.mask is None:
+            problems.append(Problem('error', _where(split, s), f'{role} line has no mask path'))
+        for path in (s.image, s.mask if needs_mask else None):
+            if path is not None and not (root / path).is_file():
+                problems.append(Problem('error', _where(split, s), f'missing file {root / path}'))
+    if full and not any(p.level == 'error' for p in problems):
+        for s in samples:
+            problems.extend(_check_files(root, split, s, nclass, with_mask=role != 'unlabeled'))
+    return problems, samples
+
+
+def _check_files(root: Path, split: Path, s: Sample, nclass: int, with_mask: bool) -> list[Problem]:
+    where = _where(split, s)
+    out = []
+    try:
+        with Image.open(root / s.image) as img:
+            img.load()
+            size, mode = img.size, img.mode
+    except Exception as err:   # PIL raises many types for corrupt files
+        return [Problem('error', where, f'image {root / s.image} cannot be read: {err}')]
+    if mode in CONVERTED_MODES:
+        out.append(Problem('warning', where, f'image {s.image} is {CONVERTED_MODES[mode]} ({mode}); '
+                                             'it is converted to RGB'))
+    elif mode != 'RGB':
+        out.append(Problem('error', where, f'image {s.image} has mode {mode} (e.g. 16-bit); only 8-bit '
+                                           'RGB, gray, RGBA or palette images are accepted'))
+    if not with_mask or s.mask is None:
+        return out
+    try:
+        with Image.open(root / s.mask) as mask:
+            mask.load()
+            msize, mmode, values = mask.size, mask.mode, np.unique(np.asarray(mask))
+    except Exception as err:
+        return out + [Problem('error', where, f'mask {root / s.mask} cannot be read: {err}')]
+    if mmode not in MASK_MODES:
+        out.append(Problem('error', where, f'mask {s.mask} has mode {mmode}; masks must be single-channel '
+                                           '8-bit PNGs of class ids (L or P)'))
+        return out
+    if msize != size:
+        out.append(Problem('error', where, f'mask {s.mask} is {msize[0]}x{msize[1]} but image {s.image} '
+                                           f'is {size[0]}x{size[1]}'))
+    bad = [int(v) for v in values if v >= nclass and v != IGNORE_INDEX]
+    if bad:
+        out.append(Problem('error', where, f'mask {s.mask} has values {bad[:10]} outside [0, {nclass}) '
+                                           f'and {IGNORE_INDEX}'))
+    return out
+
+
+def check_inputs(root: str | os.PathLike, splits: dict[str, str | os.PathLike], nclass: int,
+                 full: bool = False) -> list[Problem]:
+    """Problems of every split (role -> file), plus labeled/unlabeled overlap."""
+    problems, lists = [], {}
+    for role, path in splits.items():
+        found, samples = check_split(root, path, role, nclass, full)
+        problems += found
+        lists[role] = samples
+    if 'labeled' in lists and 'unlabeled' in lists and splits['labeled'] != splits['unlabeled']:
+        overlap = {s.image for s in lists['labeled']} & {s.image for s in lists['unlabeled']}
+        if overlap:
+            problems.append(Problem('warning', f'{splits["labeled"]} / {splits["unlabeled"]}',
+                                    f'{len(overlap)} images are both labeled and unlabeled '
+                                    f'(e.g. {sorted(overlap)[0]})'))
+    return problems
+
+
+def raise_on_errors(problems: list[Problem], log=print) -> None:
+    for p in problems:
+        if p.level == 'warning':
+            log(str(p))
+    errors = [p for p in problems if p.level == 'error']
+    if errors:
+        shown = '\n'.join(str(p) for p in errors[:50])
+        more = f'\n... and {len(errors) - 50} more' if len(errors) > 50 else ''
+        raise DataError(f'{len(errors)} input error(s); nothing was written:\n{shown}{more}')

@@ -1,0 +1,146 @@
+"""Pictures of one training run from its results.json.
+
+    python tools/plot_run.py exp/toy/unimatch_v2/dinov2_tiny/1_16            # PNGs into the run dir
+    python tools/plot_run.py exp/pascal/unimatch_v2/dinov2_base/92 --out figs
+
+writes `curves.png` (student and EMA mIoU per epoch; the loss terms; the confident-pixel ratio — only
+the panels the run logged) and `per_class_iou.png` (per-class IoU at the best epoch of the EMA model
+when there is one, else of the student; class names from the dataset registry and the run's
+config.yaml).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use('Agg')  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+import yaml  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, as a script
+
+from dataset.registry import class_names  # noqa: E402
+
+
+def load_run(run_dir: str | Path) -> tuple[dict, dict]:
+    """(results.json, config.yaml as a dict; empty when the run has none)."""
+    run_dir = Path(run_dir)
+    results = json.loads((run_dir / 'results.json').read_text())
+    cfg_path = run_dir / 'config.yaml'
+    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
+    return results, cfg or {}
+
+
+def loss_keys(history: list[dict]) -> list[str]:
+    """Loss terms logged in any epoch, total first: ['loss', 'loss_x', 'loss_u', ...]."""
+    keys = {k for h in history for k, v in h.items() if k.startswith('loss') and v is not None}
+    return sorted(keys, key=lambda k: (k != 'loss', k))
+
+
+def series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(h['epoch'], h[key]) for h in history if h.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_curves(results: dict, path: Path, title: str = '') -> Path:
+    history = results.get('history') or []
+    panels = ['miou']
+    if loss_keys(history):
+        panels.append('loss')
+    if any(h.get('mask_ratio') is not None for h in history):
+        panels.append('mask_ratio')
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == 'miou':
+            for key, label in (('miou', 'student'), ('miou_ema', 'EMA')):
+                x, y = series(history, key)
+                if y:
+                    ax.plot(x, y, marker='o', ms=3, label=label)
+            ax.set(title='mIoU', ylabel='mIoU (%)')
+        elif panel == 'loss':
+            for key in loss_keys(history):
+                x, y = series(history, key)
+                ax.plot(x, y, marker='o', ms=3, label=key, lw=2 if key == 'loss' else 1)
+            ax.set(title='training losses (epoch means)')
+        else:
+            x, y = series(history, 'mask_ratio')
+            ax.plot(x, y, marker='o', ms=3, color='tab:green')
+            ax.set(title='confident-pixel ratio', ylim=(0, 1.02))
+        ax.set_xlabel('epoch')
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(f'{title} — {results.get("epochs")}/{results.get("epochs_total")} epochs', fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def best_epoch_iou(results: dict) -> tuple[str, int, list[float]] | None:
+    """('EMA' or 'student', epoch, per-class IoU) at the model's best epoch; None without history."""
+    history = {h['epoch']: h for h in results.get('history') or []}
+    for model, epoch_key, iou_key in (('EMA', 'best_epoch_ema', 'iou_ema'),
+                                      ('student', 'best_epoch', 'iou')):
+        entry = history.get(results.get(epoch_key))
+        if entry and entry.get(iou_key):
+            return model, entry['epoch'], entry[iou_key]
+    return None
+
+
+def plot_per_class(results: dict, cfg: dict, path: Path) -> Path | None:
+    best = best_epoch_iou(results)
+    if best is None:
+        return None
+    model, epoch, iou = best
+    dataset = cfg.get('dataset', results.get('dataset'))
+    try:
+        names = class_names(dataset, cfg.get('nclass', len(iou)), cfg.get('class_names'))
+    except (KeyError, ValueError):  # a dataset the registry does not know: numbered classes
+        names = [f'class_{k}' for k in range(len(iou))]
+    if len(names) != len(iou):
+        names = [f'class_{k}' for k in range(len(iou))]
+    width = max(5.0, 0.28 * len(iou) + 1.5)  # ~0.28 in per bar keeps 150 ADE20K labels legible
+    fig, ax = plt.subplots(figsize=(width, 4.2))
+    ax.bar(range(len(iou)), iou, color='tab:blue')
+    miou = sum(iou) / len(iou)
+    ax.axhline(miou, color='tab:red', ls='--', lw=1, label=f'mIoU {miou:.1f}')
+    ax.set_xticks(range(len(iou)), names, rotation=90, fontsize=7 if len(iou) > 30 else 9)
+    ax.set(ylabel='IoU (%)', ylim=(0, 100), xlim=(-0.6, len(iou) - 0.4),
+           title=f'per-class IoU, {model} model, best epoch {epoch}')
+    ax.legend(fontsize=8)
+    ax.grid(axis='y', alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
+    """Write the run's PNGs into `out` (default: the run directory); returns the paths written."""
+    results, cfg = load_run(run_dir)
+    out = Path(out or run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    title = ' '.join(str(results.get(k)) for k in ('dataset', 'method', 'backbone')) + f' {Path(run_dir).name}'
+    written = [plot_curves(results, out / 'curves.png', title)]
+    per_class = plot_per_class(results, cfg, out / 'per_class_iou.png')
+    return written + ([per_class] if per_class else [])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('run_dir', help='run directory holding results.json (and config.yaml)')
+    p.add_argument('--out', help='output directory (default: the run directory)')
+    args = p.parse_args(argv)
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,353 @@
+"""Markdown tables of our runs next to the paper's numbers.
+
+    python tools/tables.py                                    # every table, printed
+    python tools/tables.py --exp exp --out tables.md          # ... and written to tables.md
+    python tools/tables.py --tables table01,table05,toy       # only these
+
+Walks every `results.json` under the experiment root (`<exp>/<dataset>/<method>/<backbone>/<split>/`,
+as `scripts/train.sh` writes them). Paper tables (`table01` Pascal, `table02` Cityscapes, `table03`
+ADE20K, `table04` COCO, `table05` FixMatch / UniMatch V1 vs V2) have rows = method x encoder and
+columns = splits, as the paper lays them out; each cell reads `ours (paper, delta)`. The reported
+statistic is the paper's (see the facts sheet, section 9): best-epoch EMA mIoU for semi-supervised
+methods, best mIoU for the supervised baseline. Runs the paper has no number for still appear: as
+extra rows of their dataset's table, or, for datasets with no paper table (`toy`, custom data), in a
+per-run listing with the best mIoU, seconds per iteration and epochs completed. `runs` lists every
+run that way.
+
+Runs under a deeper prefix (`EXP_DIR=exp/frozen sh scripts/train.sh ...` puts them in
+`exp/frozen/<dataset>/...`) are shown as extra rows tagged `[frozen]`, never in a paper cell.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+# Metric names in paper_tables.csv: what the paper reports for each kind of method (facts section 9).
+SEMI_METRIC = 'best_mIoU_ema'
+SUPERVISED_METRIC = 'best_mIoU'
+SUPERVISED = 'supervised'
+DEFAULT_VARIANT = 'default'
+
+# The dataset's own table; its unimatch_v2 / supervised rows also feed table05's comparison rows.
+MAIN_TABLE = {'pascal': 'table01', 'cityscapes': 'table02', 'ade20k': 'table03', 'coco': 'table04'}
+PAPER_TABLES = ('table01', 'table02', 'table03', 'table04', 'table05')
+TITLES = {
+    'table01': 'Table 1: Pascal VOC 2012 (labeled images)',
+    'table02': 'Table 2: Cityscapes',
+    'table03': 'Table 3: ADE20K',
+    'table04': 'Table 4: COCO',
+    'table05': 'Table 5: FixMatch and UniMatch V1 vs UniMatch V2',
+}
+# Rows a paper table compares against although the csv files them under another table.
+COMPARISON_METHODS = {'table05': ('unimatch_v2',)}
+
+DATASET_ORDER = ('pascal', 'cityscapes', 'ade20k', 'coco')
+METHOD_ORDER = ('supervised', 'fixmatch', 'unimatch_v1', 'unimatch_v2')
+ENCODER_ORDER = ('dinov2_tiny', 'dinov2_small', 'dinov2_base', 'dinov2_large', 'dinov2_giant')
+
+# Marks, explained under every table.
+INCOMPLETE = '*'       # our run stopped before its planned epochs
+OTHER_BUDGET = '†'     # our run planned a different number of epochs than the paper's run
+PAPER_INCOMPLETE = '‡'  # the paper's log stops before its planned epochs (value = best so far)
+NONE = '–'
+
+Key = tuple  # (table, dataset, split, encoder, method, variant)
+
+
+# ---- names ---------------------------------------------------------------------------------------
+
+def encoder_name(backbone: str) -> str:
+    """Our `backbone` config value as the csv writes encoders: 'small' / 'dinov2_small' -> 'dinov2_small'."""
+    size = backbone.removeprefix('dinov2_')
+    return f'dinov2_{size}' if f'dinov2_{size}' in ENCODER_ORDER else backbone
+
+
+def split_name(split: str) -> str:
+    """Split as the csv spells it: '1/16' -> '1_16', '92' -> '92'."""
+    return split.replace('/', '_')
+
+
+def split_label(split: str) -> str:
+    """Column header as the paper prints it: '1_16' -> '1/16'."""
+    return split.replace('_', '/') if split.startswith('1_') else split
+
+
+def split_sort_key(split: str) -> tuple:
+    """Fewest labels first, 'all' last: 92 < 183 < ..., 1_64 < 1_32 < ..., 5% < 10%."""
+    try:
+        if split.startswith('1_'):
+            return (0, 1 / float(split[2:]), split)
+        if split.endswith('%'):
+            return (0, float(split[:-1]) / 100, split)
+        return (0, float(split), split)
+    except ValueError:
+        return (1 if split == 'all' else 2, 0.0, split)
+
+
+def _order(value: str, order: tuple) -> tuple:
+    return (order.index(value), value) if value in order else (len(order), value)
+
+
+def row_sort_key(row: tuple[str, str, str]) -> tuple:
+    """Rows (method, encoder, tag): grouped by encoder as the paper does, then method, tagged last."""
+    method, encoder, tag = row
+    return (_order(encoder, ENCODER_ORDER), tag != '', tag, _order(method, METHOD_ORDER))
+
+
+# ---- our runs --------------------------------------------------------------------------------------
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if isinstance(v, (int, float))]
+    return sum(values) / len(values) if values else None
+
+
+def read_run(path: Path, exp_root: Path) -> dict:
+    """One run's summary from its results.json; the split is the run directory's name."""
+    res = json.loads(path.read_text())
+    run_dir = path.parent
+    parts = run_dir.relative_to(exp_root).parts
+    dataset, method, backbone = res['dataset'], res['method'], res['backbone']
+    # exp/<prefix...>/<dataset>/<method>/<backbone>/<split>: anything before dataset is a tag.
+    tag = ''
+    if len(parts) >= 4 and tuple(parts[-4:-1]) == (dataset, method, backbone):
+        tag = '/'.join(parts[:-4])
+    semi = res.get('miou_ema') is not None
+    history = res.get('history') or []
+    epochs, total = res.get('epochs', len(history)), res.get('epochs_total')
+    return {
+        'dataset': dataset, 'method': method, 'backbone': backbone, 'encoder': encoder_name(backbone),
+        'split': split_name(run_dir.name), 'tag': tag, 'semi': semi,
+        'reported': res.get('best_miou_ema') if semi else res.get('best_miou'),
+        'best_miou': res.get('best_miou'), 'best_miou_ema': res.get('best_miou_ema'),
+        'final_miou': res.get('final_miou'), 'final_miou_ema': res.get('final_miou_ema'),
+        'epochs': epochs, 'epochs_total': total,
+        'complete': total is not None and epochs >= total,
+        'sec_per_iter': _mean([h.get('sec_per_iter') for h in history]),
+        'path': str(run_dir),
+    }
+
+
+def collect_runs(exp_root: str | Path) -> list[dict]:
+    """Every run under `exp_root` (one dict per results.json); unreadable files are reported and skipped."""
+    exp_root = Path(exp_root)
+    runs = []
+    for path in sorted(exp_root.rglob('results.json')):
+        try:
+            runs.append(read_run(path, exp_root))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f'tables: skipping {path}: {e!r}', file=sys.stderr)
+    return runs
+
+
+# ---- paper values ----------------------------------------------------------------------------------
+
+def paper_values(csv_path: str | Path) -> dict[Key, dict[str, float]]:
+    """{(table, dataset, split, encoder, method, variant): {metric: value}} from paper_tables.csv.
+
+    Non-numeric values (a missing log) are left out.
+    """
+    values: dict[Key, dict[str, float]] = {}
+    with open(csv_path, newline='') as f:
+        for row in csv.DictReader(f):
+            try:
+                value = float(row['value'])
+            except ValueError:
+                continue
+            key = (row['table'], row['dataset'], row['split'], row['encoder'], row['method'],
+                   row['variant'])
+            values.setdefault(key, {})[row['metric']] = value
+    return values
+
+
+def reported_metric(method: str) -> str:
+    return SUPERVISED_METRIC if method == SUPERVISED else SEMI_METRIC
+
+
+def paper_entry(paper: dict, table: str, dataset: str, split: str, encoder: str,
+                method: str) -> dict[str, float] | None:
+    """The paper's metrics for a cell: filed under `table`, else under the dataset's main table
+    (table05's UniMatch V2 row is Table 1/3/4's)."""
+    for t in (table, MAIN_TABLE.get(dataset)):
+        entry = paper.get((t, dataset, split, encoder, method, DEFAULT_VARIANT))
+        if entry and reported_metric(method) in entry:
+            return entry
+    return None
+
+
+def paper_rows(paper: dict, table: str, dataset: str) -> set[tuple[str, str]]:
+    """(method, encoder) rows the paper gives for `dataset` in `table`, comparison rows included."""
+    rows = {(k[4], k[3]) for k, v in paper.items()
+            if k[0] == table and k[1] == dataset and k[5] == DEFAULT_VARIANT
+            and reported_metric(k[4]) in v}
+    for method in COMPARISON_METHODS.get(table, ()):
+        rows |= {(method, encoder) for _, encoder in list(rows)}
+    return rows
+
+
+def table_datasets(paper: dict, table: str) -> list[str]:
+    found = {k[1] for k in paper if k[0] == table}
+    return sorted(found, key=lambda d: _order(d, DATASET_ORDER))
+
+
+# ---- formatting ------------------------------------------------------------------------------------
+
+def fmt(value: float | None, digits: int, sign: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return NONE
+    return f'{value:+.{digits}f}' if sign else f'{value:.{digits}f}'
+
+
+def run_marks(run: dict, paper: dict[str, float] | None = None) -> str:
+    marks = '' if run['complete'] else INCOMPLETE
+    planned = (paper or {}).get('epochs_planned')
+    if planned is not None and run['epochs_total'] is not None and run['epochs_total'] != planned:
+        marks += OTHER_BUDGET
+    return marks
+
+
+def paper_incomplete(entry: dict[str, float]) -> bool:
+    last, planned = entry.get('last_epoch_evaluated'), entry.get('epochs_planned')
+    return last is not None and planned is not None and last + 1 < planned  # epochs count from 0
+
+
+def cell(run: dict | None, entry: dict[str, float] | None, method: str, digits: int) -> str:
+    """`ours (paper, delta)`; `– (paper)` without a run; `ours (–)` without a paper value."""
+    if run is None and entry is None:
+        return ''
+    ours = NONE if run is None else fmt(run['reported'], digits) + run_marks(run, entry)
+    if entry is None:
+        return f'{ours} ({NONE})'
+    theirs = entry[reported_metric(method)]
+    paper_txt = fmt(theirs, digits) + (PAPER_INCOMPLETE if paper_incomplete(entry) else '')
+    if run is None or run['reported'] is None:
+        return f'{ours} ({paper_txt})'
+    return f'{ours} ({paper_txt}, {fmt(run["reported"] - theirs, digits, sign=True)})'
+
+
+LEGEND = (f'Cells: ours (paper, Δ = ours − paper); `{NONE}` no run or no paper value. Reported: '
+          'best-epoch EMA mIoU for semi-supervised methods, best mIoU for supervised (as the paper). '
+          f'`{INCOMPLETE}` run not finished (best so far), `{OTHER_BUDGET}` run planned for a different '
+          f'number of epochs than the paper\'s, `{PAPER_INCOMPLETE}` the paper\'s log stops early.')
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
+    return '\n'.join(lines)
+
+
+def row_label(method: str, tag: str) -> str:
+    return f'{method} [{tag}]' if tag else method
+
+
+# ---- tables ----------------------------------------------------------------------------------------
+
+def placed_in_paper(run: dict, paper: dict) -> bool:
+    """Whether a run fills a paper row of some table (else it becomes an extra row)."""
+    return run['tag'] == '' and any(
+        (run['method'], run['encoder']) in paper_rows(paper, t, run['dataset'])
+        for t in PAPER_TABLES if run['dataset'] in table_datasets(paper, t))
+
+
+def paper_table_section(table: str, dataset: str, runs: list[dict], paper: dict, digits: int) -> str:
+    rows = {(m, e, '') for m, e in paper_rows(paper, table, dataset)}
+    mine = [r for r in runs if r['dataset'] == dataset
+            and ((r['tag'] == '' and (r['method'], r['encoder'], '') in rows)
+                 or (MAIN_TABLE.get(dataset) == table and not placed_in_paper(r, paper)))]
+    rows |= {(r['method'], r['encoder'], r['tag']) for r in mine}
+    by_cell = {(r['method'], r['encoder'], r['tag'], r['split']): r for r in mine}
+    splits = {k[2] for k in paper if k[0] == table and k[1] == dataset} | {r['split'] for r in mine}
+    splits = sorted(splits, key=split_sort_key)
+    body = []
+    for method, encoder, tag in sorted(rows, key=row_sort_key):
+        cells = [cell(by_cell.get((method, encoder, tag, s)),
+                      None if tag else paper_entry(paper, table, dataset, s, encoder, method),
+                      method, digits) for s in splits]
+        body.append([row_label(method, tag), encoder] + cells)
+    return markdown(['method', 'encoder'] + [split_label(s) for s in splits], body)
+
+
+def run_listing(runs: list[dict], digits: int, with_dataset: bool = False) -> str:
+    """One row per run: reported, best, best EMA and final mIoU, seconds/iteration, epochs."""
+    header = (['dataset'] if with_dataset else []) + [
+        'method', 'encoder', 'split', 'reported', 'best mIoU', 'best EMA mIoU', 'final mIoU',
+        's/iter', 'epochs']
+    order = sorted(runs, key=lambda r: (_order(r['dataset'], DATASET_ORDER),
+                                        row_sort_key((r['method'], r['encoder'], r['tag'])),
+                                        split_sort_key(r['split'])))
+    body = []
+    for r in order:
+        total = NONE if r['epochs_total'] is None else r['epochs_total']
+        spi = NONE if r['sec_per_iter'] is None else f'{r["sec_per_iter"]:.3g}'
+        body.append(([r['dataset']] if with_dataset else []) + [
+            row_label(r['method'], r['tag']), r['encoder'], split_label(r['split']),
+            fmt(r['reported'], digits) + run_marks(r), fmt(r['best_miou'], digits),
+            fmt(r['best_miou_ema'], digits), fmt(r['final_miou'], digits), spi,
+            f'{r["epochs"]}/{total}' + run_marks(r)])
+    return markdown(header, body)
+
+
+LISTING_LEGEND = ('Reported: best-epoch EMA mIoU for semi-supervised methods, best mIoU for '
+                  f'supervised. s/iter: mean over epochs of the training seconds per iteration. '
+                  f'`{INCOMPLETE}` run not finished.')
+
+
+def make_table(table: str, runs: list[dict], paper: dict, digits: int = 1) -> str:
+    """Markdown for one table: a paper table (`table01`..`table05`), `runs` (every run listed), or a
+    dataset name (its runs listed, e.g. `toy`)."""
+    if table in PAPER_TABLES:
+        parts = [f'## {TITLES[table]}']
+        for dataset in table_datasets(paper, table):
+            if len(table_datasets(paper, table)) > 1:
+                parts.append(f'### {dataset}')
+            parts.append(paper_table_section(table, dataset, runs, paper, digits))
+        parts.append(LEGEND)
+        return '\n\n'.join(parts) + '\n'
+    chosen = runs if table == 'runs' else [r for r in runs if r['dataset'] == table]
+    title = 'All runs' if table == 'runs' else f'{table} (no paper numbers)'
+    if not chosen:
+        return f'## {title}\n\nNo runs found.\n'
+    return (f'## {title}\n\n' + run_listing(chosen, digits, with_dataset=table == 'runs')
+            + f'\n\n{LISTING_LEGEND}\n')
+
+
+def default_tables(runs: list[dict], paper: dict) -> list[str]:
+    """Every paper table, `toy`, and a listing for each other dataset with runs but no paper table."""
+    covered = {d for t in PAPER_TABLES for d in table_datasets(paper, t)}
+    others = sorted({r['dataset'] for r in runs} - covered - {'toy'})
+    return list(PAPER_TABLES) + ['toy'] + others
+
+
+def make_report(runs: list[dict], paper: dict, tables: list[str] | None = None, digits: int = 1) -> str:
+    tables = tables or default_tables(runs, paper)
+    return '\n'.join(make_table(t, runs, paper, digits) for t in tables)
+
+
+def main(argv: list[str] | None = None) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--exp', default='exp', help='experiment root to search for results.json')
+    p.add_argument('--paper', default=str(repo / 'reference' / 'paper_tables.csv'))
+    p.add_argument('--out', help='also write the markdown here')
+    p.add_argument('--tables', help='comma-separated: table01..table05, toy, runs, or a dataset '
+                                    '(default: every paper table, toy, other datasets with runs)')
+    p.add_argument('--digits', type=int, default=1, help='decimals (the paper prints 1)')
+    args = p.parse_args(argv)
+    runs = collect_runs(args.exp) if Path(args.exp).is_dir() else []
+    if not runs:
+        print(f'tables: no results.json under {args.exp}', file=sys.stderr)
+    paper = paper_values(args.paper)
+    tables = [t.strip() for t in args.tables.split(',') if t.strip()] if args.tables else None
+    text = make_report(runs, paper, tables, args.digits)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+
+
+if __name__ == '__main__':
+    main()
