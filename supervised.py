@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     valset = trainer.val_dataset(run)
 
     model = trainer.build_student(cfg, run.device, run.log)
-    tr = trainer.Training(run, model, trainer.wrap_ddp(model, run.device), None,
+    tr = trainer.Training(run, model, trainer.wrap_ddp(model, run.device, cfg.compile), None,
                           trainer.build_optimizer(model, cfg), Precision(cfg.precision, run.device),
                           trainer.TrainState(), TensorBoard(run.run_dir))
     trainer.resume(tr)

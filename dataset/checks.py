@@ -52,7 +52,7 @@ def check_split(root: str | os.PathLike, split: str | os.PathLike, role: str, nc
     try:
         samples = read_split(split)
     except SplitError as err:
-        return [Problem('error', str(split), str(err))], []
+        return [Problem('error', str(split), str(err).removeprefix(f'{split}: '))], []
     if not samples:
         return [Problem('error', str(split), f'{role} split is empty')], []
 

@@ -16,7 +16,7 @@
 # overrides follow each cell's own (backbone=, epochs=), so they win. EXP_DIR as for train.sh. Ends
 # with python tools/tables.py, written to <exp>/tables.md.
 set -e
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 [ "$1" = --dry-run ] && { DRY_RUN=1; shift; }
 [ $# -ge 1 ] || usage
 table=$1; shift
@@ -85,17 +85,16 @@ echo "$cells" > "$cellfile"
 failed=0; config_backbone_of=
 while read -r dataset split method extra; do
     config=configs/$dataset.yaml
+    # Once per dataset: load its config with the user's overrides, so that a wrong key stops the grid
+    # here (set -e) rather than failing every cell, and note the config's backbone.
+    if [ "$config_backbone_of" != "$dataset" ]; then
+        config_backbone=$(python -m util.config "$config" backbone "$@"); config_backbone_of=$dataset
+    fi
     # The backbone train.sh will resolve (for the run directory): the last backbone= given, else the
-    # config's, looked up once per dataset.
-    backbone=
+    # config's.
+    backbone=$config_backbone
     # shellcheck disable=SC2086  # $extra is the cell's key=value words
     for arg in $extra "$@"; do case "$arg" in backbone=*) backbone=${arg#backbone=} ;; esac; done
-    if [ -z "$backbone" ]; then
-        if [ "$config_backbone_of" != "$dataset" ]; then
-            config_backbone=$(python -m util.config "$config" backbone "$@"); config_backbone_of=$dataset
-        fi
-        backbone=$config_backbone
-    fi
     run_dir=$exp/$dataset/$method/$backbone/$split
     semi=; [ "$method" = supervised ] || semi="method=$method"
     # shellcheck disable=SC2086
@@ -108,7 +107,9 @@ while read -r dataset split method extra; do
     else
         echo "== reproduce $table: sh scripts/train.sh $cell${*:+ $*}" >&2
         # shellcheck disable=SC2086  # $cell is words without spaces inside
-        sh scripts/train.sh $cell "$@" < /dev/null || { failed=$((failed + 1)); echo "== failed: $cell" >&2; }
+        if ! sh scripts/train.sh $cell "$@" < /dev/null; then
+            failed=$((failed + 1)); echo "== failed: $cell" >&2
+        fi
     fi
 done < "$cellfile"
 

@@ -94,18 +94,23 @@ def best_epoch_iou(results: dict) -> tuple[str, int, list[float]] | None:
     return None
 
 
+def run_class_names(results: dict, cfg: dict, n: int) -> list[str]:
+    """The registry's names for the run's dataset (nclass / class_names from its config.yaml);
+    numbered classes when the registry does not know the dataset or the count disagrees."""
+    try:
+        names = class_names(cfg.get('dataset', results.get('dataset')), cfg.get('nclass', n),
+                            cfg.get('class_names'))
+    except (KeyError, ValueError):
+        names = []
+    return names if len(names) == n else [f'class_{k}' for k in range(n)]
+
+
 def plot_per_class(results: dict, cfg: dict, path: Path) -> Path | None:
     best = best_epoch_iou(results)
     if best is None:
         return None
     model, epoch, iou = best
-    dataset = cfg.get('dataset', results.get('dataset'))
-    try:
-        names = class_names(dataset, cfg.get('nclass', len(iou)), cfg.get('class_names'))
-    except (KeyError, ValueError):  # a dataset the registry does not know: numbered classes
-        names = [f'class_{k}' for k in range(len(iou))]
-    if len(names) != len(iou):
-        names = [f'class_{k}' for k in range(len(iou))]
+    names = run_class_names(results, cfg, len(iou))
     width = max(5.0, 0.28 * len(iou) + 1.5)  # ~0.28 in per bar keeps 150 ADE20K labels legible
     fig, ax = plt.subplots(figsize=(width, 4.2))
     ax.bar(range(len(iou)), iou, color='tab:blue')
@@ -127,7 +132,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     results, cfg = load_run(run_dir)
     out = Path(out or run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    title = ' '.join(str(results.get(k)) for k in ('dataset', 'method', 'backbone')) + f' {Path(run_dir).name}'
+    names = [str(results.get(k)) for k in ('dataset', 'method', 'backbone', 'split')]
+    title = ' '.join(names[:3] + [names[3] if results.get('split') else Path(run_dir).name])
     written = [plot_curves(results, out / 'curves.png', title)]
     per_class = plot_per_class(results, cfg, out / 'per_class_iou.png')
     return written + ([per_class] if per_class else [])

@@ -61,7 +61,7 @@ Key = tuple  # (table, dataset, split, encoder, method, variant)
 # ---- names ---------------------------------------------------------------------------------------
 
 def encoder_name(backbone: str) -> str:
-    """Our `backbone` config value as the csv writes encoders: 'small' / 'dinov2_small' -> 'dinov2_small'."""
+    """Our `backbone` value as the csv writes encoders: 'small' or 'dinov2_small' -> 'dinov2_small'."""
     size = backbone.removeprefix('dinov2_')
     return f'dinov2_{size}' if f'dinov2_{size}' in ENCODER_ORDER else backbone
 
@@ -106,7 +106,7 @@ def _mean(values: list) -> float | None:
 
 
 def read_run(path: Path, exp_root: Path) -> dict:
-    """One run's summary from its results.json; the split is the run directory's name."""
+    """One run's summary from its results.json (older files name no split: the run directory's name)."""
     res = json.loads(path.read_text())
     run_dir = path.parent
     parts = run_dir.relative_to(exp_root).parts
@@ -120,7 +120,7 @@ def read_run(path: Path, exp_root: Path) -> dict:
     epochs, total = res.get('epochs', len(history)), res.get('epochs_total')
     return {
         'dataset': dataset, 'method': method, 'backbone': backbone, 'encoder': encoder_name(backbone),
-        'split': split_name(run_dir.name), 'tag': tag, 'semi': semi,
+        'split': split_name(str(res.get('split') or run_dir.name)), 'tag': tag, 'semi': semi,
         'reported': res.get('best_miou_ema') if semi else res.get('best_miou'),
         'best_miou': res.get('best_miou'), 'best_miou_ema': res.get('best_miou_ema'),
         'final_miou': res.get('final_miou'), 'final_miou_ema': res.get('final_miou_ema'),

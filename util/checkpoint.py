@@ -32,10 +32,18 @@ def safe_load(path: str | Path, map_location: str | torch.device = 'cpu') -> Any
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpointError(
             f'refused to load {path}: it holds objects other than tensors and plain containers, '
-            f'which could run code when unpickled. Only weights are accepted.\n  ({str(err).splitlines()[0]})'
+            f'which could run code when unpickled. Only weights are accepted.\n  ({_refusal_reason(err)})'
         ) from None
     except (RuntimeError, EOFError) as err:
         raise RuntimeError(f'{path} is not a readable checkpoint (truncated or not a torch file): {err}') from None
+
+
+def _refusal_reason(err: Exception) -> str:
+    """The line of torch's message naming what was refused (its first line, with terminal escape
+    codes, only says how to bypass the check)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or ['']
+    reason = next((line for line in lines if line.startswith('WeightsUnpickler error:')), lines[0])
+    return reason.removeprefix('WeightsUnpickler error:').split('. ')[0].strip()
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
@@ -59,8 +67,13 @@ def write_text_atomic(text: str, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    with os.fdopen(fd, 'w') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, 'w') as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -7,6 +7,7 @@ piece they call in order.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -184,6 +185,8 @@ def build_student(cfg: Config, device: torch.device, log=None) -> nn.Module:
     if cfg.lock_backbone:
         model.lock_backbone()
     model.set_grad_checkpointing(cfg.grad_checkpointing)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     if log:
         n = sum(p.numel() for p in model.parameters())
         log.info(f'model {cfg.backbone} + DPT: {n / 1e6:.1f}M parameters')
@@ -217,11 +220,13 @@ def set_poly_lr(optimizer: torch.optim.Optimizer, cfg: Config, it: int, total: i
     return lr
 
 
-def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    if not dist.is_dist():
-        return model
-    ids = [device.index] if device.type == 'cuda' else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+def wrap_ddp(model: nn.Module, device: torch.device, compile: bool = False) -> nn.Module:
+    """DDP without find_unused_parameters (every trainable parameter gets a gradient), optionally
+    compiled. The unwrapped model stays the one to save and to copy into the EMA teacher."""
+    if dist.is_dist():
+        ids = [device.index] if device.type == 'cuda' else None
+        model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    return torch.compile(model) if compile else model
 
 
 # ---- state, checkpoints, results -------------------------------------------------------------------
@@ -250,6 +255,7 @@ class Training:
     precision: Precision
     state: TrainState
     tb: object
+    last_nonfinite: dict | None = None
 
 
 def checkpoint_dict(tr: Training) -> dict:
@@ -364,7 +370,9 @@ class Preemption:
 
 
 def epoch_iterations(loader: DataLoader, cfg: Config) -> int:
-    n = loader.sampler.num_samples // loader.batch_size     # drop_last, whatever the resume skip
+    """Optimizer steps per epoch: batches of the (drop_last) loader over grad_accum, at most
+    max_iters_per_epoch."""
+    n = loader.sampler.num_samples // loader.batch_size // cfg.grad_accum
     return min(n, cfg.max_iters_per_epoch) if cfg.max_iters_per_epoch > 0 else n
 
 
@@ -372,26 +380,28 @@ def train_epoch(tr: Training, epoch: int, loaders: list[DataLoader],
                 step_fn: Callable[..., dict[str, torch.Tensor]], preemption: Preemption) -> dict:
     """One epoch over zip(*loaders) (the first loader sets its length), from `tr.state.iteration`.
 
-    step_fn(*batches) -> dict of losses/statistics with 'loss'. Non-finite losses stop the run
-    (or skip the step, `on_nonfinite: skip`) without writing a checkpoint. On SIGTERM, or every
-    `checkpoint_minutes`, latest.pth is written at the current iteration.
+    step_fn(*batches) -> dict of losses/statistics with 'loss'. An iteration is one optimizer step
+    over `grad_accum` batches. Non-finite losses stop the run (or skip the step, `on_nonfinite:
+    skip`) without writing a checkpoint. On SIGTERM, or every `checkpoint_minutes`, latest.pth is
+    written at the current iteration.
     """
     run, cfg, state = tr.run, tr.run.cfg, tr.state
-    iters = epoch_iterations(loaders[0], cfg)
+    iters, accum = epoch_iterations(loaders[0], cfg), cfg.grad_accum
     start = state.iteration
     for loader in loaders:
-        loader.sampler.set_epoch(epoch, skip=start * loader.batch_size)
+        loader.sampler.set_epoch(epoch, skip=start * accum * loader.batch_size)
+    batches = zip(*loaders)
     step_log = StepLog(run, tr.tb, epoch, iters, start)
     last_save = time.time()
     tr.ddp.train()
-    for i, batches in zip(range(start, iters), zip(*loaders)):
+    for i in range(start, iters):
         it = epoch * iters + i
-        with tr.precision.autocast():
-            out = step_fn(*(to_device(b, run.device) for b in batches))
-        if not all_finite(out):
-            if not handle_nonfinite(tr, out, epoch, i):
-                continue
-        lr = optimizer_step(out['loss'], tr.optimizer, tr.precision, cfg, it, iters * cfg.epochs)
+        out = accumulate(tr, step_fn, batches, accum)
+        if out is None:
+            handle_nonfinite(tr, epoch, i)
+            continue
+        tr.precision.step(tr.optimizer)
+        lr = set_poly_lr(tr.optimizer, cfg, it + 1, iters * cfg.epochs)
         if tr.teacher is not None:
             tr.teacher.update(tr.student, it)
         state.iteration, state.global_step = i + 1, state.global_step + 1
@@ -408,21 +418,40 @@ def train_epoch(tr: Training, epoch: int, loaders: list[DataLoader],
     return step_log.summary()
 
 
+def accumulate(tr: Training, step_fn: Callable, batches, accum: int) -> dict[str, torch.Tensor] | None:
+    """Forward and backward `accum` batches (gradients summed, DDP synchronising on the last only);
+    returns the averaged loss dict, or None (gradients cleared, the offending dict kept in
+    `tr.last_nonfinite`) when a loss is not finite on any process."""
+    total: dict[str, torch.Tensor] = {}
+    for k in range(accum):
+        sync = k == accum - 1 or not hasattr(tr.ddp, 'no_sync')
+        with (contextlib.nullcontext() if sync else tr.ddp.no_sync()), tr.precision.autocast():
+            out = step_fn(*(to_device(b, tr.run.device) for b in next(batches)))
+        if not all_finite(out):
+            tr.optimizer.zero_grad(set_to_none=True)
+            tr.last_nonfinite = out
+            return None
+        with (contextlib.nullcontext() if sync else tr.ddp.no_sync()):
+            tr.precision.backward(out['loss'] / accum)
+        for key, value in out.items():
+            total[key] = total.get(key, 0) + value.detach() / accum
+    return total
+
+
 def all_finite(out: dict[str, torch.Tensor]) -> bool:
     """Every loss term finite on every process."""
     bad = torch.tensor([0.0 if torch.isfinite(out['loss']).all() else 1.0], device=out['loss'].device)
     return bool(dist.all_reduce_sum(bad).item() == 0)
 
 
-def handle_nonfinite(tr: Training, out: dict[str, torch.Tensor], epoch: int, i: int) -> bool:
-    """Log the step and every term; raise (stop) or count a skipped step. Returns False to skip."""
-    terms = ', '.join(f'{k}={float(v):.4g}' for k, v in out.items())
+def handle_nonfinite(tr: Training, epoch: int, i: int) -> None:
+    """Log the step and every loss term; stop (raise) or count the skipped step."""
+    terms = ', '.join(f'{k}={float(v.detach()):.4g}' for k, v in tr.last_nonfinite.items())
     msg = f'non-finite loss at epoch {epoch} iteration {i} (step {tr.state.global_step}): {terms}'
     if tr.run.cfg.on_nonfinite == 'skip':
         tr.run.log.warning(msg + ' -- step skipped')
-        tr.optimizer.zero_grad(set_to_none=True)
         tr.state.skipped_steps += 1
-        return False
+        return
     tr.run.log.error(msg + ' -- stopping; the last checkpoint is left as it was')
     raise NonFiniteLoss(msg)
 
@@ -508,13 +537,6 @@ class StepLog:
     def summary(self) -> dict:
         done = max(1, self.iters - self.start)
         return {**self.meter.means(), 'sec_per_iter': (time.time() - self.t0) / done}
-
-
-def optimizer_step(loss: torch.Tensor, optimizer, precision: Precision, cfg: Config, it: int,
-                   total: int) -> float:
-    """Backward, step, then the poly learning rate for the next iteration; returns that lr."""
-    precision.backward_step(loss, optimizer)
-    return set_poly_lr(optimizer, cfg, it + 1, total)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
