@@ -24,12 +24,14 @@ import os
 import sys
 from pathlib import Path
 
+from dataset.checks import check_inputs, raise_on_errors
 from dataset.registry import class_names, default_eval_mode, get_palette
 from dataset.semi import SemiDataset
 from model import build_model
 from util.checkpoint import write_text_atomic
 from util.config import EVAL_MODES, load_config
 from util.dist import cleanup, is_main, setup
+from util.trainer import guarded
 from util.evaluation import evaluate, format_iou_table, load_eval_weights, parse_scales
 
 SPLITS_ROOT = Path(__file__).resolve().parent / 'splits'
@@ -48,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--split', default=None, help='split file (default: splits/<dataset>/val.txt)')
     p.add_argument('--save-dir', default=None, help='write palette PNGs and side-by-side JPEGs here')
     p.add_argument('--output-json', default=None)
+    p.add_argument('--check-data', action='store_true', help='check every image and mask of the split, then exit')
     p.add_argument('overrides', nargs='*', help='config overrides, key=value')
     return p.parse_args(argv)
 
@@ -83,6 +86,7 @@ def publish(result: dict, run: dict, names: list[str], out: Path) -> None:
     print(f'mIoU: {result["miou"]:.2f}', flush=True)
 
 
+@guarded
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = setup()
@@ -90,8 +94,11 @@ def main(argv: list[str] | None = None) -> dict:
     mode = args.mode or cfg.eval_mode or default_eval_mode(cfg.dataset)
     scales = parse_scales(args.scales)
     split = Path(args.split) if args.split else SPLITS_ROOT / cfg.dataset / 'val.txt'
-    if not split.is_file():
-        raise SystemExit(f'error: split file {split} does not exist (pass --split)')
+    raise_on_errors(check_inputs(cfg.data_root, {'val': split}, cfg.nclass, full=args.check_data),
+                    log=lambda m: print(m) if is_main() else None)
+    if args.check_data:
+        print(f'checked every file of {split}: no errors')
+        return {}
 
     model = build_model(cfg.backbone, cfg.nclass)
     which = load_eval_weights(model, args.checkpoint, args.weights, cfg.backbone, cfg.nclass,

@@ -32,7 +32,7 @@ from dataset.semi import SemiDataset, split_paths
 from model import WeightsMismatchError, build_model, load_pretrained_encoder, load_weights
 from util import dist
 from util.checkpoint import UnsafeCheckpointError, safe_load, save_atomic, write_text_atomic
-from util.config import Config, ConfigError, from_dict, load_config, save_config, to_dict
+from util.config import Config, ConfigError, load_config, save_config, to_dict
 from util.ema import EMATeacher
 from util.logger import Meter, get_logger
 from util.precision import Precision
