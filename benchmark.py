@@ -4,8 +4,9 @@
     python benchmark.py --config configs/toy.yaml --steps 20
 
 Recipes, on the same generated batches:
-  original  fp32, labeled and strong images in two student forwards, EMA in a Python loop over
-            tensors, DDP with find_unused_parameters=True (the original release's step)
+  original  fp32, attention as explicit matmul-softmax-matmul (no fused kernel), labeled and strong
+            images in two student forwards, EMA in a Python loop over tensors, DDP with
+            find_unused_parameters=True (the original release's step)
   default   the config's precision (bf16 by default), one fused student forward, foreach EMA,
             DDP without find_unused_parameters, plus the config's channels_last / compile /
             grad_checkpointing choices
@@ -44,15 +45,16 @@ RECIPES = ('original', 'default')
 class Recipe:
     name: str
     precision: str
-    fused: bool
+    fused: bool           # labeled + strong images in one student forward
     foreach_ema: bool
     find_unused: bool
+    fused_attention: bool
 
 
 def recipe(name: str, cfg: Config) -> Recipe:
     if name == 'original':
-        return Recipe(name, 'fp32', fused=False, foreach_ema=False, find_unused=True)
-    return Recipe(name, cfg.precision, fused=True, foreach_ema=True, find_unused=False)
+        return Recipe(name, 'fp32', fused=False, foreach_ema=False, find_unused=True, fused_attention=False)
+    return Recipe(name, cfg.precision, fused=True, foreach_ema=True, find_unused=False, fused_attention=True)
 
 
 def make_batch(cfg: Config, device: torch.device, seed: int) -> tuple[dict, dict]:
@@ -79,6 +81,8 @@ class Trainer:
         self.student = build_model(cfg.backbone, cfg.nclass).to(device)
         if cfg.lock_backbone:
             self.student.lock_backbone()
+        for block in self.student.backbone.blocks:
+            block.attn.fused_attn = r.fused_attention
         if r.name == 'default':
             self.student.set_grad_checkpointing(cfg.grad_checkpointing)
             if cfg.channels_last:
@@ -133,7 +137,20 @@ def peak_memory_child(name: str, cfg: Config, steps: int, queue) -> None:
     if device.type == 'cuda':
         queue.put((name, torch.cuda.max_memory_allocated() / 2**20))
     else:
-        queue.put((name, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+        queue.put((name, peak_rss_mib()))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries the pre-exec parent's
+    peak into a spawned child's ru_maxrss, which would report the parent's size for every recipe."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak_memory(cfg: Config, steps: int) -> dict[str, float]:

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     run.log.info(f'supervised: {n_labeled} labeled images ({len(loader.dataset)} per epoch), '
                  f'{trainer.epoch_iterations(loader, cfg)} iterations per epoch')
     for epoch in range(tr.state.epoch + 1, cfg.epochs):
-        stats = trainer.train_epoch(tr, epoch, [loader], lambda batch: supervised_step(tr.ddp, batch, criterion),
+        stats = trainer.train_epoch(tr, epoch, [loader], lambda b: supervised_step(tr.ddp, b, criterion),
                                     preemption)
         trainer.end_of_epoch(tr, epoch, valset, stats)
     tr.tb.close()

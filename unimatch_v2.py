@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     valset = trainer.val_dataset(run)
 
     student = trainer.build_student(cfg, run.device, run.log)
-    tr = trainer.Training(run, student, trainer.wrap_ddp(student, run.device, cfg.compile), EMATeacher(student, cfg.ema_decay),
+    teacher = EMATeacher(student, cfg.ema_decay)         # from the unwrapped student, before DDP
+    tr = trainer.Training(run, student, trainer.wrap_ddp(student, run.device, cfg.compile), teacher,
                           trainer.build_optimizer(student, cfg), Precision(cfg.precision, run.device),
                           trainer.TrainState(), TensorBoard(run.run_dir))
     trainer.resume(tr)
