@@ -10,7 +10,11 @@ Recipes, on the same generated batches:
   default   the config's precision (bf16 by default), one fused student forward, foreach EMA,
             DDP without find_unused_parameters, plus the config's channels_last / compile /
             grad_checkpointing choices
-Steps of the two recipes alternate after warm-up, so machine noise hits both alike. Peak memory is
+  ipix      default + IPixMatch's L_IPix (alpha 1, the config's ipix_* settings)
+  prevmatch default + PrevMatch's previous guidance, with the bank full (prev_snapshots snapshots,
+            the config's storage) and the step's random draw of 1..prev_ensemble of them
+`--recipes original,default` times a subset. Steps of the recipes alternate after warm-up, so
+machine noise hits all alike. Peak memory is
 measured in a fresh child process per recipe (max RSS on CPU, max allocated on CUDA). The data
 pipeline (unlabeled samples with their strong views, from generated images) is timed alone.
 The last line is `speedup: N.NNx` (original time / default time).
@@ -33,12 +37,14 @@ from torch.nn.parallel import DistributedDataParallel
 from model import build_model
 from util.config import Config, load_config
 from util.ema import EMATeacher
+from util.ipix import IPixOptions
 from util.losses import build_criterion
 from util.precision import Precision
+from util.prevmatch import Guidance, SnapshotBank
 from util.steps import METHOD_OPTIONS, SemiOptions, weak_to_strong_step
 from util.trainer import build_optimizer
 
-RECIPES = ('original', 'default')
+RECIPES = ('original', 'default', 'ipix', 'prevmatch')
 
 
 @dataclass
@@ -83,7 +89,7 @@ class Trainer:
             self.student.lock_backbone()
         for block in self.student.backbone.blocks:
             block.attn.fused_attn = r.fused_attention
-        if r.name == 'default':
+        if r.name != 'original':       # default and the recipes built on it
             self.student.set_grad_checkpointing(cfg.grad_checkpointing)
             if cfg.channels_last:
                 self.student.to(memory_format=torch.channels_last)
@@ -92,11 +98,12 @@ class Trainer:
         ids = [device.index] if device.type == 'cuda' else None
         self.ddp = DistributedDataParallel(self.student, device_ids=ids, broadcast_buffers=False,
                                            find_unused_parameters=r.find_unused)
-        self.forward = torch.compile(self.ddp) if (cfg.compile and r.name == 'default') else self.ddp
+        self.forward = torch.compile(self.ddp) if (cfg.compile and r.name != 'original') else self.ddp
         self.precision = Precision(r.precision, device)
         self.criterion = build_criterion(cfg.criterion.name, cfg.criterion.kwargs)
         base = METHOD_OPTIONS['unimatch_v2']
         self.opt = SemiOptions(cfg.conf_thresh, cfg.lossu_weight, base.views, base.comp_drop, fused=r.fused)
+        self.extras = method_extras(r.name, cfg, self.student, device)
         self.it = 0
 
     def step(self, batch_l: dict, batch_u: dict) -> float:
@@ -104,13 +111,28 @@ class Trainer:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with self.precision.autocast():
-            out = weak_to_strong_step(self.forward, self.teacher, batch_l, batch_u, self.criterion, self.opt)
+            out = weak_to_strong_step(self.forward, self.teacher, batch_l, batch_u, self.criterion, self.opt,
+                                      **self.extras)
         self.precision.backward_step(out['loss'], self.optimizer)
         (self.teacher.update if self.r.foreach_ema else self.teacher.update_loop)(self.student, self.it)
         self.it += 1
         if self.device.type == 'cuda':
             torch.cuda.synchronize()
         return time.perf_counter() - t0
+
+
+def method_extras(name: str, cfg: Config, student: torch.nn.Module, device: torch.device) -> dict:
+    """The step's optional terms for the `ipix` and `prevmatch` recipes ({} for the others)."""
+    if name == 'ipix':
+        return {'ipix': IPixOptions(1.0, cfg.ipix_thresh, cfg.ipix_temperature, cfg.ipix_loss,
+                                    cfg.ipix_resolution)}
+    if name == 'prevmatch':
+        bank = SnapshotBank(student, cfg.prev_snapshots, cfg.prev_ensemble, cfg.prev_storage, device,
+                            seed=cfg.seed)
+        for _ in range(cfg.prev_snapshots):
+            bank.add(student)
+        return {'prev': Guidance(bank.sample_ensemble, 1.0, cfg.prev_thresh, cfg.prev_loss)}
+    return {}
 
 
 def init_single_process_group() -> None:
@@ -153,10 +175,10 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def peak_memory(cfg: Config, steps: int) -> dict[str, float]:
+def peak_memory(cfg: Config, steps: int, recipes: tuple[str, ...] = RECIPES) -> dict[str, float]:
     ctx = mp.get_context('spawn')
     queue, peaks = ctx.Queue(), {}
-    for name in RECIPES:
+    for name in recipes:
         p = ctx.Process(target=peak_memory_child, args=(name, cfg, steps, queue))
         p.start()
         got, mib = queue.get()
@@ -186,8 +208,12 @@ def main() -> None:
     p.add_argument('--steps', type=int, default=10, help='timed steps per recipe')
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--memory-steps', type=int, default=3)
+    p.add_argument('--recipes', default=','.join(RECIPES), help=f'comma-separated subset of {RECIPES}')
     p.add_argument('overrides', nargs='*')
     args = p.parse_args()
+    recipes = tuple(r.strip() for r in args.recipes.split(',') if r.strip())
+    if not recipes or set(recipes) - set(RECIPES):
+        p.error(f'--recipes: choose from {RECIPES}, got {args.recipes!r}')
     cfg = load_config(args.config, ['pretrained=null'] + args.overrides)
     device = device_for_run()
     init_single_process_group()
@@ -195,27 +221,29 @@ def main() -> None:
           f'{cfg.nclass} classes, {device.type} ({torch.get_num_threads()} threads), default precision '
           f'{cfg.precision}', flush=True)
 
-    trainers = {name: Trainer(recipe(name, cfg), cfg, device) for name in RECIPES}
+    trainers = {name: Trainer(recipe(name, cfg), cfg, device) for name in recipes}
     batches = [make_batch(cfg, device, seed) for seed in range(2)]
     for i in range(args.warmup):
         for t in trainers.values():
             t.step(*batches[i % 2])
-    times = {name: [] for name in RECIPES}
+    times = {name: [] for name in recipes}
     for i in range(args.steps):
         for name, t in trainers.items():
             times[name].append(t.step(*batches[i % 2]))
     del trainers
 
-    peaks = peak_memory(cfg, args.memory_steps)
+    peaks = peak_memory(cfg, args.memory_steps, recipes)
     mem_unit = 'max allocated' if device.type == 'cuda' else 'max RSS'
     images = 2 * cfg.batch_size
-    print(f'{"recipe":<10}{"s/step":>10}{"img/s":>10}{"peak MiB (" + mem_unit + ")":>26}')
-    for name in RECIPES:
-        sec = statistics.median(times[name])
-        print(f'{name:<10}{sec:>10.3f}{images / sec:>10.2f}{peaks[name]:>26.0f}')
+    median = {name: statistics.median(t) for name, t in times.items()}
+    print(f'{"recipe":<10}{"s/step":>10}{"img/s":>10}{"peak MiB (" + mem_unit + ")":>26}{"x default":>11}')
+    for name in recipes:
+        rel = f'{median[name] / median["default"]:>11.2f}' if 'default' in median else ''
+        print(f'{name:<10}{median[name]:>10.3f}{images / median[name]:>10.2f}{peaks[name]:>26.0f}{rel}')
     print(f'data pipeline: {data_pipeline_rate(cfg):.1f} unlabeled samples/s per worker '
           f'(crop {cfg.crop_size}, {os.cpu_count()} CPUs)')
-    print(f'speedup: {statistics.median(times["original"]) / statistics.median(times["default"]):.2f}x')
+    if {'original', 'default'} <= set(median):
+        print(f'speedup: {median["original"] / median["default"]:.2f}x')
     tdist.destroy_process_group()
 
 

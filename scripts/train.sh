@@ -6,7 +6,8 @@
 #   sh scripts/train.sh pascal 92                      # UniMatch V2, DINOv2-S, 4 GPUs as the paper
 #   sh scripts/train.sh cityscapes 1_16 fixmatch 8 29501 backbone=dinov2_base
 #
-# method: unimatch_v2 (default) | fixmatch | unimatch_v1 | supervised
+# method: unimatch_v2 (default) | fixmatch | unimatch_v1 | prevmatch | ipixmatch | supervised
+#   (PrevMatch's / IPixMatch's loss also goes on any semi method: prev_weight=1 / ipix_weight=1)
 # gpus: processes on this node (default: every visible GPU, or 1 without GPUs; more than 1 without
 #   GPUs runs that many CPU processes with gloo). The learning rate follows the global batch
 #   (lr x gpus / 4, the paper's 4 GPUs); pass scale_lr=false to keep the config's lr.
@@ -14,7 +15,7 @@
 #   EXP_DIR=dir puts it under dir instead of exp.
 set -e
 if [ $# -lt 2 ]; then
-    sed -n '2,14p' "$0"; exit 2
+    sed -n '2,15p' "$0"; exit 2
 fi
 dataset=$1; split=$2; shift 2
 method=unimatch_v2; gpus=; port=

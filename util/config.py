@@ -18,7 +18,16 @@ from typing import Any
 
 import yaml
 
-METHODS = ('unimatch_v2', 'fixmatch', 'unimatch_v1', 'supervised')
+METHODS = ('unimatch_v2', 'fixmatch', 'unimatch_v1', 'supervised', 'prevmatch', 'ipixmatch')
+# Methods that are UniMatch V2 plus one loss: the key that turns it on, and its value when left null.
+# (Either loss can also be added to another semi-supervised method by setting its key.)
+METHOD_LOSSES = {'prevmatch': ('prev_weight', 1.0), 'ipixmatch': ('ipix_weight', 1.0)}
+IPIX_LOSSES = ('kl', 'cr')
+IPIX_RESOLUTIONS = ('native', 'crop', 'patch')
+PREV_TRIGGERS = ('best', 'every')
+PREV_SOURCES = ('ema', 'student')
+PREV_STORAGES = ('bf16', 'device', 'cpu')
+PREV_LOSSES = ('pixelwise', 'pixelavg', 'pixelavg_literal')
 EVAL_MODES = ('original', 'center_crop', 'sliding_window')
 PRECISIONS = ('fp32', 'bf16', 'fp16')
 CRITERIA = ('CELoss', 'OHEM')
@@ -88,6 +97,24 @@ class Config:
     toy_seed: int = 0                    # toy dataset: generator seed and size (train, val images)
     toy_train: int = 1600
     toy_val: int = 200
+    # ---- IPixMatch (util/ipix.py; docs/prevmatch_ipixmatch.md) -----------------------------------
+    ipix_weight: float | None = None     # alpha; null = 1 for method ipixmatch, 0 (off) otherwise
+    ipix_thresh: float = 0.8             # tau: teacher confidence defining the pixel set Omega
+    ipix_temperature: float = 4.0        # t of the per-class spatial softmax
+    ipix_loss: str = 'kl'                # 'kl' (KL(teacher || student)) or 'cr' (1 - Pearson)
+    ipix_resolution: str = 'native'      # 'native' (DPT logit grid), 'crop' or 'patch'
+    ipix_warmup_epochs: float = 0.0      # Gaussian ramp of alpha over this many epochs (0: none)
+    # ---- PrevMatch (util/prevmatch.py; docs/prevmatch_ipixmatch.md) ------------------------------
+    prev_weight: float | None = None     # peak of lambda(e); null = 1 for method prevmatch, 0 (off) otherwise
+    prev_thresh: float = 0.9             # confidence of the ensemble's pseudo-labels
+    prev_snapshots: int = 8              # L_max: snapshots kept (FIFO); the paper: 5 for COCO/ADE20K
+    prev_ensemble: int = 3               # K: at most this many snapshots ensembled per step
+    prev_trigger: str = 'best'           # 'best' val mIoU of the snapshotted model, or 'every' N epochs
+    prev_every: int = 0                  # N for 'every' (0 = epochs // prev_snapshots)
+    prev_start_epoch: int = 0            # no snapshot before this epoch (the paper's base_only_epoch)
+    prev_source: str = 'ema'             # snapshot the EMA teacher or the student
+    prev_storage: str = 'bf16'           # snapshots in bf16 on the device, fp32 on the 'device', or 'cpu'
+    prev_loss: str = 'pixelwise'         # or 'pixelavg' / 'pixelavg_literal' (the paper's Cityscapes mode)
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -161,8 +188,37 @@ def _check(cfg: Config, source: str) -> None:
     need(cfg.batch_size >= 1, 'batch_size', f'must be >= 1, got {cfg.batch_size}')
     need(cfg.grad_accum >= 1, 'grad_accum', f'must be >= 1, got {cfg.grad_accum}')
     need(0.0 <= cfg.conf_thresh <= 1.0, 'conf_thresh', f'must be in [0, 1], got {cfg.conf_thresh}')
+    for key, choices in (('ipix_loss', IPIX_LOSSES), ('ipix_resolution', IPIX_RESOLUTIONS),
+                         ('prev_trigger', PREV_TRIGGERS), ('prev_source', PREV_SOURCES),
+                         ('prev_storage', PREV_STORAGES), ('prev_loss', PREV_LOSSES)):
+        need(getattr(cfg, key) in choices, key, f'must be one of {choices}, got {getattr(cfg, key)!r}')
+    for key in ('ipix_weight', 'prev_weight'):
+        value = getattr(cfg, key)
+        need(value is None or value >= 0, key, f'must be >= 0 or null, got {value}')
+        need(cfg.method != 'supervised' or not value, key, 'needs a semi-supervised method, not supervised')
+    if cfg.method in METHOD_LOSSES:
+        key = METHOD_LOSSES[cfg.method][0]
+        need(getattr(cfg, key) != 0, key, f'must not be 0 for method {cfg.method} (that is unimatch_v2)')
+    need(0.0 <= cfg.ipix_thresh < 1.0, 'ipix_thresh', f'must be in [0, 1), got {cfg.ipix_thresh}')
+    need(cfg.ipix_temperature > 0, 'ipix_temperature', f'must be > 0, got {cfg.ipix_temperature}')
+    need(cfg.ipix_warmup_epochs >= 0, 'ipix_warmup_epochs', f'must be >= 0, got {cfg.ipix_warmup_epochs}')
+    need(0.0 <= cfg.prev_thresh <= 1.0, 'prev_thresh', f'must be in [0, 1], got {cfg.prev_thresh}')
+    for key in ('prev_snapshots', 'prev_ensemble'):
+        need(getattr(cfg, key) >= 1, key, f'must be >= 1, got {getattr(cfg, key)}')
+    for key in ('prev_every', 'prev_start_epoch'):
+        need(getattr(cfg, key) >= 0, key, f'must be >= 0, got {getattr(cfg, key)}')
     need(cfg.class_names is None or len(cfg.class_names) == cfg.nclass, 'class_names',
          f'has {len(cfg.class_names or [])} names but nclass is {cfg.nclass}')
+
+
+def loss_weight(cfg: Config, key: str) -> float:
+    """'ipix_weight' or 'prev_weight' as used: the config's value, else the method's default
+    (1 for the method named after the loss, 0 = off for the others)."""
+    value = getattr(cfg, key)
+    if value is not None:
+        return value
+    default = METHOD_LOSSES.get(cfg.method)
+    return default[1] if default and default[0] == key else 0.0
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

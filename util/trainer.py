@@ -36,6 +36,7 @@ from util.config import Config, ConfigError, load_config, save_config, to_dict
 from util.ema import EMATeacher
 from util.logger import Meter, get_logger
 from util.precision import Precision
+from util.prevmatch import SnapshotBank
 
 
 # ---- arguments and run directory -------------------------------------------------------------------
@@ -256,6 +257,7 @@ class Training:
     state: TrainState
     tb: object
     last_nonfinite: dict | None = None
+    prev_bank: SnapshotBank | None = None    # PrevMatch's snapshots (in the checkpoint when set)
 
 
 def checkpoint_dict(tr: Training) -> dict:
@@ -275,6 +277,7 @@ def checkpoint_dict(tr: Training) -> dict:
         'best_epoch_ema': s.best_epoch_ema,
         'history': s.history,
         'config': to_dict(cfg),
+        **({'prev_bank': tr.prev_bank.state_dict()} if tr.prev_bank is not None else {}),
     }
 
 
@@ -302,6 +305,8 @@ def resume(tr: Training) -> None:
         tr.teacher.load_state_dict(ckpt['model_ema'])
     tr.optimizer.load_state_dict(ckpt['optimizer'])
     tr.precision.load_state_dict(ckpt.get('scaler', {}))
+    if tr.prev_bank is not None and 'prev_bank' in ckpt:
+        tr.prev_bank.load_state_dict(ckpt['prev_bank'])
     tr.state = TrainState(ckpt['epoch'], ckpt.get('iteration', 0), ckpt.get('global_step', 0),
                           ckpt.get('skipped_steps', 0), ckpt['previous_best'],
                           ckpt.get('previous_best_ema', 0.0), ckpt.get('best_epoch', -1),
@@ -511,8 +516,19 @@ def end_of_epoch(tr: Training, epoch: int, valset, train_stats: dict) -> None:
     run.log.info(f'epoch {epoch}: mIoU {res["miou"]:.2f} (best {state.best_miou:.2f}){ema_txt}, '
                  f'eval {time.time() - t0:.1f}s')
     tr.tb.scalars({'miou': res['miou'], **({'miou_ema': res_ema['miou']} if res_ema else {})}, epoch, 'val/')
+    if tr.prev_bank is not None:     # before the checkpoint, so that a resumed run holds the snapshot
+        take_snapshot(tr, epoch, res, res_ema)
     save_checkpoint(tr, best=improved)
     save_results(tr)
+
+
+def take_snapshot(tr: Training, epoch: int, res: dict, res_ema: dict | None) -> None:
+    """PrevMatch's snapshot rule for the configured source (EMA teacher or student) and its mIoU."""
+    ema = tr.run.cfg.prev_source == 'ema' and tr.teacher is not None
+    model, result = (tr.teacher.model, res_ema) if ema else (tr.student, res)
+    if tr.prev_bank.end_of_epoch(epoch, model, result['miou']):
+        tr.run.log.info(f'PrevMatch: snapshot of the {"EMA teacher" if ema else "student"} after epoch '
+                        f'{epoch} ({len(tr.prev_bank)}/{tr.prev_bank.cap} held)')
 
 
 class StepLog:
