@@ -13,6 +13,9 @@ Recipes, on the same generated batches:
   ipix      default + IPixMatch's L_IPix (alpha 1, the config's ipix_* settings)
   prevmatch default + PrevMatch's previous guidance, with the bank full (prev_snapshots snapshots,
             the config's storage) and the step's random draw of 1..prev_ensemble of them
+  u2pl      default on U2PL's model (rep head) + its contrastive loss, with full queues' sampling
+            (the config's u2pl_* settings; lambda_c 1, queues filled by the timed steps)
+  allspark  default on AllSpark's model (bottleneck on the deepest tap), memory in use
 `--recipes original,default` times a subset. Steps of the recipes alternate after warm-up, so
 machine noise hits all alike. Peak memory is
 measured in a fresh child process per recipe (max RSS on CPU, max allocated on CUDA). The data
@@ -35,16 +38,17 @@ import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 
 from model import build_model
-from util.config import Config, load_config
+from util.config import Config, load_config, model_options
 from util.ema import EMATeacher
 from util.ipix import IPixOptions
 from util.losses import build_criterion
 from util.precision import Precision
 from util.prevmatch import Guidance, SnapshotBank
-from util.steps import METHOD_OPTIONS, SemiOptions, weak_to_strong_step
+from util.steps import METHOD_OPTIONS, AllSparkStep, SemiOptions, weak_to_strong_step
+from util.u2pl import U2PLMemory, U2PLOptions, u2pl_step
 from util.trainer import build_optimizer
 
-RECIPES = ('original', 'default', 'ipix', 'prevmatch')
+RECIPES = ('original', 'default', 'ipix', 'prevmatch', 'u2pl', 'allspark')
 
 
 @dataclass
@@ -84,7 +88,8 @@ class Trainer:
     def __init__(self, r: Recipe, cfg: Config, device: torch.device):
         torch.manual_seed(cfg.seed)
         self.r, self.cfg, self.device = r, cfg, device
-        self.student = build_model(cfg.backbone, cfg.nclass).to(device)
+        options = model_options(Config(**{**vars(cfg), 'method': r.name})) if r.name in ('u2pl', 'allspark') else {}
+        self.student = build_model(cfg.backbone, cfg.nclass, **options).to(device)
         if cfg.lock_backbone:
             self.student.lock_backbone()
         for block in self.student.backbone.blocks:
@@ -111,8 +116,8 @@ class Trainer:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with self.precision.autocast():
-            out = weak_to_strong_step(self.forward, self.teacher, batch_l, batch_u, self.criterion, self.opt,
-                                      **self.extras)
+            step = u2pl_step if self.r.name == 'u2pl' else weak_to_strong_step
+            out = step(self.forward, self.teacher, batch_l, batch_u, self.criterion, self.opt, **self.extras)
         self.precision.backward_step(out['loss'], self.optimizer)
         (self.teacher.update if self.r.foreach_ema else self.teacher.update_loop)(self.student, self.it)
         self.it += 1
@@ -132,6 +137,14 @@ def method_extras(name: str, cfg: Config, student: torch.nn.Module, device: torc
         for _ in range(cfg.prev_snapshots):
             bank.add(student)
         return {'prev': Guidance(bank.sample_ensemble, 1.0, cfg.prev_thresh, cfg.prev_loss)}
+    if name == 'u2pl':
+        memory = U2PLMemory(cfg.nclass, cfg.u2pl_rep_dim, cfg.u2pl_queue_size, cfg.u2pl_queue_size_bg,
+                            cfg.u2pl_proto_momentum)
+        return {'u2pl': U2PLOptions(memory, 1.0, cfg.u2pl_alpha0, cfg.u2pl_low_rank, cfg.u2pl_high_rank,
+                                    cfg.u2pl_anchors, cfg.u2pl_negatives, cfg.u2pl_temperature,
+                                    cfg.u2pl_anchor_thresh, cfg.u2pl_unsup, (cfg.u2pl_sce_ce, cfg.u2pl_sce_rce))}
+    if name == 'allspark':
+        return {'allspark': AllSparkStep(use_memory=True)}
     return {}
 
 

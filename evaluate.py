@@ -27,12 +27,12 @@ from pathlib import Path
 from dataset.checks import check_inputs, raise_on_errors
 from dataset.registry import class_names, default_eval_mode, get_palette
 from dataset.semi import SemiDataset
-from model import build_model
+
 from util.checkpoint import write_text_atomic
 from util.config import EVAL_MODES, load_config
 from util.dist import cleanup, is_main, setup
 from util.trainer import guarded
-from util.evaluation import evaluate, format_iou_table, load_eval_weights, parse_scales
+from util.evaluation import build_eval_model, evaluate, format_iou_table, parse_scales
 
 SPLITS_ROOT = Path(__file__).resolve().parent / 'splits'
 
@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f'checked every file of {split}: no errors')
         return {}
 
-    model = build_model(cfg.backbone, cfg.nclass)
-    which = load_eval_weights(model, args.checkpoint, args.weights, cfg.backbone, cfg.nclass,
-                              args.config)
+    model, which = build_eval_model(args.checkpoint, args.weights, cfg, args.config)
     model.to(device).eval()
     valset = SemiDataset(cfg.data_root, split, 'val', cfg.crop_size, nclass=cfg.nclass)
     names = class_names(cfg.dataset, cfg.nclass, cfg.class_names)

@@ -1,9 +1,10 @@
-"""Semi-supervised training on DINOv2 + DPT: UniMatch V2, FixMatch, UniMatch V1, PrevMatch, IPixMatch.
+"""Semi-supervised training on DINOv2 + DPT: UniMatch V2, FixMatch, UniMatch V1, PrevMatch, IPixMatch,
+U2PL, AllSpark.
 
     python unimatch_v2.py --config configs/toy.yaml --split 1_16
     torchrun --nproc_per_node 4 unimatch_v2.py --config configs/pascal.yaml --split 92 method=fixmatch
     sh scripts/train.sh pascal 92            # the same, with the paper's launch
-    sh scripts/train.sh pascal 92 prevmatch  # or ipixmatch; the losses also go on any method:
+    sh scripts/train.sh pascal 92 prevmatch  # or ipixmatch, u2pl, allspark; the first two losses also go on any method:
     python unimatch_v2.py --config configs/toy.yaml --split 1_16 method=fixmatch ipix_weight=0.5
 
 Writes latest.pth / best.pth / results.json / train.log / tb/ to --save-path
@@ -23,7 +24,8 @@ from util.logger import TensorBoard
 from util.losses import build_criterion
 from util.precision import Precision
 from util.prevmatch import Guidance, SnapshotBank, guidance_weight
-from util.steps import METHOD_OPTIONS, SemiOptions, unimatch_v1_step, weak_to_strong_step
+from util.steps import METHOD_OPTIONS, AllSparkStep, SemiOptions, unimatch_v1_step, weak_to_strong_step
+from util.u2pl import U2PLMemory, U2PLOptions, u2pl_step, unreliable_share
 
 def semi_options(cfg) -> SemiOptions:
     base = METHOD_OPTIONS[cfg.method]
@@ -70,12 +72,43 @@ def step_extras(tr: trainer.Training, iters_per_epoch: int) -> Callable[[], dict
         return out
     return extras
 
+def method_states(cfg, student) -> dict:
+    """The state U2PL (queues, prototypes) or AllSpark (semantic memory) carries between steps;
+    it goes into the checkpoint under these names."""
+    if cfg.method == 'u2pl':
+        return {'u2pl_memory': U2PLMemory(cfg.nclass, cfg.u2pl_rep_dim, cfg.u2pl_queue_size,
+                                          cfg.u2pl_queue_size_bg, cfg.u2pl_proto_momentum)}
+    if cfg.method == 'allspark':
+        return {'allspark_memory': student.allspark.memory}
+    return {}
+
+def method_extras(tr: trainer.Training) -> Callable[[], dict]:
+    """U2PL's / AllSpark's options for the coming step (epoch-dependent warm-ups and alpha_t)."""
+    cfg = tr.run.cfg
+
+    def extras() -> dict:
+        epoch = tr.state.epoch + 1
+        if cfg.method == 'u2pl':
+            return {'u2pl': U2PLOptions(
+                tr.method_states['u2pl_memory'], cfg.u2pl_weight if epoch >= cfg.u2pl_warmup_epochs else 0.0,
+                unreliable_share(epoch, cfg.epochs, cfg.u2pl_alpha0), cfg.u2pl_low_rank, cfg.u2pl_high_rank,
+                cfg.u2pl_anchors, cfg.u2pl_negatives, cfg.u2pl_temperature, cfg.u2pl_anchor_thresh,
+                cfg.u2pl_unsup, (cfg.u2pl_sce_ce, cfg.u2pl_sce_rce))}
+        if cfg.method == 'allspark':
+            return {'allspark': AllSparkStep(use_memory=epoch >= cfg.allspark_warmup_epochs)}
+        return {}
+    return extras
+
 def make_step(tr: trainer.Training, opt: SemiOptions, extras: Callable[[], dict] = dict):
     criterion = build_criterion(tr.run.cfg.criterion.name, tr.run.cfg.criterion.kwargs)
+    method = method_extras(tr)
+    if tr.run.cfg.method == 'u2pl':
+        return lambda batch_u, batch_l: u2pl_step(tr.ddp, tr.teacher, batch_l, batch_u, criterion, opt,
+                                                  **method())
     if tr.run.cfg.method == 'unimatch_v1':
         return lambda batch_u, batch_l: unimatch_v1_step(tr.ddp, batch_l, batch_u, criterion, opt, **extras())
     return lambda batch_u, batch_l: weak_to_strong_step(tr.ddp, tr.teacher, batch_l, batch_u, criterion, opt,
-                                                        **extras())
+                                                        **extras(), **method())
 
 @trainer.guarded
 def main(argv: list[str] | None = None) -> None:
@@ -93,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     tr = trainer.Training(run, student, trainer.wrap_ddp(student, run.device, cfg.compile), teacher,
                           trainer.build_optimizer(student, cfg), Precision(cfg.precision, run.device),
                           trainer.TrainState(), TensorBoard(run.run_dir),
-                          prev_bank=build_snapshot_bank(cfg, student, run.device))
+                          prev_bank=build_snapshot_bank(cfg, student, run.device),
+                          method_states=method_states(cfg, student))
     trainer.resume(tr)
     iters = trainer.epoch_iterations(loaders[0], cfg)
     step = make_step(tr, opt, step_extras(tr, iters))

@@ -144,9 +144,18 @@ class DPTSegmentor(nn.Module):
         """
         grid = (x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE)
         out_size = (grid[0] * PATCH_SIZE, grid[1] * PATCH_SIZE)
-        features = self.encode(x)
-        b, c = features[0].shape[0], features[0].shape[-1]
+        features = self.perturb(self.encode(x), comp_drop, n_clean, need_fp)
+        logits = upsample(self.head(features, grid), out_size)
+        if need_fp:
+            return logits.chunk(2)
+        return logits
 
+    @staticmethod
+    def perturb(features: list[torch.Tensor], comp_drop: bool, n_clean: int, need_fp: bool
+                ) -> list[torch.Tensor]:
+        """The encoder taps (B, N, C) after complementary dropout of the strong images (comp_drop)
+        and with the channel-dropped copy appended (need_fp); see `forward`."""
+        b, c = features[0].shape[0], features[0].shape[-1]
         if comp_drop:
             pairs = (b - n_clean) // 2
             assert pairs * 2 == b - n_clean, 'comp_drop needs an even number of strong images'
@@ -156,14 +165,25 @@ class DPTSegmentor(nn.Module):
         if need_fp:
             masks = channel_dropout_masks(b, c, features[0])
             features = [torch.cat((f, f * masks[:, None, :])) for f in features]
-
-        logits = upsample(self.head(features, grid), out_size)
-        if need_fp:
-            return logits.chunk(2)
-        return logits
+        return features
 
 
-def build_model(backbone: str, nclass: int, drop_path: float = 0.0) -> DPTSegmentor:
-    """`build_model('dinov2_small', 21)`: random init; load weights with `model.loading`."""
+def build_model(backbone: str, nclass: int, drop_path: float = 0.0, rep_dim: int = 0,
+                allspark: dict | None = None) -> DPTSegmentor:
+    """`build_model('dinov2_small', 21)`: random init; load weights with `model.loading`.
+
+    rep_dim > 0: U2PL's model, with a representation head `rep_head.*` (model/u2pl.py).
+    allspark: AllSpark's model, with the bottleneck `allspark.*` on the deepest tap; the dict holds
+    `AllSparkBottleneck`'s keyword arguments (model/allspark.py). Without either: the plain model,
+    whose state dict is that of the original release.
+    """
     _, spec = preset(backbone)
+    if rep_dim and allspark is not None:
+        raise ValueError('rep_dim (U2PL) and allspark are separate methods; give one of them')
+    if rep_dim:
+        from model.u2pl import U2PLSegmentor
+        return U2PLSegmentor(spec, nclass, drop_path, rep_dim)
+    if allspark is not None:
+        from model.allspark import AllSparkSegmentor
+        return AllSparkSegmentor(spec, nclass, drop_path, **allspark)
     return DPTSegmentor(spec, nclass, drop_path)

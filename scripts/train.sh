@@ -6,7 +6,7 @@
 #   sh scripts/train.sh pascal 92                      # UniMatch V2, DINOv2-S, 4 GPUs as the paper
 #   sh scripts/train.sh cityscapes 1_16 fixmatch 8 29501 backbone=dinov2_base
 #
-# method: unimatch_v2 (default) | fixmatch | unimatch_v1 | prevmatch | ipixmatch | supervised
+# method: unimatch_v2 (default) | fixmatch | unimatch_v1 | prevmatch | ipixmatch | u2pl | allspark | supervised
 #   (PrevMatch's / IPixMatch's loss also goes on any semi method: prev_weight=1 / ipix_weight=1)
 # gpus: processes on this node (default: every visible GPU, or 1 without GPUs; more than 1 without
 #   GPUs runs that many CPU processes with gloo). The learning rate follows the global batch

@@ -534,3 +534,16 @@ def test_grad_checkpointing_gives_the_same_loss_and_grads():
     assert grads_a.keys() == grads_b.keys()
     for n in grads_a:
         torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f'{n}: {m}')
+
+
+def test_safetensors_export_round_trips(tmp_path):
+    """tools/export_weights.py writes EMA weights as safetensors; they load into an equal model."""
+    from tools.export_weights import export
+    student, ema = build_model('dinov2_tiny', 4), build_model('dinov2_tiny', 4)
+    torch.save({'model': {'module.' + k: v for k, v in student.state_dict().items()},
+                'model_ema': {'module.' + k: v for k, v in ema.state_dict().items()}}, tmp_path / 'ckpt.pth')
+    assert export(tmp_path / 'ckpt.pth', tmp_path / 'w.safetensors') == 'ema'
+    loaded = build_model('dinov2_tiny', 4)
+    load_weights(loaded, tmp_path / 'w.safetensors')
+    for k, v in ema.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k

@@ -46,7 +46,8 @@ TITLES = {
 COMPARISON_METHODS = {'table05': ('unimatch_v2',)}
 
 DATASET_ORDER = ('pascal', 'cityscapes', 'ade20k', 'coco')
-METHOD_ORDER = ('supervised', 'fixmatch', 'unimatch_v1', 'unimatch_v2', 'prevmatch', 'ipixmatch')
+METHOD_ORDER = ('supervised', 'fixmatch', 'unimatch_v1', 'unimatch_v2', 'prevmatch', 'ipixmatch', 'u2pl',
+                'allspark')
 ENCODER_ORDER = ('dinov2_tiny', 'dinov2_small', 'dinov2_base', 'dinov2_large', 'dinov2_giant')
 
 # Marks, explained under every table.

@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-METHODS = ('unimatch_v2', 'fixmatch', 'unimatch_v1', 'supervised', 'prevmatch', 'ipixmatch')
+METHODS = ('unimatch_v2', 'fixmatch', 'unimatch_v1', 'supervised', 'prevmatch', 'ipixmatch', 'u2pl', 'allspark')
+U2PL_UNSUP = ('conf', 'entropy', 'sce')
 # Methods that are UniMatch V2 plus one loss: the key that turns it on, and its value when left null.
 # (Either loss can also be added to another semi-supervised method by setting its key.)
 METHOD_LOSSES = {'prevmatch': ('prev_weight', 1.0), 'ipixmatch': ('ipix_weight', 1.0)}
@@ -115,6 +116,28 @@ class Config:
     prev_source: str = 'ema'             # snapshot the EMA teacher or the student
     prev_storage: str = 'bf16'           # snapshots in bf16 on the device, fp32 on the 'device', or 'cpu'
     prev_loss: str = 'pixelwise'         # or 'pixelavg' / 'pixelavg_literal' (the paper's Cityscapes mode)
+    # ---- U2PL / U2PL+ (method u2pl; util/u2pl.py, model/u2pl.py; docs/u2pl_allspark.md) ----------
+    u2pl_weight: float = 1.0             # lambda_c of the contrastive loss (the paper's/code's default)
+    u2pl_warmup_epochs: int = 1          # lambda_c = 0 before this epoch (queues fill; U2PL's sup_only_epoch)
+    u2pl_unsup: str = 'conf'             # L_u: 'conf' (UniMatch V2), 'entropy' (U2PL), 'sce' (U2PL+)
+    u2pl_sce_ce: float = 1.0             # xi1, xi2 of U2PL+'s symmetric CE
+    u2pl_sce_rce: float = 0.1
+    u2pl_alpha0: float = 0.2             # initial unreliable share (drop_percent 80)
+    u2pl_low_rank: int = 3               # r_l
+    u2pl_high_rank: int = 20             # r_h
+    u2pl_anchors: int = 256              # M anchors per class
+    u2pl_negatives: int = 50             # N negatives per anchor
+    u2pl_temperature: float = 0.5
+    u2pl_anchor_thresh: float = 0.3      # delta_p
+    u2pl_rep_dim: int = 256
+    u2pl_queue_size: int = 30000         # negative keys per class; class 0 gets u2pl_queue_size_bg
+    u2pl_queue_size_bg: int = 50000
+    u2pl_proto_momentum: float = 0.0     # U2PL+ momentum prototypes (0.999); 0 = batch mean (U2PL)
+    # ---- AllSpark (method allspark; model/allspark.py; docs/u2pl_allspark.md) ---------------------
+    allspark_warmup_epochs: int = 4      # labeled keys from the batch before, from the memory after
+    allspark_dim: int = 0                # channels D inside the bottleneck (0 = encoder width)
+    allspark_heads: int = 2
+    allspark_dropout: float = 0.1
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -207,6 +230,21 @@ def _check(cfg: Config, source: str) -> None:
         need(getattr(cfg, key) >= 1, key, f'must be >= 1, got {getattr(cfg, key)}')
     for key in ('prev_every', 'prev_start_epoch'):
         need(getattr(cfg, key) >= 0, key, f'must be >= 0, got {getattr(cfg, key)}')
+    for key in ('ipix_weight', 'prev_weight'):
+        need(cfg.method != 'u2pl' or not getattr(cfg, key), key, 'cannot be combined with method u2pl')
+    need(cfg.u2pl_unsup in U2PL_UNSUP, 'u2pl_unsup', f'must be one of {U2PL_UNSUP}, got {cfg.u2pl_unsup!r}')
+    need(0.0 <= cfg.u2pl_alpha0 < 1.0, 'u2pl_alpha0', f'must be in [0, 1), got {cfg.u2pl_alpha0}')
+    need(0 <= cfg.u2pl_low_rank < cfg.u2pl_high_rank, 'u2pl_low_rank',
+         f'must be >= 0 and below u2pl_high_rank, got {cfg.u2pl_low_rank}')
+    for key in ('u2pl_anchors', 'u2pl_negatives', 'u2pl_rep_dim', 'u2pl_queue_size', 'u2pl_queue_size_bg',
+                'allspark_heads'):
+        need(getattr(cfg, key) >= 1, key, f'must be >= 1, got {getattr(cfg, key)}')
+    for key in ('u2pl_weight', 'u2pl_warmup_epochs', 'allspark_warmup_epochs', 'allspark_dim'):
+        need(getattr(cfg, key) >= 0, key, f'must be >= 0, got {getattr(cfg, key)}')
+    need(cfg.u2pl_temperature > 0, 'u2pl_temperature', f'must be > 0, got {cfg.u2pl_temperature}')
+    need(0.0 <= cfg.u2pl_proto_momentum < 1.0, 'u2pl_proto_momentum',
+         f'must be in [0, 1), got {cfg.u2pl_proto_momentum}')
+    need(0.0 <= cfg.allspark_dropout < 1.0, 'allspark_dropout', f'must be in [0, 1), got {cfg.allspark_dropout}')
     need(cfg.class_names is None or len(cfg.class_names) == cfg.nclass, 'class_names',
          f'has {len(cfg.class_names or [])} names but nclass is {cfg.nclass}')
 
@@ -219,6 +257,20 @@ def loss_weight(cfg: Config, key: str) -> float:
         return value
     default = METHOD_LOSSES.get(cfg.method)
     return default[1] if default and default[0] == key else 0.0
+
+
+def model_options(cfg: Config | dict) -> dict:
+    """`build_model` keyword arguments of a method's model: U2PL's representation head, AllSpark's
+    bottleneck, nothing for the others. Takes a Config or a checkpoint's saved config dict."""
+    get = (lambda k: cfg.get(k, getattr(Config, k, None))) if isinstance(cfg, dict) else \
+        (lambda k: getattr(cfg, k))
+    method = get('method')
+    if method == 'u2pl':
+        return {'rep_dim': get('u2pl_rep_dim')}
+    if method == 'allspark':
+        return {'allspark': {'dim': get('allspark_dim'), 'heads': get('allspark_heads'),
+                             'dropout': get('allspark_dropout')}}
+    return {}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

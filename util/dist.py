@@ -77,3 +77,18 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenation along dim 0 of every process's `t` (rank order; sizes may differ between
+    processes, the other dims may not); `t` itself in one process. Differentiable nowhere."""
+    if not is_dist():
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    padded = torch.cat((t, t.new_zeros((max(sizes) - t.shape[0], *t.shape[1:]))))
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded.contiguous())
+    return torch.cat([o[:s] for o, s in zip(out, sizes)])

@@ -57,6 +57,21 @@ def load_eval_weights(model: nn.Module, path: str | Path, weights: str | None, b
     return which
 
 
+def build_eval_model(path: str | Path, weights: str | None, cfg, config_path: str | Path = 'the config'
+                     ) -> tuple[nn.Module, str]:
+    """The model of a checkpoint's method (U2PL's representation head, AllSpark's bottleneck: from
+    the checkpoint's saved config, else `cfg`'s method) with its weights; see `load_eval_weights`."""
+    from model import build_model
+    from util.config import model_options
+    ckpt = safe_load(path)
+    check_checkpoint_config(ckpt, path, cfg.backbone, cfg.nclass, config_path)
+    saved = ckpt.get('config') if isinstance(ckpt, dict) else None
+    model = build_model(cfg.backbone, cfg.nclass, **model_options(saved if isinstance(saved, dict) else cfg))
+    state, which = model_state_from(ckpt, weights)
+    load_checked(model, state, str(path))
+    return model, which
+
+
 # ---- evaluation ------------------------------------------------------------------------------
 
 def _single(batch: list) -> dict:

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from model.presets import PATCH_SIZE
 from util.ipix import IPixOptions, ipix_view_loss
 from util.losses import cutmix, masked_unlabeled_loss
 from util.prevmatch import Guidance, guidance_loss
@@ -30,6 +32,13 @@ class SemiOptions:
     views: int = 2                 # strong views per unlabeled image (FixMatch: 1)
     comp_drop: bool = True         # complementary channel dropout on the strong views' features
     fused: bool = True             # labeled and strong images in one student forward
+
+
+@dataclass
+class AllSparkStep:
+    """AllSpark in the step (model/allspark.py): the student gets its roles and the teacher's
+    probabilities for Channel Semantic Grouping; labeled keys from the memory when `use_memory`."""
+    use_memory: bool = False
 
 
 @torch.no_grad()
@@ -94,6 +103,17 @@ def add_guidance(out: dict[str, torch.Tensor], loss_prev: torch.Tensor, conf_pre
     out['prev_mask_ratio'] = ((conf_prev >= prev.thresh) & valid).sum() / valid.sum().clamp(min=1)
 
 
+@torch.no_grad()
+def allspark_inputs(logits_w: torch.Tensor, batch_u: Batch, n_labeled: int, views: int, allspark: AllSparkStep
+                    ) -> dict:
+    """The AllSpark student's keywords: roles, and the teacher's weak-view softmax CutMix-ed to each
+    strong view like the pseudo-labels, area-resized to the patch grid (B * views, K, h, w)."""
+    grid = (logits_w.shape[-2] // PATCH_SIZE, logits_w.shape[-1] // PATCH_SIZE)
+    prob = logits_w.softmax(1)
+    mixed = [F.interpolate(cutmix(prob, batch_u['boxes'][:, v]), size=grid, mode='area') for v in range(views)]
+    return {'n_labeled': n_labeled, 'group_prob': torch.cat(mixed), 'use_memory': allspark.use_memory}
+
+
 def supervised_step(student: nn.Module, batch_l: Batch, criterion: nn.Module) -> dict[str, torch.Tensor]:
     loss = criterion(student(batch_l['image']), batch_l['mask'])
     return {'loss': loss, 'loss_x': loss.detach()}
@@ -101,17 +121,19 @@ def supervised_step(student: nn.Module, batch_l: Batch, criterion: nn.Module) ->
 
 def weak_to_strong_step(student: nn.Module, teacher: Callable, batch_l: Batch, batch_u: Batch,
                         criterion: nn.Module, opt: SemiOptions, ipix: IPixOptions | None = None,
-                        prev: Guidance | None = None) -> dict[str, torch.Tensor]:
+                        prev: Guidance | None = None, allspark: AllSparkStep | None = None
+                        ) -> dict[str, torch.Tensor]:
     """UniMatch V2 (views=2, comp_drop) and FixMatch (views=1, no comp_drop).
 
     The teacher labels the weak view; each strong view and its targets are CutMix-ed with the same
     box; the student sees labeled and strong images (one forward when `fused`).
     ipix: add IPixMatch's inter-pixel relation loss; prev: add PrevMatch's previous guidance (only
-    when the bank holds snapshots and lambda > 0). None (default): the plain step.
+    when the bank holds snapshots and lambda > 0); allspark: AllSpark's roles and grouping
+    probabilities for the student. None (default): the plain step.
     """
     x, y = batch_l['image'], batch_l['mask']
     valid = batch_u['valid']
-    if ipix is None:
+    if ipix is None and allspark is None:
         conf, pseudo = pseudo_label(teacher, batch_u['image'])
     else:       # IPix needs the teacher's logits, not only its labels
         with torch.no_grad():
@@ -121,9 +143,11 @@ def weak_to_strong_step(student: nn.Module, teacher: Callable, batch_l: Batch, b
     strong, targets = mix_strong_views(batch_u, pseudo, conf, opt.views)
 
     if opt.fused:
-        logits = student(torch.cat([x, *strong]), comp_drop=opt.comp_drop, n_clean=len(x))
+        extra = {} if allspark is None else allspark_inputs(logits_w, batch_u, len(x), opt.views, allspark)
+        logits = student(torch.cat([x, *strong]), comp_drop=opt.comp_drop, n_clean=len(x), **extra)
         pred_x, *pred_s = logits.split([len(x)] + [len(s) for s in strong])
-    else:   # the original: two student forwards
+    else:
+        assert allspark is None, 'AllSpark needs the fused student forward'   # the original: two student forwards
         pred_x = student(x)
         pred_s = student(torch.cat(strong), comp_drop=opt.comp_drop).chunk(opt.views)
 
@@ -192,4 +216,6 @@ METHOD_OPTIONS = {
     'unimatch_v1': SemiOptions(views=2, comp_drop=False),
     'prevmatch': SemiOptions(views=2, comp_drop=True),     # UniMatch V2 + previous guidance
     'ipixmatch': SemiOptions(views=2, comp_drop=True),     # UniMatch V2 + L_IPix
+    'u2pl': SemiOptions(views=2, comp_drop=True),          # UniMatch V2 + U2PL's L_c (util/u2pl.py)
+    'allspark': SemiOptions(views=2, comp_drop=True),      # UniMatch V2 on the AllSpark model
 }

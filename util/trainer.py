@@ -32,7 +32,7 @@ from dataset.semi import SemiDataset, split_paths
 from model import WeightsMismatchError, build_model, load_pretrained_encoder, load_weights
 from util import dist
 from util.checkpoint import UnsafeCheckpointError, safe_load, save_atomic, write_text_atomic
-from util.config import Config, ConfigError, load_config, save_config, to_dict
+from util.config import Config, ConfigError, load_config, model_options, save_config, to_dict
 from util.ema import EMATeacher
 from util.logger import Meter, get_logger
 from util.precision import Precision
@@ -171,7 +171,7 @@ def data_paths(cfg: Config, args: argparse.Namespace) -> tuple[Path, Path, Path]
 # ---- model and optimizer ------------------------------------------------------------------------------
 
 def build_student(cfg: Config, device: torch.device, log=None) -> nn.Module:
-    model = build_model(cfg.backbone, cfg.nclass, drop_path=cfg.drop_path)
+    model = build_model(cfg.backbone, cfg.nclass, drop_path=cfg.drop_path, **model_options(cfg))
     path = cfg.pretrained
     if path == 'auto':
         path = f'pretrained/{cfg.backbone}.pth'
@@ -258,6 +258,9 @@ class Training:
     tb: object
     last_nonfinite: dict | None = None
     prev_bank: SnapshotBank | None = None    # PrevMatch's snapshots (in the checkpoint when set)
+    # Other methods' state carried between steps (U2PL's queues, AllSpark's memory): objects with
+    # state_dict / load_state_dict(state, device), saved in the checkpoint under their names.
+    method_states: dict = field(default_factory=dict)
 
 
 def checkpoint_dict(tr: Training) -> dict:
@@ -278,6 +281,7 @@ def checkpoint_dict(tr: Training) -> dict:
         'history': s.history,
         'config': to_dict(cfg),
         **({'prev_bank': tr.prev_bank.state_dict()} if tr.prev_bank is not None else {}),
+        **{name: obj.state_dict() for name, obj in tr.method_states.items()},
     }
 
 
@@ -307,6 +311,9 @@ def resume(tr: Training) -> None:
     tr.precision.load_state_dict(ckpt.get('scaler', {}))
     if tr.prev_bank is not None and 'prev_bank' in ckpt:
         tr.prev_bank.load_state_dict(ckpt['prev_bank'])
+    for name, obj in tr.method_states.items():
+        if name in ckpt:
+            obj.load_state_dict(ckpt[name], tr.run.device)
     tr.state = TrainState(ckpt['epoch'], ckpt.get('iteration', 0), ckpt.get('global_step', 0),
                           ckpt.get('skipped_steps', 0), ckpt['previous_best'],
                           ckpt.get('previous_best_ema', 0.0), ckpt.get('best_epoch', -1),

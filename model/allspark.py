@@ -1,0 +1,184 @@
+"""AllSpark's channel-wise cross-attention bottleneck (Wang et al., CVPR'24; SEED_METHODS.md
+section 4) on the deepest DPT tap, and the segmentor that carries it (docs/u2pl_allspark.md).
+
+Tokens (B, N, C) of the last tapped block -> X = GELU(Linear_{C->D}), E = LN(X) (B, N, D), then
+  labeled images   channel cross-attention: queries E_l W_q (hD channels of length N), keys and
+                   values the channel maps of the in-batch unlabeled images (warm-up) or of the
+                   semantic memory (each class block of D maps projected by W_k, W_v);
+  unlabeled images channel self-attention, h heads of D channels;
+  self mode        (eval, or no roles given) each image's own channels as keys and values through
+                   the labeled weights: a prediction never depends on other images in the batch.
+Scores are instance-normalised over each (channels x channels) matrix instead of scaled by
+1/sqrt(d) (UCTransNet, as the official code). Out = LN([O_l; O_u] + X) -> GELU(Linear_{D->C}).
+
+The semantic memory is a plain attribute (no parameter, no buffer): the EMA teacher's update and
+the model's state dict leave it out; the trainer checkpoints it on its own (`SemanticMemory`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.dpt import DPTSegmentor, upsample
+from model.presets import PATCH_SIZE, ModelPreset
+from util import dist
+
+
+class SemanticMemory:
+    """S-Mem: per class, `slots` channel maps of length N in a ring buffer, zero until written.
+
+    Allocated at the first update on the device of the channels (N is fixed by the crop from then
+    on). Memory bound: nclass * slots * N * 4 bytes. `filled` marks written slots: classes never
+    filled are left out of the attention instead of contributing noise (the official randn init).
+    """
+
+    def __init__(self, nclass: int, slots: int):
+        self.nclass, self.slots = nclass, slots
+        self.bank: torch.Tensor | None = None      # (K, slots, N) fp32
+        self.filled: torch.Tensor | None = None    # (K, slots) bool
+        self.ptr: torch.Tensor | None = None       # (K,) long
+
+    def __deepcopy__(self, memo) -> 'SemanticMemory':
+        # The EMA teacher's copy of the model starts empty: it runs in eval (self) mode only.
+        return SemanticMemory(self.nclass, self.slots)
+
+    def _allocate(self, n: int, device: torch.device) -> None:
+        self.bank = torch.zeros(self.nclass, self.slots, n, device=device)
+        self.filled = torch.zeros(self.nclass, self.slots, dtype=torch.bool, device=device)
+        self.ptr = torch.zeros(self.nclass, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def update(self, channels: torch.Tensor, classes: torch.Tensor) -> None:
+        """channels (M, N) with their classes (M,), image by image in order. Every process's are
+        gathered first (rank order), so the memories of all processes stay equal."""
+        channels = dist.all_gather_cat(channels.float().contiguous())
+        classes = dist.all_gather_cat(classes.contiguous())
+        if self.bank is None or self.bank.shape[-1] != channels.shape[-1]:
+            self._allocate(channels.shape[-1], channels.device)
+        for c in classes.unique().tolist():
+            items = channels[classes == c][-self.slots:]
+            idx = (self.ptr[c] + torch.arange(items.shape[0], device=items.device)) % self.slots
+            self.bank[c, idx] = items
+            self.filled[c, idx] = True
+            self.ptr[c] = (self.ptr[c] + items.shape[0]) % self.slots
+
+    def filled_classes(self) -> torch.Tensor | None:
+        return None if self.filled is None else self.filled.any(1)
+
+    def state_dict(self) -> dict:
+        return {'bank': self.bank, 'filled': self.filled, 'ptr': self.ptr}
+
+    def load_state_dict(self, state: dict, device: torch.device | str = 'cpu') -> None:
+        if state.get('bank') is None:
+            self.bank = self.filled = self.ptr = None
+            return
+        self.bank, self.filled, self.ptr = (state[k].to(device) for k in ('bank', 'filled', 'ptr'))
+
+
+def instance_norm(scores: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Zero mean, unit variance over each score matrix (the last two dims): InstanceNorm2d without
+    affine, as the official code applies it."""
+    mean = scores.mean((-2, -1), keepdim=True)
+    var = scores.var((-2, -1), unbiased=False, keepdim=True)
+    return (scores - mean) / torch.sqrt(var + eps)
+
+
+class AllSparkBottleneck(nn.Module):
+    def __init__(self, embed_dim: int, nclass: int, dim: int = 0, heads: int = 2, dropout: float = 0.1):
+        super().__init__()
+        d = dim or embed_dim
+        self.dim, self.heads = d, heads
+        self.map_in = nn.Sequential(nn.Linear(embed_dim, d), nn.GELU())
+        self.norm_in = nn.LayerNorm(d)
+        # unlabeled self-attention (u) and labeled-to-unlabeled cross-attention (l)
+        self.u_q, self.u_k, self.u_v = (nn.Linear(d, heads * d, bias=False) for _ in range(3))
+        self.u_out = nn.Linear(heads * d, d)
+        self.l_q, self.l_k, self.l_v = (nn.Linear(d, heads * d, bias=False) for _ in range(3))
+        self.l_out = nn.Linear(heads * d, d)
+        self.attn_drop, self.proj_drop = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.norm_out = nn.LayerNorm(d)
+        self.map_out = nn.Sequential(nn.Linear(d, embed_dim), nn.GELU())
+        self.memory = SemanticMemory(nclass, d)       # slots per class = D, as the official C
+
+    # ---- attention ---------------------------------------------------------------------------------
+
+    def self_attention(self, e: torch.Tensor) -> torch.Tensor:
+        """Unlabeled stream: (B, N, D) -> (B, N, D), h heads of D x D channel attention."""
+        b, n, d = e.shape
+        q, k, v = (f(e).reshape(b, n, self.heads, d).permute(0, 2, 3, 1) for f in (self.u_q, self.u_k, self.u_v))
+        attn = self.attn_drop(instance_norm(q @ k.transpose(-2, -1)).softmax(-1))      # (B, h, D, D)
+        out = (attn @ v).permute(0, 3, 1, 2).reshape(b, n, self.heads * d)
+        return self.proj_drop(self.u_out(out))
+
+    def cross_attention(self, e: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """Labeled stream: queries (B, N, D); keys/values from `source` (J, N, D) channel blocks
+        shared by every query image, or (B, 1, N, D) one block per image (self mode)."""
+        b, n, _ = e.shape
+        q = self.l_q(e).transpose(1, 2)                                 # (B, hD, N)
+        k, v = self.l_k(source), self.l_v(source)                      # (..., J, N, hD)
+        # (..., N, J * hD): the J blocks' channels side by side
+        k = k.transpose(-3, -2).flatten(-2)
+        v = v.transpose(-3, -2).flatten(-2)
+        attn = self.attn_drop(instance_norm(q @ k).softmax(-1))        # (B, hD, J * hD)
+        out = (attn @ v.transpose(-2, -1)).transpose(1, 2)             # (B, N, hD)
+        return self.proj_drop(self.l_out(out))
+
+    # ---- forward -----------------------------------------------------------------------------------
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], n_labeled: int | None = None,
+                group_prob: torch.Tensor | None = None, use_memory: bool = False) -> torch.Tensor:
+        """tokens (B, N, C) -> (B, N, C).
+
+        n_labeled: training roles, tokens[:n_labeled] labeled and the rest unlabeled; None = self
+            mode for every image (inference, the EMA teacher).
+        group_prob: (B - n_labeled, K, h', w') class probabilities of the unlabeled images for
+            Channel Semantic Grouping; their channels are written to the memory (training only).
+        use_memory: labeled keys/values from the memory (after the warm-up) instead of the batch.
+        """
+        x = self.map_in(tokens)
+        e = self.norm_in(x)
+        if n_labeled is None or not self.training:
+            out = self.cross_attention(e, e[:, None])
+        else:
+            e_l, e_u = e[:n_labeled], e[n_labeled:]
+            if group_prob is not None and len(e_u):
+                self.group_and_store(e_u, group_prob, grid)
+            source = e_u
+            filled = self.memory.filled_classes()
+            if use_memory and filled is not None and bool(filled.any()):
+                source = self.memory.bank[filled].transpose(1, 2).to(e.dtype)   # (K', N, D)
+            out_l = self.cross_attention(e_l, source) if n_labeled else e_l
+            out_u = self.self_attention(e_u) if len(e_u) else e_u
+            out = torch.cat((out_l, out_u))
+        return self.map_out(self.norm_out(out + x))
+
+    @torch.no_grad()
+    def group_and_store(self, e_u: torch.Tensor, prob: torch.Tensor, grid: tuple[int, int]) -> None:
+        """Channel Semantic Grouping: channel c of image b goes to argmax_k cos(P_bk, E_b[:, c])
+        (cosine over the N positions), then into that class's memory slots."""
+        b, n, d = e_u.shape
+        p = F.interpolate(prob.float(), size=grid, mode='bilinear', align_corners=False).flatten(2)
+        sim = F.normalize(p, dim=2) @ F.normalize(e_u.float(), dim=1)              # (B, K, D)
+        classes = sim.argmax(1)                                                      # (B, D)
+        self.memory.update(e_u.float().transpose(1, 2).reshape(b * d, n), classes.flatten())
+
+
+class AllSparkSegmentor(DPTSegmentor):
+    """DPT segmentor whose deepest tap passes through `allspark` (parameters `allspark.*`) before
+    the decoder; complementary dropout comes after it, so the memory holds undropped channels."""
+
+    def __init__(self, spec: ModelPreset, nclass: int, drop_path: float = 0.0, dim: int = 0, heads: int = 2,
+                 dropout: float = 0.1):
+        super().__init__(spec, nclass, drop_path)
+        self.allspark = AllSparkBottleneck(spec.embed_dim, nclass, dim, heads, dropout)
+
+    def forward(self, x: torch.Tensor, comp_drop: bool = False, n_clean: int = 0, need_fp: bool = False,
+                n_labeled: int | None = None, group_prob: torch.Tensor | None = None, use_memory: bool = False):
+        grid = (x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE)
+        out_size = (grid[0] * PATCH_SIZE, grid[1] * PATCH_SIZE)
+        features = self.encode(x)
+        features = [*features[:-1], self.allspark(features[-1], grid, n_labeled, group_prob, use_memory)]
+        features = self.perturb(features, comp_drop, n_clean, need_fp)
+        logits = upsample(self.head(features, grid), out_size)
+        return logits.chunk(2) if need_fp else logits
