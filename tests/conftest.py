@@ -1,9 +1,31 @@
 """Shared test settings."""
 import os
+from pathlib import Path
 
+import pytest
 import torch
 
 # Tests run tiny tensors; one intra-op thread avoids OpenMP threads spinning against each other (and
 # against torchrun children and DataLoader workers) on a 2-core machine, which is ~10x slower.
 torch.set_num_threads(1)
 os.environ.setdefault('OMP_NUM_THREADS', '1')
+
+
+# Fast training overrides for end-to-end tests: a few iterations at crop 42 on a tiny toy set.
+FAST_TRAIN = ['crop_size=42', 'batch_size=2', 'max_iters_per_epoch=2', 'log_interval=1', 'num_workers=0',
+              'toy_train=32', 'toy_val=3', 'pretrained=null']
+
+
+@pytest.fixture(scope='session')
+def toy_root(tmp_path_factory) -> Path:
+    """A 32-image toy dataset (data/ and splits/toy/), generated once per test session."""
+    from dataset.toy import ensure_toy
+    base = tmp_path_factory.mktemp('toy')
+    ensure_toy(base / 'data', base / 'splits' / 'toy', n_train=32, n_val=3)
+    return base
+
+
+@pytest.fixture(scope='session')
+def toy(toy_root) -> list[str]:
+    """Config overrides that train a few fast iterations on `toy_root`."""
+    return FAST_TRAIN + [f'data_root={toy_root / "data"}', f'splits_root={toy_root / "splits"}']

@@ -6,7 +6,6 @@ two-process memory consistency, and a few iterations of `method=allspark` evalua
 """
 from __future__ import annotations
 
-import json
 import socket
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import torch.multiprocessing as mp
 
 import evaluate
 import unimatch_v2
-from dataset.toy import ensure_toy
 from model import build_model
 from model.allspark import AllSparkBottleneck, SemanticMemory
 from util.ema import EMATeacher
@@ -155,15 +153,10 @@ def test_two_processes_hold_the_same_memory(tmp_path):
 
 # ---- end to end -------------------------------------------------------------------------------------
 
-FAST = ['crop_size=42', 'batch_size=2', 'max_iters_per_epoch=2', 'log_interval=1', 'num_workers=0',
-        'toy_train=32', 'toy_val=3', 'pretrained=null']
-
-
-@pytest.fixture(scope='module')
-def toy(tmp_path_factory) -> tuple[list[str], Path]:
-    base = tmp_path_factory.mktemp('toy')
-    ensure_toy(base / 'data', base / 'splits' / 'toy', n_train=32, n_val=3)
-    return FAST + [f'data_root={base / "data"}', f'splits_root={base / "splits"}'], base
+@pytest.fixture
+def toy(toy, toy_root) -> tuple[list[str], Path]:
+    """conftest's fast overrides and the toy set's directory."""
+    return toy, toy_root
 
 
 def test_allspark_trains_resumes_and_evaluates(toy, tmp_path):

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import unimatch_v2
-from dataset.toy import ensure_toy
 from model import build_model
 from tools import tables
 from util import trainer
@@ -313,15 +312,7 @@ def test_tables_and_reproduce_know_both_methods(tmp_path):
         assert [['toy', s, method] for s in ('1_16', '1_8', '1_4')] == [c for c in cells if c[2] == method]
 
 
-FAST = ['crop_size=42', 'batch_size=2', 'max_iters_per_epoch=2', 'log_interval=1', 'num_workers=0',
-        'toy_train=32', 'toy_val=3', 'pretrained=null']
-
-
-@pytest.fixture(scope='module')
-def toy(tmp_path_factory) -> list[str]:
-    base = tmp_path_factory.mktemp('toy')
-    ensure_toy(base / 'data', base / 'splits' / 'toy', n_train=32, n_val=3)
-    return FAST + [f'data_root={base / "data"}', f'splits_root={base / "splits"}']
+# `toy` (fast training overrides on a tiny generated toy set) comes from conftest.py.
 
 
 def test_prevmatch_trains_snapshots_and_resumes(toy, tmp_path):

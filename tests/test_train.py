@@ -13,18 +13,9 @@ import torch
 
 import supervised
 import unimatch_v2
-from dataset.toy import ensure_toy
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ['crop_size=42', 'batch_size=2', 'max_iters_per_epoch=2', 'log_interval=1', 'num_workers=0',
-        'toy_train=32', 'toy_val=3', 'pretrained=null']
-
-
-@pytest.fixture(scope='module')
-def toy(tmp_path_factory) -> list[str]:
-    base = tmp_path_factory.mktemp('toy')
-    ensure_toy(base / 'data', base / 'splits' / 'toy', n_train=32, n_val=3)
-    return FAST + [f'data_root={base / "data"}', f'splits_root={base / "splits"}']
+# `toy` (fast training overrides on a tiny generated toy set) comes from conftest.py.
 
 
 def results(run_dir: Path) -> dict:

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 import evaluate
 import unimatch_v2
-from dataset.toy import ensure_toy
 from model import build_model
 from util.u2pl import (ClassQueues, U2PLMemory, contrastive_loss, entropy, entropy_threshold, labeled_negatives,
                        unlabeled_negatives, unreliable_share)
@@ -201,15 +200,10 @@ def test_rep_head_is_optional_and_named():
     assert torch.equal(u2pl(x), logits)
 
 
-FAST = ['crop_size=42', 'batch_size=2', 'max_iters_per_epoch=2', 'log_interval=1', 'num_workers=0',
-        'toy_train=32', 'toy_val=3', 'pretrained=null']
-
-
-@pytest.fixture(scope='module')
-def toy(tmp_path_factory) -> tuple[list[str], Path]:
-    base = tmp_path_factory.mktemp('toy')
-    ensure_toy(base / 'data', base / 'splits' / 'toy', n_train=32, n_val=3)
-    return FAST + [f'data_root={base / "data"}', f'splits_root={base / "splits"}'], base
+@pytest.fixture
+def toy(toy, toy_root) -> tuple[list[str], Path]:
+    """conftest's fast overrides and the toy set's directory."""
+    return toy, toy_root
 
 
 def test_u2pl_trains_resumes_and_evaluates(toy, tmp_path):
