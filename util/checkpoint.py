@@ -7,6 +7,7 @@ function to call) is refused before any of it runs.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import tempfile
@@ -46,14 +47,16 @@ def _refusal_reason(err: Exception) -> str:
     return reason.removeprefix('WeightsUnpickler error:').split('. ')[0].strip()
 
 
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to `path` via a temporary file in the same directory and an atomic rename."""
+@contextlib.contextmanager
+def _atomic_file(path: str | Path, mode: str):
+    """A file opened in `mode` that replaces `path` only once fully written and synced to disk;
+    on any failure the temporary file is removed and `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -61,19 +64,14 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save to `path` via a temporary file in the same directory and an atomic rename."""
+    with _atomic_file(path, 'wb') as f:
+        torch.save(obj, f)
 
 
 def write_text_atomic(text: str, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'w') as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with _atomic_file(path, 'w') as f:
+        f.write(text)
