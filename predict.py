@@ -25,10 +25,9 @@ from tqdm import tqdm
 
 from dataset.registry import default_eval_mode, get_palette
 from dataset.transforms import normalize
-from model import build_model
 from util.config import EVAL_MODES, load_config
 from util.dist import setup
-from util.evaluation import load_eval_weights, overlay, parse_scales, save_prediction
+from util.evaluation import build_eval_model, overlay, parse_scales, save_prediction
 from util.inference import predict
 from util.metrics import IGNORE_INDEX
 
@@ -89,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     scales = parse_scales(args.scales)
     palette = get_palette(cfg.dataset, cfg.nclass)
 
-    model = build_model(cfg.backbone, cfg.nclass)
-    load_eval_weights(model, args.checkpoint, args.weights, cfg.backbone, cfg.nclass, args.config)
+    model, _ = build_eval_model(args.checkpoint, args.weights, cfg, args.config)
     model.to(device).eval()
 
     out_dir = Path(args.output)

@@ -6,17 +6,15 @@ two-process memory consistency, and a few iterations of `method=allspark` evalua
 """
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import evaluate
 import unimatch_v2
 from model import build_model
+from tests.distributed import run_processes
 from model.allspark import AllSparkBottleneck, SemanticMemory
 from util.ema import EMATeacher
 
@@ -123,29 +121,16 @@ def test_memory_stays_out_of_the_state_dict_and_the_ema():
 
 # ---- two processes --------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def _memory_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
-    try:
-        m = bottleneck().train()
-        torch.manual_seed(100 + rank)                          # different images on each process
-        for _ in range(2):
-            m(torch.randn(3, N, C), GRID, n_labeled=1, group_prob=torch.rand(2, K, *GRID))
-        torch.save(m.memory.state_dict(), Path(out_dir, f'rank{rank}.pt'))
-    finally:
-        dist.destroy_process_group()
+def _memory_worker(rank: int, out_dir: str) -> None:
+    m = bottleneck().train()
+    torch.manual_seed(100 + rank)                          # different images on each process
+    for _ in range(2):
+        m(torch.randn(3, N, C), GRID, n_labeled=1, group_prob=torch.rand(2, K, *GRID))
+    torch.save(m.memory.state_dict(), Path(out_dir, f'rank{rank}.pt'))
 
 
 def test_two_processes_hold_the_same_memory(tmp_path):
-    method = 'fork' if 'fork' in mp.get_all_start_methods() else 'spawn'
-    mp.start_processes(_memory_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
-                       start_method=method)
+    run_processes(_memory_worker, tmp_path)
     r0, r1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
     assert all(torch.equal(r0[k], r1[k]) for k in ('bank', 'filled', 'ptr'))
     assert r0['filled'].any()

@@ -2,14 +2,11 @@
 predict.py on odd images."""
 import json
 import re
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import yaml
 from PIL import Image
 from torch import nn
@@ -17,6 +14,7 @@ from torch import nn
 import evaluate as evaluate_script
 import predict as predict_script
 from model import build_model
+from tests.distributed import run_processes
 from util.evaluation import evaluate, format_iou_table
 
 NCLASS = 3
@@ -45,12 +43,6 @@ class FiveImages(torch.utils.data.Dataset):
         return {'image': torch.randn(3, h, w, generator=g), 'mask': mask, 'name': f'img{i}'}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny tensors: one intra-op thread avoids thread start/sync costs that dominate on a
@@ -61,24 +53,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _eval_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
-    try:
-        result = evaluate(PixelStub(), FiveImages(), NCLASS, 'original', 14, progress=False)
-        Path(out_dir, f'rank{rank}.json').write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
+def _eval_worker(rank: int, out_dir: str) -> None:
+    result = evaluate(PixelStub(), FiveImages(), NCLASS, 'original', 14, progress=False)
+    Path(out_dir, f'rank{rank}.json').write_text(json.dumps(result))
 
 
 def test_two_processes_match_one(tmp_path):
     single = evaluate(PixelStub(), FiveImages(), NCLASS, 'original', 14, progress=False)
     assert single['n_images'] == 5
-    # fork where there is one: spawned children re-import torch and timm (10-25 s on a busy 2-core
-    # machine); forked ones inherit them and, like DataLoader workers, run with one thread.
-    method = 'fork' if 'fork' in mp.get_all_start_methods() else 'spawn'
-    mp.start_processes(_eval_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
-                       start_method=method)
+    run_processes(_eval_worker, tmp_path)
     for rank in (0, 1):
         both = json.loads((tmp_path / f'rank{rank}.json').read_text())
         assert both['n_images'] == 5  # a padding sampler would count one image twice

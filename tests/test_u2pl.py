@@ -7,18 +7,16 @@ iterations of `method=u2pl` on the toy data that evaluate.py then loads.
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import evaluate
 import unimatch_v2
 from model import build_model
+from tests.distributed import run_processes
 from util.u2pl import (ClassQueues, U2PLMemory, contrastive_loss, entropy, entropy_threshold, labeled_negatives,
                        unlabeled_negatives, unreliable_share)
 
@@ -148,37 +146,24 @@ def test_contrastive_loss_decreases_on_a_separable_embedding():
 
 # ---- two processes --------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def _queue_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
-    try:
-        mem = U2PLMemory(2, dim=3, queue_size=10, queue_size_bg=10)
-        n = 2 + rank                                   # different pixel counts per process
-        keys = torch.full((n, 3), float(rank))
-        masks = torch.zeros(n, 2, dtype=torch.bool)
-        masks[:, rank] = True                          # rank r's keys are negatives of class r
-        masks[0, 1 - rank] = True
-        mem.enqueue(keys, masks)
-        sums = torch.zeros(2, 3)
-        sums[rank] = 1.0
-        proto, present = mem.positives(sums, torch.tensor([1, 1]) if rank == 0 else torch.tensor([0, 1]))
-        Path(out_dir, f'rank{rank}.json').write_text(json.dumps({
-            'q0': mem.queues.get(0)[:, 0].tolist(), 'q1': mem.queues.get(1)[:, 0].tolist(),
-            'proto': proto.tolist(), 'present': present.tolist()}))
-    finally:
-        dist.destroy_process_group()
+def _queue_worker(rank: int, out_dir: str) -> None:
+    mem = U2PLMemory(2, dim=3, queue_size=10, queue_size_bg=10)
+    n = 2 + rank                                   # different pixel counts per process
+    keys = torch.full((n, 3), float(rank))
+    masks = torch.zeros(n, 2, dtype=torch.bool)
+    masks[:, rank] = True                          # rank r's keys are negatives of class r
+    masks[0, 1 - rank] = True
+    mem.enqueue(keys, masks)
+    sums = torch.zeros(2, 3)
+    sums[rank] = 1.0
+    proto, present = mem.positives(sums, torch.tensor([1, 1]) if rank == 0 else torch.tensor([0, 1]))
+    Path(out_dir, f'rank{rank}.json').write_text(json.dumps({
+        'q0': mem.queues.get(0)[:, 0].tolist(), 'q1': mem.queues.get(1)[:, 0].tolist(),
+        'proto': proto.tolist(), 'present': present.tolist()}))
 
 
 def test_two_processes_fill_the_same_queues(tmp_path):
-    method = 'fork' if 'fork' in mp.get_all_start_methods() else 'spawn'
-    mp.start_processes(_queue_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
-                       start_method=method)
+    run_processes(_queue_worker, tmp_path)
     r0, r1 = (json.loads((tmp_path / f'rank{r}.json').read_text()) for r in (0, 1))
     assert r0 == r1
     # class 0: rank 0's two keys, then rank 1's first; class 1: rank 0's first, then rank 1's three

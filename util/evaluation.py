@@ -45,22 +45,13 @@ def check_checkpoint_config(ckpt: dict, path: str | Path, backbone: str, nclass:
                 f'{key}={ours!r}; use the matching config or override it ({key}={saved[key]})')
 
 
-def load_eval_weights(model: nn.Module, path: str | Path, weights: str | None, backbone: str,
-                      nclass: int, config_path: str | Path = 'the config') -> str:
-    """Load a full-model checkpoint (ours, a released UniMatch V2 one with `module.` keys, or a
-    plain state dict) into `model` after checking its saved config; returns 'ema', 'student' or
-    'plain'. Reads the file once (`model.loading.load_weights` would read it again)."""
-    ckpt = safe_load(path)
-    check_checkpoint_config(ckpt, path, backbone, nclass, config_path)
-    state, which = model_state_from(ckpt, weights)
-    load_checked(model, state, str(path))
-    return which
-
-
 def build_eval_model(path: str | Path, weights: str | None, cfg, config_path: str | Path = 'the config'
                      ) -> tuple[nn.Module, str]:
     """The model of a checkpoint's method (U2PL's representation head, AllSpark's bottleneck: from
-    the checkpoint's saved config, else `cfg`'s method) with its weights; see `load_eval_weights`."""
+    the checkpoint's saved config, else `cfg`'s method) with its weights, and which weights those
+    are ('ema', 'student' or 'plain'). Takes ours, released UniMatch V2 checkpoints (`module.` keys)
+    and plain state dicts; refuses one whose saved config names another class count or encoder.
+    Reads the file once."""
     from model import build_model
     from util.config import model_options
     ckpt = safe_load(path)
