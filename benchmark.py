@@ -8,7 +8,8 @@ Recipes, on the same generated batches:
             images in two student forwards, EMA in a Python loop over tensors, DDP with
             find_unused_parameters=True (the original release's step)
   default   the config's precision (bf16 by default), one fused student forward, foreach EMA,
-            DDP without find_unused_parameters, plus the config's channels_last / compile /
+            DDP without find_unused_parameters, plus the config's attention (auto: fused SDPA,
+            except math attention for bf16/fp16 on the CPU) / channels_last / compile /
             grad_checkpointing choices
   ipix      default + IPixMatch's L_IPix (alpha 1, the config's ipix_* settings)
   prevmatch default + PrevMatch's previous guidance, with the bank full (prev_snapshots snapshots,
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -38,10 +38,11 @@ import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 
 from model import build_model
-from util.config import Config, load_config, model_options
+from util.config import Config, fused_attention, load_config, model_options
 from util.ema import EMATeacher
 from util.ipix import IPixOptions
 from util.losses import build_criterion
+from util.memory import peak_memory_mib
 from util.precision import Precision
 from util.prevmatch import Guidance, SnapshotBank
 from util.steps import METHOD_OPTIONS, AllSparkStep, SemiOptions, weak_to_strong_step
@@ -92,8 +93,7 @@ class Trainer:
         self.student = build_model(cfg.backbone, cfg.nclass, **options).to(device)
         if cfg.lock_backbone:
             self.student.lock_backbone()
-        for block in self.student.backbone.blocks:
-            block.attn.fused_attn = r.fused_attention
+        self.student.set_fused_attention(r.fused_attention and fused_attention(cfg, device.type))
         if r.name != 'original':       # default and the recipes built on it
             self.student.set_grad_checkpointing(cfg.grad_checkpointing)
             if cfg.channels_last:
@@ -169,23 +169,7 @@ def peak_memory_child(name: str, cfg: Config, steps: int, queue) -> None:
         torch.cuda.reset_peak_memory_stats()
     for _ in range(steps):
         trainer.step(*batch)
-    if device.type == 'cuda':
-        queue.put((name, torch.cuda.max_memory_allocated() / 2**20))
-    else:
-        queue.put((name, peak_rss_mib()))
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries the pre-exec parent's
-    peak into a spawned child's ru_maxrss, which would report the parent's size for every recipe."""
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith('VmHWM:'):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put((name, peak_memory_mib(device)))
 
 
 def peak_memory(cfg: Config, steps: int, recipes: tuple[str, ...] = RECIPES) -> dict[str, float]:

@@ -2,10 +2,12 @@
 
     python -m dataset.toy --root data/toy --splits-root splits/toy --seed 0
 
-Images hold 1-4 textured shapes on a blotchy background. The 6 classes (background, h-stripes,
+Images hold 2-5 textured shapes on a blotchy background. The 6 classes (background, h-stripes,
 v-stripes, diagonal, checker, dots) differ only in texture: every object's two colours and the
 background's colours come from one distribution, so colour says nothing about the class and a
-model has to learn patterns, which unlabeled data helps with.
+model has to learn patterns. 400 train images make 1_16 a 25-image labeled set, where labels (not
+optimisation) limit a model started from the shipped pretrained encoder, so unlabeled images can
+help (README, "The toy comparison").
 
 Layout: `<root>/images/<id>.jpg` (JPEG q95), `<root>/masks/<id>.png` (8-bit 'L'), split lists
 `<splits_root>/{1_16,1_8,1_4,all}/{labeled,unlabeled}.txt` and `<splits_root>/val.txt` with lines
@@ -22,7 +24,9 @@ import os
 import random
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -31,12 +35,12 @@ from dataset.registry import TOY_CLASSES
 from dataset.splits import write_lines_atomic
 
 NCLASS = len(TOY_CLASSES)
-N_TRAIN = 1600  # train images; 1_16 then has 100 labeled
-N_VAL = 200  # val images: enough for a stable mIoU over 6 classes
+N_TRAIN = 400  # train images; 1_16 then has 25 labeled, few enough that labels are what limits
+N_VAL = 100  # val images: ~350 objects, a stable mIoU over 6 classes
 IMAGE_SIDE = (112, 168)  # px per side, drawn independently: 8-12 ViT patches, often not x14
-OBJECTS_PER_IMAGE = (1, 4)
-OBJECT_EXTENT = (25, 70)  # px across a shape: 2-5 patches and >= 3 texture periods
-PERIOD = (5.0, 9.0)  # texture period px: a 14-px patch sees >= 1.5 periods
+OBJECTS_PER_IMAGE = (2, 5)
+OBJECT_EXTENT = (40, 90)  # px across a shape: 3-6 patches and >= 3 texture periods
+PERIOD = (6.0, 10.0)  # texture period px: a 14-px patch sees >= 1.5 periods
 DUTY = (0.4, 0.6)  # fraction of a stripe period in the first colour
 DOT_RADIUS = (0.25, 0.35)  # dot radius in periods
 TILT_DEG = 8.0  # random tilt of stripes/grids: orientation classes stay 30+ degrees apart
@@ -54,7 +58,7 @@ _PARAMS = dict(nclass=NCLASS, image_side=IMAGE_SIDE, objects=OBJECTS_PER_IMAGE,
                extent=OBJECT_EXTENT, period=PERIOD, duty=DUTY, dot_radius=DOT_RADIUS,
                tilt=TILT_DEG, warp=WARP_PX, warp_cells=WARP_CELLS, min_color=MIN_COLOR_DIST,
                background=BACKGROUND_CELLS, noise=NOISE_STD, brightness=BRIGHTNESS,
-               jpeg=JPEG_QUALITY, version=1)
+               jpeg=JPEG_QUALITY, version=2)
 
 
 def _smooth_field(rng: np.random.Generator, h: int, w: int, cells: int,
@@ -65,28 +69,46 @@ def _smooth_field(rng: np.random.Generator, h: int, w: int, cells: int,
                      for c in range(channels)], axis=-1)
 
 
-def _texture(rng: np.random.Generator, cls: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Bool [h, w] pattern of class `cls` over (warped) pixel coordinates x, y."""
-    period = rng.uniform(*PERIOD)
-    tilt = math.radians(rng.uniform(-TILT_DEG, TILT_DEG))
-    if cls in (1, 2, 3):  # stripes; the angle is the direction the colour varies along
-        base = {1: 90.0, 2: 0.0, 3: rng.choice([45.0, -45.0])}[cls]
-        angle = math.radians(base) + tilt
+@dataclass(frozen=True)
+class Scene:
+    """How many objects, how large, how fine their patterns: the toy's by default."""
+    objects: tuple[int, int] = OBJECTS_PER_IMAGE
+    extent: tuple[int, int] = OBJECT_EXTENT
+    period: tuple[float, float] = PERIOD
+
+
+def _texture(rng: np.random.Generator, kind: str, angle: float, x: np.ndarray,
+             y: np.ndarray, period: tuple[float, float] = PERIOD) -> np.ndarray:
+    """Bool [h, w] pattern over (warped) pixel coordinates x, y: 'stripes' whose colour varies
+    along direction `angle` (degrees), or a 'checker' / 'dots' lattice rotated by `angle`."""
+    period = rng.uniform(*period)
+    angle = math.radians(angle)
+    if kind == 'stripes':
         u = (x * math.cos(angle) + y * math.sin(angle)) / period + rng.random()
         return (u % 1.0) < rng.uniform(*DUTY)
-    u = (x * math.cos(tilt) + y * math.sin(tilt)) / period + rng.random()
-    v = (-x * math.sin(tilt) + y * math.cos(tilt)) / period + rng.random()
-    if cls == 4:  # checkerboard: two cells per period
+    u = (x * math.cos(angle) + y * math.sin(angle)) / period + rng.random()
+    v = (-x * math.sin(angle) + y * math.cos(angle)) / period + rng.random()
+    if kind == 'checker':  # two cells per period
         return (np.floor(2 * u) + np.floor(2 * v)) % 2 == 0
     radius = rng.uniform(*DOT_RADIUS)  # dots on a square lattice
     return (u % 1.0 - 0.5) ** 2 + (v % 1.0 - 0.5) ** 2 < radius ** 2
 
 
-def _shape(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+def toy_texture(rng: np.random.Generator, cls: int) -> tuple[str, float]:
+    """The toy classes 1..5: stripes at 90 / 0 / +-45 degrees, checker, dots, each tilted by up to
+    TILT_DEG, so the orientation classes stay 30+ degrees apart."""
+    tilt = rng.uniform(-TILT_DEG, TILT_DEG)
+    if cls in (1, 2, 3):
+        return 'stripes', {1: 90.0, 2: 0.0, 3: float(rng.choice([45.0, -45.0]))}[cls] + tilt
+    return ('checker' if cls == 4 else 'dots'), tilt
+
+
+def _shape(rng: np.random.Generator, h: int, w: int,
+           extent: tuple[int, int] = OBJECT_EXTENT) -> np.ndarray:
     """Bool [h, w]: a rotated ellipse, rectangle or random star-convex polygon centred in the
     image (it may run over the border)."""
     cx, cy = rng.uniform(0, w), rng.uniform(0, h)
-    rx, ry = rng.uniform(*OBJECT_EXTENT, size=2) / 2
+    rx, ry = rng.uniform(*extent, size=2) / 2
     rot = rng.uniform(0, math.pi)
     kind = rng.integers(3)
     if kind == 0:  # ellipse
@@ -115,15 +137,18 @@ def _two_colors(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
             return c1, c2
 
 
-def make_sample(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One image uint8 [h, w, 3] and its mask uint8 [h, w] with values 0..NCLASS-1."""
+def make_sample(rng: np.random.Generator, nclass: int = NCLASS,
+                texture: Callable[[np.random.Generator, int], tuple[str, float]] = toy_texture,
+                scene: Scene = Scene()) -> tuple[np.ndarray, np.ndarray]:
+    """One image uint8 [h, w, 3] and its mask uint8 [h, w] with values 0..nclass-1; object class
+    c in 1..nclass-1 is drawn with the pattern `texture(rng, c)` names (kind, angle)."""
     h, w = (int(s) for s in rng.integers(IMAGE_SIDE[0], IMAGE_SIDE[1] + 1, size=2))
     cells = int(rng.integers(BACKGROUND_CELLS[0], BACKGROUND_CELLS[1] + 1))
     img = _smooth_field(rng, h, w, cells, channels=3) * 255
     mask = np.zeros((h, w), np.uint8)
-    for _ in range(int(rng.integers(OBJECTS_PER_IMAGE[0], OBJECTS_PER_IMAGE[1] + 1))):
-        cls = int(rng.integers(1, NCLASS))
-        region = _shape(rng, h, w)
+    for _ in range(int(rng.integers(scene.objects[0], scene.objects[1] + 1))):
+        cls = int(rng.integers(1, nclass))
+        region = _shape(rng, h, w, scene.extent)
         rows, cols = np.flatnonzero(region.any(1)), np.flatnonzero(region.any(0))
         if rows.size == 0:
             continue
@@ -131,7 +156,7 @@ def make_sample(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
         y, x = np.mgrid[box].astype(np.float32)
         warp = (_smooth_field(rng, *y.shape, WARP_CELLS, channels=2) - 0.5) * (2 * WARP_PX)
-        pattern = _texture(rng, cls, x + warp[..., 0], y + warp[..., 1])
+        pattern = _texture(rng, *texture(rng, cls), x + warp[..., 0], y + warp[..., 1], scene.period)
         c1, c2 = _two_colors(rng)
         inside = region[box]
         img[box][inside] = np.where(pattern[inside, None], c1, c2)

@@ -129,6 +129,12 @@ class DPTSegmentor(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.backbone.grad_checkpointing = enable
 
+    def set_fused_attention(self, enable: bool = True) -> None:
+        """Attention through F.scaled_dot_product_attention (True) or as matmul-softmax-matmul
+        (False, the original's arithmetic); the outputs agree to rounding."""
+        for block in self.backbone.blocks:
+            block.attn.fused_attn = enable
+
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.backbone.get_intermediate_layers(x, self.taps)
 

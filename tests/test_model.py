@@ -547,3 +547,20 @@ def test_safetensors_export_round_trips(tmp_path):
     load_weights(loaded, tmp_path / 'w.safetensors')
     for k, v in ema.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_math_attention_also_matches_the_original_implementation(reference):
+    model = reference_model(reference)
+    model.set_fused_attention(False)    # the path `attention: auto` takes for bf16 on the CPU
+    assert not any(b.attn.fused_attn for b in model.backbone.blocks)
+    with torch.no_grad():
+        for x, expected in zip(reference['inputs'], reference['logits']):
+            assert max_abs_diff(model(x), expected) <= 1e-5
+
+
+@pytest.mark.parametrize('attention, device, precision, fused', [
+    ('auto', 'cpu', 'bf16', False), ('auto', 'cpu', 'fp16', False), ('auto', 'cpu', 'fp32', True),
+    ('auto', 'cuda', 'bf16', True), ('sdpa', 'cpu', 'bf16', True), ('math', 'cuda', 'fp32', False)])
+def test_attention_choice(attention, device, precision, fused):
+    from util.config import Config, fused_attention
+    assert fused_attention(Config(attention=attention, precision=precision), device) is fused

@@ -27,7 +27,8 @@ def write_run(exp: Path, dataset: str, method: str, backbone: str, split: str, *
     for e, m in enumerate(miou):
         h = {'epoch': e, 'miou': m, 'miou_ema': miou_ema[e] if semi else None,
              'iou': [m] * nclass, 'iou_ema': [miou_ema[e]] * nclass if semi else None,
-             'loss': 1.0 / (e + 1), 'loss_x': 0.5, 'sec_per_iter': sec_per_iter * (1 + e % 2)}
+             'loss': 1.0 / (e + 1), 'loss_x': 0.5, 'sec_per_iter': sec_per_iter * (1 + e % 2),
+             'peak_mem_mib': 100.0 * (e + 1)}
         if semi:
             h.update(loss_u=0.3, loss_s1=0.3, loss_s2=0.3, mask_ratio=0.1 * e)
         history.append(h)
@@ -203,7 +204,7 @@ def test_toy_table(exp, paper):
     semi = rows[('unimatch_v2', 'dinov2_tiny')]
     assert semi['split'] == '1/16'
     assert (semi['reported'], semi['best mIoU'], semi['best EMA mIoU']) == ('45.0', '40.0', '45.0')
-    assert (semi['s/iter'], semi['epochs']) == ('0.3', '2/2')
+    assert (semi['s/iter'], semi['peak MiB'], semi['epochs']) == ('0.3', '200', '2/2')  # max over epochs
     sup = rows[('supervised', 'dinov2_tiny')]
     assert sup['split'] == 'all'
     assert (sup['reported'], sup['best EMA mIoU'], sup['final mIoU']) == ('50.0', '–', '48.0')

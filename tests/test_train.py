@@ -31,6 +31,7 @@ def test_semi_methods_train_and_resume(toy, tmp_path, method):
     assert res['epochs'] == 1 and res['method'] == method
     assert res['miou_ema'] is not None and len(res['miou_ema']) == 1
     assert 0.0 <= res['best_miou_ema'] <= 100.0
+    assert 50 < res['history'][0]['peak_mem_mib'] < 24 * 1024   # the process's peak RSS, MiB
     ckpt = torch.load(run_dir / 'latest.pth', weights_only=True)
     assert ckpt['epoch'] == 0 and ckpt['model_ema'] is not None and ckpt['config']['method'] == method
     assert (run_dir / 'best.pth').exists()

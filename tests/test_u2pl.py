@@ -196,7 +196,7 @@ def test_u2pl_trains_resumes_and_evaluates(toy, tmp_path):
     run_dir = tmp_path / 'u2pl'
     args = ['--config', str(ROOT / 'configs/toy.yaml'), '--split', '1_16', '--save-path', str(run_dir)]
     over = over + ['method=u2pl', 'u2pl_anchor_thresh=0.0', 'u2pl_unsup=sce', 'u2pl_proto_momentum=0.99',
-                   'u2pl_anchors=16', 'u2pl_negatives=8']
+                   'u2pl_anchors=16', 'u2pl_negatives=8', 'u2pl_warmup_epochs=1']
     unimatch_v2.main(args + over + ['epochs=1'])
     ckpt = torch.load(run_dir / 'latest.pth', weights_only=True)
     queues = ckpt['u2pl_memory']['queues']['keys']

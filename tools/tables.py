@@ -128,6 +128,7 @@ def read_run(path: Path, exp_root: Path) -> dict:
         'epochs': epochs, 'epochs_total': total,
         'complete': total is not None and epochs >= total,
         'sec_per_iter': _mean([h.get('sec_per_iter') for h in history]),
+        'peak_mem_mib': max((h['peak_mem_mib'] for h in history if h.get('peak_mem_mib')), default=None),
         'path': str(run_dir),
     }
 
@@ -276,7 +277,7 @@ def run_listing(runs: list[dict], digits: int, with_dataset: bool = False) -> st
     """One row per run: reported, best, best EMA and final mIoU, seconds/iteration, epochs."""
     header = (['dataset'] if with_dataset else []) + [
         'method', 'encoder', 'split', 'reported', 'best mIoU', 'best EMA mIoU', 'final mIoU',
-        's/iter', 'epochs']
+        's/iter', 'peak MiB', 'epochs']
     order = sorted(runs, key=lambda r: (_order(r['dataset'], DATASET_ORDER),
                                         row_sort_key((r['method'], r['encoder'], r['tag'])),
                                         split_sort_key(r['split'])))
@@ -284,16 +285,18 @@ def run_listing(runs: list[dict], digits: int, with_dataset: bool = False) -> st
     for r in order:
         total = NONE if r['epochs_total'] is None else r['epochs_total']
         spi = NONE if r['sec_per_iter'] is None else f'{r["sec_per_iter"]:.3g}'
+        mem = NONE if r['peak_mem_mib'] is None else f'{r["peak_mem_mib"]:.0f}'
         body.append(([r['dataset']] if with_dataset else []) + [
             row_label(r['method'], r['tag']), r['encoder'], split_label(r['split']),
             fmt(r['reported'], digits) + run_marks(r), fmt(r['best_miou'], digits),
-            fmt(r['best_miou_ema'], digits), fmt(r['final_miou'], digits), spi,
+            fmt(r['best_miou_ema'], digits), fmt(r['final_miou'], digits), spi, mem,
             f'{r["epochs"]}/{total}' + run_marks(r)])
     return markdown(header, body)
 
 
 LISTING_LEGEND = ('Reported: best-epoch EMA mIoU for semi-supervised methods, best mIoU for '
                   f'supervised. s/iter: mean over epochs of the training seconds per iteration. '
+                  f'peak MiB: the training process\'s peak memory (RSS on CPU, max allocated on CUDA). '
                   f'`{INCOMPLETE}` run not finished.')
 
 

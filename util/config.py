@@ -31,6 +31,7 @@ PREV_STORAGES = ('bf16', 'device', 'cpu')
 PREV_LOSSES = ('pixelwise', 'pixelavg', 'pixelavg_literal')
 EVAL_MODES = ('original', 'center_crop', 'sliding_window')
 PRECISIONS = ('fp32', 'bf16', 'fp16')
+ATTENTIONS = ('auto', 'sdpa', 'math')
 CRITERIA = ('CELoss', 'OHEM')
 
 
@@ -86,6 +87,8 @@ class Config:
     num_workers: int = -1                # -1 = sized to the machine
     precision: str = 'bf16'             # autocast dtype of forward passes (fp32: none)
     channels_last: bool = False
+    attention: str = 'auto'              # sdpa | math | auto: sdpa on CUDA and in fp32, math for bf16/fp16
+                                         # on the CPU (its fused backward is slower there: README, Speed)
     compile: bool = False
     grad_checkpointing: bool = False
     grad_accum: int = 1
@@ -96,8 +99,8 @@ class Config:
     on_nonfinite: str = 'stop'           # a NaN/inf loss: 'stop' the run or 'skip' the step
     splits_root: str = 'splits'          # split lists live in <splits_root>/<dataset>/
     toy_seed: int = 0                    # toy dataset: generator seed and size (train, val images)
-    toy_train: int = 1600
-    toy_val: int = 200
+    toy_train: int = 400
+    toy_val: int = 100
     # ---- IPixMatch (util/ipix.py; docs/prevmatch_ipixmatch.md) -----------------------------------
     ipix_weight: float | None = None     # alpha; null = 1 for method ipixmatch, 0 (off) otherwise
     ipix_thresh: float = 0.8             # tau: teacher confidence defining the pixel set Omega
@@ -201,6 +204,7 @@ def _check(cfg: Config, source: str) -> None:
     need(cfg.on_nonfinite in ('stop', 'skip'), 'on_nonfinite',
          f"must be 'stop' or 'skip', got {cfg.on_nonfinite!r}")
     need(cfg.precision in PRECISIONS, 'precision', f'must be one of {PRECISIONS}, got {cfg.precision!r}')
+    need(cfg.attention in ATTENTIONS, 'attention', f'must be one of {ATTENTIONS}, got {cfg.attention!r}')
     need(cfg.eval_mode is None or cfg.eval_mode in EVAL_MODES, 'eval_mode',
          f'must be one of {EVAL_MODES}, got {cfg.eval_mode!r}')
     need(cfg.criterion.name in CRITERIA, 'criterion.name',
@@ -257,6 +261,14 @@ def loss_weight(cfg: Config, key: str) -> float:
         return value
     default = METHOD_LOSSES.get(cfg.method)
     return default[1] if default and default[0] == key else 0.0
+
+
+def fused_attention(cfg: Config, device_type: str) -> bool:
+    """Whether attention runs through F.scaled_dot_product_attention. 'auto' picks the math path
+    only for bf16/fp16 training on the CPU, where the fused kernel's backward is the slower one."""
+    if cfg.attention != 'auto':
+        return cfg.attention == 'sdpa'
+    return device_type != 'cpu' or cfg.precision == 'fp32'
 
 
 def model_options(cfg: Config | dict) -> dict:

@@ -32,9 +32,11 @@ from dataset.semi import SemiDataset, split_paths
 from model import WeightsMismatchError, build_model, load_pretrained_encoder, load_weights
 from util import dist
 from util.checkpoint import UnsafeCheckpointError, safe_load, save_atomic, write_text_atomic
-from util.config import Config, ConfigError, load_config, model_options, save_config, to_dict
+from util.config import (Config, ConfigError, fused_attention, load_config, model_options, save_config,
+                         to_dict)
 from util.ema import EMATeacher
 from util.logger import Meter, get_logger
+from util.memory import peak_memory_mib
 from util.precision import Precision
 from util.prevmatch import SnapshotBank
 
@@ -186,6 +188,7 @@ def build_student(cfg: Config, device: torch.device, log=None) -> nn.Module:
     if cfg.lock_backbone:
         model.lock_backbone()
     model.set_grad_checkpointing(cfg.grad_checkpointing)
+    model.set_fused_attention(fused_attention(cfg, device.type))
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if log:
@@ -559,7 +562,8 @@ class StepLog:
 
     def summary(self) -> dict:
         done = max(1, self.iters - self.start)
-        return {**self.meter.means(), 'sec_per_iter': (time.time() - self.t0) / done}
+        return {**self.meter.means(), 'sec_per_iter': (time.time() - self.t0) / done,
+                'peak_mem_mib': peak_memory_mib(self.run.device)}
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
