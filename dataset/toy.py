@@ -83,10 +83,9 @@ def _texture(rng: np.random.Generator, kind: str, angle: float, x: np.ndarray,
     along direction `angle` (degrees), or a 'checker' / 'dots' lattice rotated by `angle`."""
     period = rng.uniform(*period)
     angle = math.radians(angle)
-    if kind == 'stripes':
-        u = (x * math.cos(angle) + y * math.sin(angle)) / period + rng.random()
-        return (u % 1.0) < rng.uniform(*DUTY)
     u = (x * math.cos(angle) + y * math.sin(angle)) / period + rng.random()
+    if kind == 'stripes':
+        return (u % 1.0) < rng.uniform(*DUTY)
     v = (-x * math.sin(angle) + y * math.cos(angle)) / period + rng.random()
     if kind == 'checker':  # two cells per period
         return (np.floor(2 * u) + np.floor(2 * v)) % 2 == 0

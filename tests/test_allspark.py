@@ -138,14 +138,8 @@ def test_two_processes_hold_the_same_memory(tmp_path):
 
 # ---- end to end -------------------------------------------------------------------------------------
 
-@pytest.fixture
-def toy(toy, toy_root) -> tuple[list[str], Path]:
-    """conftest's fast overrides and the toy set's directory."""
-    return toy, toy_root
-
-
-def test_allspark_trains_resumes_and_evaluates(toy, tmp_path):
-    over, base = toy
+def test_allspark_trains_resumes_and_evaluates(toy, toy_root, tmp_path):
+    over, base = toy, toy_root      # conftest's fast overrides and the toy set's directory
     run_dir = tmp_path / 'allspark'
     args = ['--config', str(ROOT / 'configs/toy.yaml'), '--split', '1_16', '--save-path', str(run_dir)]
     over = over + ['method=allspark', 'allspark_dim=32']
@@ -160,5 +154,5 @@ def test_allspark_trains_resumes_and_evaluates(toy, tmp_path):
     assert 'resumed from' in (run_dir / 'train.log').read_text()
     result = evaluate.main(['--config', str(ROOT / 'configs/toy.yaml'), '--checkpoint', str(run_dir / 'latest.pth'),
                             '--split', str(base / 'splits/toy/val.txt'), '--output-json',
-                            str(tmp_path / 'eval.json')] + toy[0])
+                            str(tmp_path / 'eval.json')] + toy)
     assert 0 <= result['miou'] <= 100

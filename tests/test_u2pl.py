@@ -185,14 +185,8 @@ def test_rep_head_is_optional_and_named():
     assert torch.equal(u2pl(x), logits)
 
 
-@pytest.fixture
-def toy(toy, toy_root) -> tuple[list[str], Path]:
-    """conftest's fast overrides and the toy set's directory."""
-    return toy, toy_root
-
-
-def test_u2pl_trains_resumes_and_evaluates(toy, tmp_path):
-    over, base = toy
+def test_u2pl_trains_resumes_and_evaluates(toy, toy_root, tmp_path):
+    over, base = toy, toy_root      # conftest's fast overrides and the toy set's directory
     run_dir = tmp_path / 'u2pl'
     args = ['--config', str(ROOT / 'configs/toy.yaml'), '--split', '1_16', '--save-path', str(run_dir)]
     over = over + ['method=u2pl', 'u2pl_anchor_thresh=0.0', 'u2pl_unsup=sce', 'u2pl_proto_momentum=0.99',
@@ -212,5 +206,5 @@ def test_u2pl_trains_resumes_and_evaluates(toy, tmp_path):
 
     result = evaluate.main(['--config', str(ROOT / 'configs/toy.yaml'), '--checkpoint', str(run_dir / 'latest.pth'),
                             '--split', str(base / 'splits/toy/val.txt'), '--output-json',
-                            str(tmp_path / 'eval.json')] + toy[0])
+                            str(tmp_path / 'eval.json')] + toy)
     assert 0 <= result['miou'] <= 100
