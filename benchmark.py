@@ -35,10 +35,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
-from torch.nn.parallel import DistributedDataParallel
 
 from model import build_model
 from util.config import Config, fused_attention, load_config, model_options
+from util.dist import ddp
 from util.ema import EMATeacher
 from util.ipix import IPixOptions
 from util.losses import build_criterion
@@ -100,9 +100,7 @@ class Trainer:
                 self.student.to(memory_format=torch.channels_last)
         self.teacher = EMATeacher(self.student, cfg.ema_decay)
         self.optimizer = build_optimizer(self.student, cfg)
-        ids = [device.index] if device.type == 'cuda' else None
-        self.ddp = DistributedDataParallel(self.student, device_ids=ids, broadcast_buffers=False,
-                                           find_unused_parameters=r.find_unused)
+        self.ddp = ddp(self.student, device, find_unused_parameters=r.find_unused)
         self.forward = torch.compile(self.ddp) if (cfg.compile and r.name != 'original') else self.ddp
         self.precision = Precision(r.precision, device)
         self.criterion = build_criterion(cfg.criterion.name, cfg.criterion.kwargs)

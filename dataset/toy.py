@@ -2,7 +2,7 @@
 
     python -m dataset.toy --root data/toy --splits-root splits/toy --seed 0
 
-Images hold 2-5 textured shapes on a blotchy background. The 6 classes (background, h-stripes,
+Images hold 3-6 textured shapes on a blotchy background. The 6 classes (background, h-stripes,
 v-stripes, diagonal, checker, dots) differ only in texture: every object's two colours and the
 background's colours come from one distribution, so colour says nothing about the class and a
 model has to learn patterns. 400 train images make 1_16 a 25-image labeled set, where labels (not
@@ -38,9 +38,9 @@ NCLASS = len(TOY_CLASSES)
 N_TRAIN = 400  # train images; 1_16 then has 25 labeled, few enough that labels are what limits
 N_VAL = 100  # val images: ~350 objects, a stable mIoU over 6 classes
 IMAGE_SIDE = (112, 168)  # px per side, drawn independently: 8-12 ViT patches, often not x14
-OBJECTS_PER_IMAGE = (2, 5)
-OBJECT_EXTENT = (40, 90)  # px across a shape: 3-6 patches and >= 3 texture periods
-PERIOD = (6.0, 10.0)  # texture period px: a 14-px patch sees >= 1.5 periods
+OBJECTS_PER_IMAGE = (3, 6)
+OBJECT_EXTENT = (48, 100)  # px across a shape: 3-7 patches and >= 3 texture periods
+PERIOD = (9.0, 14.0)  # texture period px: still >= 4.5 px at the 0.5x training rescale, and survives blur
 DUTY = (0.4, 0.6)  # fraction of a stripe period in the first colour
 DOT_RADIUS = (0.25, 0.35)  # dot radius in periods
 TILT_DEG = 8.0  # random tilt of stripes/grids: orientation classes stay 30+ degrees apart
@@ -58,7 +58,7 @@ _PARAMS = dict(nclass=NCLASS, image_side=IMAGE_SIDE, objects=OBJECTS_PER_IMAGE,
                extent=OBJECT_EXTENT, period=PERIOD, duty=DUTY, dot_radius=DOT_RADIUS,
                tilt=TILT_DEG, warp=WARP_PX, warp_cells=WARP_CELLS, min_color=MIN_COLOR_DIST,
                background=BACKGROUND_CELLS, noise=NOISE_STD, brightness=BRIGHTNESS,
-               jpeg=JPEG_QUALITY, version=2)
+               jpeg=JPEG_QUALITY, version=3)
 
 
 def _smooth_field(rng: np.random.Generator, h: int, w: int, cells: int,

@@ -49,7 +49,7 @@ SEED_STREAM = 1_000_003      # far from the toy dataset's (seed, split, index) k
 PRETEXT_CLASSES = ('background', 'stripes', 'checker', 'dots')
 # Fewer, smaller objects with finer patterns than the toy's own scenes (another domain, as
 # pretraining data is); the shipped assets/toy_dinov2_tiny.pth was made with these.
-PRETEXT_SCENE = Scene(objects=(1, 4), extent=(25, 70), period=(5.0, 9.0))
+PRETEXT_SCENE = Scene(objects=(1, 4), extent=(30, 80), period=(8.0, 13.0))
 
 
 def pretext_texture(rng: np.random.Generator, cls: int) -> tuple[str, float]:

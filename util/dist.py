@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 def is_dist() -> bool:
@@ -44,6 +47,19 @@ def setup(timeout_min: int = 30) -> torch.device:
                                 timeout=datetime.timedelta(minutes=timeout_min),
                                 device_id=device if use_cuda else None)
     return device
+
+
+def ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool = False
+        ) -> DistributedDataParallel:
+    """DistributedDataParallel for `device` with no per-forward buffer broadcast (the models hold no
+    buffers that need one)."""
+    # Under bf16 autocast the CPU convolution backward returns the 1x1 classifier's weight gradient
+    # with channels-last strides, (C, 1, C, C) for a (K, C, 1, 1) weight: the same memory as the
+    # bucket's contiguous view, but DDP's stride check warns about it on every run.
+    warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
+    ids = [device.index] if device.type == 'cuda' else None
+    return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False,
+                                   find_unused_parameters=find_unused_parameters)
 
 
 def cleanup() -> None:

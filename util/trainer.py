@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from dataset.checks import DataError, check_inputs, raise_on_errors
@@ -228,8 +227,7 @@ def wrap_ddp(model: nn.Module, device: torch.device, compile: bool = False) -> n
     """DDP without find_unused_parameters (every trainable parameter gets a gradient), optionally
     compiled. The unwrapped model stays the one to save and to copy into the EMA teacher."""
     if dist.is_dist():
-        ids = [device.index] if device.type == 'cuda' else None
-        model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        model = dist.ddp(model, device)
     return torch.compile(model) if compile else model
 
 
