@@ -78,6 +78,8 @@ def setup_run(args: argparse.Namespace, method: str | None = None) -> Run:
     device = dist.setup()
     overrides = list(args.overrides) + ([f'method={method}'] if method else [])
     cfg = load_config(args.config, overrides)
+    if device.type == 'cpu':
+        size_cpu_threads(cfg)
     split = args.split or Path(args.labeled_id_path).parent.name
     labeled, unlabeled, val = data_paths(cfg, args)
     splits = {'labeled': labeled, 'val': val}
@@ -108,12 +110,22 @@ def seed_everything(seed: int) -> None:
 
 # ---- data ---------------------------------------------------------------------------------------------
 
+def cpus_per_process() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return max(1, cpus // max(1, torch.cuda.device_count() if torch.cuda.is_available() else dist.world_size()))
+
+
 def num_workers(cfg: Config) -> int:
     if cfg.num_workers >= 0:
         return cfg.num_workers
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    per_process = cpus // max(1, torch.cuda.device_count() if torch.cuda.is_available() else dist.world_size())
-    return max(0, min(8, per_process - 1))
+    return max(0, min(8, cpus_per_process() - 1))
+
+
+def size_cpu_threads(cfg: Config) -> None:
+    """Training on the CPU: compute threads = this process's cores minus its data-loader workers, so
+    the workers do not fight the model for cores. An OMP_NUM_THREADS set by the user wins."""
+    if 'OMP_NUM_THREADS' not in os.environ:
+        torch.set_num_threads(max(1, cpus_per_process() - num_workers(cfg)))
 
 
 class ResumableSampler(DistributedSampler):
