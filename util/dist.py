@@ -55,7 +55,8 @@ def ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool = F
     buffers that need one)."""
     # Under bf16 autocast the CPU convolution backward returns the 1x1 classifier's weight gradient
     # with channels-last strides, (C, 1, C, C) for a (K, C, 1, 1) weight: the same memory as the
-    # bucket's contiguous view, but DDP's stride check warns about it on every run.
+    # bucket's contiguous view, but DDP's stride check warns about it on every run. The filter is
+    # process-wide and matches by message, so it would also hide a real stride mismatch.
     warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
     ids = [device.index] if device.type == 'cuda' else None
     return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False,
