@@ -4,13 +4,14 @@
     python benchmark.py --config configs/toy.yaml --steps 20
 
 Recipes, on the same generated batches:
-  original  fp32, attention as explicit matmul-softmax-matmul (no fused kernel), labeled and strong
-            images in two student forwards, EMA in a Python loop over tensors, DDP with
+  original  fp32, attention as explicit matmul-softmax-matmul (no fused kernel), LayerScale as its
+            own multiply, labeled and strong images in two student forwards, torch's default AdamW
+            (a Python loop over tensors on the CPU), EMA in a Python loop over tensors, DDP with
             find_unused_parameters=True (the original release's step)
-  default   the config's precision (bf16 by default), one fused student forward, foreach EMA,
-            DDP without find_unused_parameters, plus the config's attention (auto: fused SDPA,
-            except math attention for bf16/fp16 on the CPU) / channels_last / compile /
-            grad_checkpointing choices
+  default   the config's precision (bf16 by default), one fused student forward, LayerScale folded
+            into the projections, fused AdamW, foreach EMA, DDP without find_unused_parameters and
+            with gradients as bucket views, plus the config's attention (auto: fused SDPA, except
+            math attention for bf16/fp16 on the CPU) / channels_last / compile / grad_checkpointing
   ipix      default + IPixMatch's L_IPix (alpha 1, the config's ipix_* settings)
   prevmatch default + PrevMatch's previous guidance, with the bank full (prev_snapshots snapshots,
             the config's storage) and the step's random draw of 1..prev_ensemble of them
@@ -94,12 +95,13 @@ class Trainer:
         if cfg.lock_backbone:
             self.student.lock_backbone()
         self.student.set_fused_attention(r.fused_attention and fused_attention(cfg, device.type))
+        self.student.set_layer_scale_folding(r.name != 'original')
         if r.name != 'original':       # default and the recipes built on it
             self.student.set_grad_checkpointing(cfg.grad_checkpointing)
             if cfg.channels_last:
                 self.student.to(memory_format=torch.channels_last)
         self.teacher = EMATeacher(self.student, cfg.ema_decay)
-        self.optimizer = build_optimizer(self.student, cfg)
+        self.optimizer = build_optimizer(self.student, cfg, fused=r.name != 'original')
         self.ddp = ddp(self.student, device, find_unused_parameters=r.find_unused)
         self.forward = torch.compile(self.ddp) if (cfg.compile and r.name != 'original') else self.ddp
         self.precision = Precision(r.precision, device)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.dpt import DPTSegmentor, upsample
+from model.dpt import DPTSegmentor, to_input_size
 from model.presets import PATCH_SIZE, ModelPreset
 from util import dist
 
@@ -180,5 +180,5 @@ class AllSparkSegmentor(DPTSegmentor):
         features = self.encode(x)
         features = [*features[:-1], self.allspark(features[-1], grid, n_labeled, group_prob, use_memory)]
         features = self.perturb(features, comp_drop, n_clean, need_fp)
-        logits = upsample(self.head(features, grid), out_size)
+        logits = to_input_size(self.head(features, grid), out_size)
         return logits.chunk(2) if need_fp else logits

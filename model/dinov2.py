@@ -16,7 +16,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -39,6 +39,45 @@ class SwiGLUFFN(nn.Module):
         return self.w3(F.silu(x1) * x2)
 
 
+def scaled_linear(x: torch.Tensor, linear: nn.Linear, gamma: torch.Tensor | None) -> torch.Tensor:
+    """gamma * linear(x), with gamma (LayerScale) folded into the weight and bias: one elementwise
+    pass over the activations fewer, forward and backward."""
+    if gamma is None:
+        return linear(x)
+    bias = None if linear.bias is None else linear.bias * gamma
+    return F.linear(x, linear.weight * gamma[:, None], bias)
+
+
+class DinoV2Block(Block):
+    """timm's pre-norm block (same modules and parameter names) computing the same function with
+    fewer passes over the activations: LayerScale is folded into the projection before it
+    (`fold_layer_scale`; False runs timm's forward, the original's order of operations).
+    DINOv2 blocks have no q/k norm, attention-output norm, dropout or gate; they are not applied."""
+    fold_layer_scale = True
+
+    def forward(self, x: torch.Tensor, attn_mask: None = None, is_causal: bool = False) -> torch.Tensor:
+        if not self.fold_layer_scale:
+            return super().forward(x)
+        x = x + self.drop_path1(self.attention(self.norm1(x)))
+        mlp = self.mlp
+        if isinstance(mlp, SwiGLUFFN):
+            x1, x2 = mlp.w12(self.norm2(x)).chunk(2, dim=-1)
+            h, out = F.silu(x1) * x2, mlp.w3
+        else:
+            h, out = mlp.act(mlp.fc1(self.norm2(x))), mlp.fc2
+        return x + self.drop_path2(scaled_linear(h, out, getattr(self.ls2, 'gamma', None)))
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.attn
+        b, n, c = x.shape
+        q, k, v = a.qkv(x).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if a.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:       # the original's arithmetic
+            x = ((q * a.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return scaled_linear(x.transpose(1, 2).reshape(b, n, c), a.proj, getattr(self.ls1, 'gamma', None))
+
+
 class DinoV2Encoder(VisionTransformer):
     """DINOv2 ViT/14 with a class token, LayerScale and a 37 x 37 native position grid."""
 
@@ -49,7 +88,7 @@ class DinoV2Encoder(VisionTransformer):
             num_heads=num_heads, mlp_ratio=mlp_ratio, init_values=layer_scale_init, num_classes=0,
             global_pool='', dynamic_img_size=True, drop_path_rate=drop_path,
             norm_layer=partial(nn.LayerNorm, eps=1e-6),
-            mlp_layer=SwiGLUFFN if ffn == 'swiglu' else Mlp,
+            mlp_layer=SwiGLUFFN if ffn == 'swiglu' else Mlp, block_fn=DinoV2Block,
         )
         # Kept only so DINOv2 files load strictly; never used, so never trained.
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim), requires_grad=False)

@@ -21,6 +21,13 @@ def upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode='bilinear', align_corners=True)
 
 
+def to_input_size(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The classifier's map resized to the input size, in fp32 and NCHW: the layout the losses and
+    softmaxes over channels want (on the CPU they, and the resize's backward, run 2-3x slower on
+    channels-last or bf16 maps; the map is cast before the resize, where it is 3x smaller)."""
+    return upsample(logits.float().contiguous(), size)
+
+
 class ResidualConvUnit(nn.Module):
     def __init__(self, features: int):
         super().__init__()
@@ -135,6 +142,12 @@ class DPTSegmentor(nn.Module):
         for block in self.backbone.blocks:
             block.attn.fused_attn = enable
 
+    def set_layer_scale_folding(self, enable: bool = True) -> None:
+        """LayerScale folded into the projections before it (True, the default) or applied as its
+        own multiply (False, the original's arithmetic); the outputs agree to rounding."""
+        for block in self.backbone.blocks:
+            block.fold_layer_scale = enable
+
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.backbone.get_intermediate_layers(x, self.taps)
 
@@ -151,7 +164,7 @@ class DPTSegmentor(nn.Module):
         grid = (x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE)
         out_size = (grid[0] * PATCH_SIZE, grid[1] * PATCH_SIZE)
         features = self.perturb(self.encode(x), comp_drop, n_clean, need_fp)
-        logits = upsample(self.head(features, grid), out_size)
+        logits = to_input_size(self.head(features, grid), out_size)
         if need_fp:
             return logits.chunk(2)
         return logits

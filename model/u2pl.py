@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.dpt import DPTSegmentor, upsample
+from model.dpt import DPTSegmentor, to_input_size
 from model.presets import PATCH_SIZE, ModelPreset
 
 
@@ -54,5 +54,5 @@ class U2PLSegmentor(DPTSegmentor):
         out_size = (grid[0] * PATCH_SIZE, grid[1] * PATCH_SIZE)
         features = self.perturb(self.encode(x), comp_drop, n_clean, False)
         fused = self.head.fuse(features, grid)
-        logits = upsample(self.head.scratch.output_conv(fused), out_size)
+        logits = to_input_size(self.head.scratch.output_conv(fused), out_size)
         return logits, self.rep_head(fused)

@@ -8,6 +8,7 @@ smaller config); the small/base/large presets are only built on the meta device 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import pathlib
 import pickle
@@ -534,6 +535,45 @@ def test_grad_checkpointing_gives_the_same_loss_and_grads():
     assert grads_a.keys() == grads_b.keys()
     for n in grads_a:
         torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f'{n}: {m}')
+
+
+@pytest.mark.parametrize('ffn', ['mlp', 'swiglu'])
+@pytest.mark.parametrize('fused_attn', [True, False], ids=['sdpa', 'math'])
+def test_layer_scale_folding_gives_the_same_loss_and_grads(ffn, fused_attn):
+    """The blocks' default forward folds LayerScale into the projections; timm's forward (the
+    original's order of operations) gives the same loss and gradients, gamma included."""
+    results = []
+    for fold in (True, False):
+        torch.manual_seed(0)
+        model = DPTSegmentor(dataclasses.replace(MICRO, ffn=ffn), TINY_NCLASS).train()
+        with torch.no_grad():
+            for name, p in model.backbone.named_parameters():
+                if name.endswith('.gamma'):
+                    p.uniform_(0.5, 1.5)
+        model.set_fused_attention(fused_attn)
+        model.set_layer_scale_folding(fold)
+        loss = segmentation_loss(model, seed=1)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=1e-6)
+    assert any(n.endswith('ls1.gamma') for n in grads_a)
+    for n in grads_a:
+        torch.testing.assert_close(grads_b[n], grads_a[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f'{n}: {m}')
+
+
+def test_logits_are_fp32_nchw_under_autocast_on_a_channels_last_model():
+    """The losses' layout whatever the model's: bf16 autocast and channels-last weights still give
+    contiguous fp32 logits, close to the fp32 model's."""
+    model = tiny_model().eval()
+    x = images(2, 3, 42, 56, seed=0)
+    with torch.no_grad():
+        expected = model(x)
+        model.to(memory_format=torch.channels_last)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            logits = model(x)
+    assert logits.dtype == torch.float32 and logits.is_contiguous()
+    assert max_abs_diff(logits, expected) < 0.05 * expected.abs().max()
 
 
 def test_safetensors_export_round_trips(tmp_path):

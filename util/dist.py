@@ -52,7 +52,8 @@ def setup(timeout_min: int = 30) -> torch.device:
 def ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool = False
         ) -> DistributedDataParallel:
     """DistributedDataParallel for `device` with no per-forward buffer broadcast (the models hold no
-    buffers that need one)."""
+    buffers that need one) and gradients kept as views into the all-reduce buckets (one copy of
+    every gradient less per step)."""
     # Under bf16 autocast the CPU convolution backward returns the 1x1 classifier's weight gradient
     # with channels-last strides, (C, 1, C, C) for a (K, C, 1, 1) weight: the same memory as the
     # bucket's contiguous view, but DDP's stride check warns about it on every run. The filter is
@@ -60,7 +61,8 @@ def ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool = F
     warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
     ids = [device.index] if device.type == 'cuda' else None
     return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False,
-                                   find_unused_parameters=find_unused_parameters)
+                                   find_unused_parameters=find_unused_parameters,
+                                   gradient_as_bucket_view=not find_unused_parameters)
 
 
 def cleanup() -> None:

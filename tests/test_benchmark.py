@@ -1,0 +1,61 @@
+"""benchmark.py: the two recipes are what they claim to be, and the command prints its figures."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import benchmark
+from util.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ['pretrained=null', 'crop_size=42', 'batch_size=2']
+
+
+@pytest.fixture(scope='module')
+def trainers():
+    benchmark.init_single_process_group()
+    cfg = load_config(ROOT / 'configs/toy.yaml', SMALL)
+    device = torch.device('cpu')
+    return {name: benchmark.Trainer(benchmark.recipe(name, cfg), cfg, device) for name in ('original', 'default')}
+
+
+def test_original_recipe_is_the_original_step(trainers):
+    t = trainers['original']
+    blocks = t.student.backbone.blocks
+    assert t.precision.name == 'fp32' and not t.opt.fused
+    assert not any(b.attn.fused_attn or b.fold_layer_scale for b in blocks)
+    assert not t.optimizer.defaults['fused']                          # torch's default AdamW
+    assert t.ddp.find_unused_parameters and not t.ddp.gradient_as_bucket_view
+    assert t.student.head.projects[0].weight.is_contiguous()          # no channels-last
+
+
+def test_default_recipe_uses_every_speed_option(trainers):
+    t = trainers['default']
+    assert t.precision.name == 'bf16' and t.opt.fused
+    assert all(b.fold_layer_scale for b in t.student.backbone.blocks)
+    assert t.optimizer.defaults['fused']
+    assert not t.ddp.find_unused_parameters and t.ddp.gradient_as_bucket_view
+    assert t.student.head.projects[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_recipes_take_a_step_on_the_same_batch(trainers):
+    cfg = trainers['default'].cfg
+    batch = benchmark.make_batch(cfg, torch.device('cpu'), seed=0)
+    for name, t in trainers.items():
+        assert t.step(*batch) > 0, name
+        assert all(torch.isfinite(p).all() for p in t.student.parameters()), name
+
+
+def test_command_prints_the_speedup_line():
+    out = subprocess.run(
+        [sys.executable, 'benchmark.py', '--config', 'configs/toy.yaml', '--recipes', 'original,default',
+         '--steps', '1', '--warmup', '0', '--memory-steps', '1', *SMALL],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1].startswith('speedup: ') and lines[-1].endswith('x'), lines[-3:]
+    assert any(line.startswith('original ') for line in lines) and any(line.startswith('default ') for line in lines)
