@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as tdist
 
 import benchmark
 from util.config import load_config
@@ -17,10 +18,13 @@ SMALL = ['pretrained=null', 'crop_size=42', 'batch_size=2']
 
 @pytest.fixture(scope='module')
 def trainers():
+    """Both recipes' trainers, in a one-process group that is torn down afterwards (other tests
+    start their own groups)."""
     benchmark.init_single_process_group()
     cfg = load_config(ROOT / 'configs/toy.yaml', SMALL)
     device = torch.device('cpu')
-    return {name: benchmark.Trainer(benchmark.recipe(name, cfg), cfg, device) for name in ('original', 'default')}
+    yield {name: benchmark.Trainer(benchmark.recipe(name, cfg), cfg, device) for name in ('original', 'default')}
+    tdist.destroy_process_group()
 
 
 def test_original_recipe_is_the_original_step(trainers):
