@@ -57,16 +57,12 @@ RECIPES = ('original', 'default', 'ipix', 'prevmatch', 'u2pl', 'allspark')
 class Recipe:
     name: str
     precision: str
-    fused: bool           # labeled + strong images in one student forward
-    foreach_ema: bool
-    find_unused: bool
-    fused_attention: bool
+    original: bool     # the original release's step (module docstring), else this project's options
 
 
 def recipe(name: str, cfg: Config) -> Recipe:
-    if name == 'original':
-        return Recipe(name, 'fp32', fused=False, foreach_ema=False, find_unused=True, fused_attention=False)
-    return Recipe(name, cfg.precision, fused=True, foreach_ema=True, find_unused=False, fused_attention=True)
+    original = name == 'original'
+    return Recipe(name, 'fp32' if original else cfg.precision, original)
 
 
 def make_batch(cfg: Config, device: torch.device, seed: int) -> tuple[dict, dict]:
@@ -94,20 +90,21 @@ class Trainer:
         self.student = build_model(cfg.backbone, cfg.nclass, **options).to(device)
         if cfg.lock_backbone:
             self.student.lock_backbone()
-        self.student.set_fused_attention(r.fused_attention and fused_attention(cfg, device.type))
-        self.student.set_layer_scale_folding(r.name != 'original')
-        if r.name != 'original':       # default and the recipes built on it
+        self.student.set_fused_attention(not r.original and fused_attention(cfg, device.type))
+        self.student.set_layer_scale_folding(not r.original)
+        if not r.original:
             self.student.set_grad_checkpointing(cfg.grad_checkpointing)
             if cfg.channels_last:
                 self.student.to(memory_format=torch.channels_last)
         self.teacher = EMATeacher(self.student, cfg.ema_decay)
-        self.optimizer = build_optimizer(self.student, cfg, fused=r.name != 'original')
-        self.ddp = ddp(self.student, device, find_unused_parameters=r.find_unused)
-        self.forward = torch.compile(self.ddp) if (cfg.compile and r.name != 'original') else self.ddp
+        self.optimizer = build_optimizer(self.student, cfg, fused=not r.original)
+        self.ddp = ddp(self.student, device, find_unused_parameters=r.original,
+                       gradient_as_bucket_view=not r.original)
+        self.forward = torch.compile(self.ddp) if (cfg.compile and not r.original) else self.ddp
         self.precision = Precision(r.precision, device)
         self.criterion = build_criterion(cfg.criterion.name, cfg.criterion.kwargs)
         base = METHOD_OPTIONS['unimatch_v2']
-        self.opt = SemiOptions(cfg.conf_thresh, cfg.lossu_weight, base.views, base.comp_drop, fused=r.fused)
+        self.opt = SemiOptions(cfg.conf_thresh, cfg.lossu_weight, base.views, base.comp_drop, fused=not r.original)
         self.extras = method_extras(r.name, cfg, self.student, device)
         self.it = 0
 
@@ -119,7 +116,7 @@ class Trainer:
             step = u2pl_step if self.r.name == 'u2pl' else weak_to_strong_step
             out = step(self.forward, self.teacher, batch_l, batch_u, self.criterion, self.opt, **self.extras)
         self.precision.backward_step(out['loss'], self.optimizer)
-        (self.teacher.update if self.r.foreach_ema else self.teacher.update_loop)(self.student, self.it)
+        (self.teacher.update_loop if self.r.original else self.teacher.update)(self.student, self.it)
         self.it += 1
         if self.device.type == 'cuda':
             torch.cuda.synchronize()
