@@ -18,7 +18,8 @@ Recipes, on the same generated batches:
   u2pl      default on U2PL's model (rep head) + its contrastive loss, with full queues' sampling
             (the config's u2pl_* settings; lambda_c 1, queues filled by the timed steps)
   allspark  default on AllSpark's model (bottleneck on the deepest tap), memory in use
-`--recipes original,default` times a subset. Steps of the recipes alternate after warm-up, so
+`--recipes original,default` times a subset; `--profile` prints only where the default step's
+time goes (teacher, encoder, decoder, losses, optimizer, EMA). Steps of the recipes alternate after warm-up, so
 machine noise hits all alike. Peak memory is
 measured in a fresh child process per recipe (max RSS on CPU, max allocated on CUDA). The data
 pipeline (unlabeled samples with their strong views, from generated images) is timed alone.
@@ -38,6 +39,8 @@ import torch
 import torch.distributed as tdist
 
 from model import build_model
+from model.dpt import to_input_size
+from model.presets import PATCH_SIZE
 from util.config import Config, fused_attention, load_config, model_options
 from util.dist import ddp
 from util.ema import EMATeacher
@@ -46,7 +49,8 @@ from util.losses import build_criterion
 from util.memory import peak_memory_mib
 from util.precision import Precision
 from util.prevmatch import Guidance, SnapshotBank
-from util.steps import METHOD_OPTIONS, AllSparkStep, SemiOptions, weak_to_strong_step
+from util.steps import (METHOD_OPTIONS, AllSparkStep, SemiOptions, mix_strong_views, pseudo_label,
+                        strong_losses, weak_to_strong_step)
 from util.u2pl import U2PLMemory, U2PLOptions, u2pl_step
 from util.trainer import build_optimizer
 
@@ -196,6 +200,65 @@ def data_pipeline_rate(cfg: Config, n: int = 64) -> float:
         return n / (time.perf_counter() - t0)
 
 
+def profile_default(cfg: Config, device: torch.device, steps: int) -> dict[str, float]:
+    """Median seconds of each part of the default UniMatch V2 step over `steps` steps (after one
+    warm-up step), on the student itself (no DDP wrapper). The decoder's backward is timed on its
+    own, from detached encoder features; the encoder's backward is the rest of the backward."""
+    t = Trainer(recipe('default', cfg), cfg, device)
+    student, (batch_l, batch_u) = t.student, make_batch(cfg, device, 0)
+    n, views = len(batch_l['image']), t.opt.views
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+
+    def now() -> float:
+        sync()
+        return time.perf_counter()
+
+    def losses(logits, targets):
+        pred_x, *pred_s = logits.split([n] * (1 + views))
+        loss_u = sum(strong_losses(pred_s, targets, t.opt.conf_thresh).values()) / views
+        return (t.criterion(pred_x, batch_l['mask']) + loss_u) / 2
+
+    parts = {}
+    for i in range(steps + 1):
+        with t.precision.autocast():
+            t0 = now()
+            conf, pseudo = pseudo_label(t.teacher, batch_u['image'])
+            t1 = now()
+            strong, targets = mix_strong_views(batch_u, pseudo, conf, views)
+            x = torch.cat([batch_l['image'], *strong])
+            t2 = now()
+            features = student.perturb(student.encode(x), True, n, False)
+            t3 = now()
+            grid = (x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE)
+            logits = to_input_size(student.head(features, grid), (grid[0] * PATCH_SIZE, grid[1] * PATCH_SIZE))
+            t4 = now()
+            loss = losses(logits, targets)
+            t5 = now()
+        loss.backward()
+        t6 = now()
+        t.precision.step(t.optimizer)
+        t7 = now()
+        t.teacher.update(student, i)
+        t8 = now()
+        with t.precision.autocast():        # the decoder alone, on detached features
+            detached = [f.detach().requires_grad_() for f in features]
+            logits = to_input_size(student.head(detached, grid), (grid[0] * PATCH_SIZE, grid[1] * PATCH_SIZE))
+            loss = losses(logits, targets)
+        d0 = now()
+        loss.backward()
+        d1 = now()
+        student.zero_grad(set_to_none=True)
+        if i == 0:
+            continue
+        for name, sec in {'teacher forward (no grad)': t1 - t0, 'CutMix of strong views and targets': t2 - t1,
+                          'student encoder forward': t3 - t2, 'student decoder forward and resize': t4 - t3,
+                          'losses forward': t5 - t4, 'student decoder and losses backward': d1 - d0,
+                          'student encoder backward': t6 - t5 - (d1 - d0), 'optimizer': t7 - t6,
+                          'EMA update': t8 - t7}.items():
+            parts.setdefault(name, []).append(sec)
+    return {name: statistics.median(v) for name, v in parts.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--config', required=True)
@@ -203,6 +266,8 @@ def main() -> None:
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--memory-steps', type=int, default=3)
     p.add_argument('--recipes', default=','.join(RECIPES), help=f'comma-separated subset of {RECIPES}')
+    p.add_argument('--profile', action='store_true',
+                   help="only print where the default step's time goes (its parts, median of --steps steps)")
     p.add_argument('overrides', nargs='*')
     args = p.parse_args()
     recipes = tuple(r.strip() for r in args.recipes.split(',') if r.strip())
@@ -215,6 +280,15 @@ def main() -> None:
           f'{cfg.nclass} classes, {device.type} ({torch.get_num_threads()} threads), default precision '
           f'{cfg.precision}', flush=True)
 
+    if args.profile:
+        parts = profile_default(cfg, device, args.steps)
+        total = sum(parts.values())
+        print(f'{"part of the default step":40s}{"ms":>9s}{"share":>8s}')
+        for name, sec in parts.items():
+            print(f'{name:40s}{sec * 1e3:9.1f}{sec / total:8.1%}')
+        print(f'{"sum":40s}{total * 1e3:9.1f}')
+        tdist.destroy_process_group()
+        return
     trainers = {name: Trainer(recipe(name, cfg), cfg, device) for name in recipes}
     batches = [make_batch(cfg, device, seed) for seed in range(2)]
     for i in range(args.warmup):

@@ -63,3 +63,13 @@ def test_command_prints_the_speedup_line():
     lines = out.stdout.strip().splitlines()
     assert lines[-1].startswith('speedup: ') and lines[-1].endswith('x'), lines[-3:]
     assert any(line.startswith('original ') for line in lines) and any(line.startswith('default ') for line in lines)
+
+
+def test_profile_prints_every_part_of_the_default_step():
+    out = subprocess.run(
+        [sys.executable, 'benchmark.py', '--config', 'configs/toy.yaml', '--profile', '--steps', '1', *SMALL],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for part in ('teacher forward', 'student encoder forward', 'student encoder backward',
+                 'student decoder and losses backward', 'optimizer', 'EMA update'):
+        assert part in out.stdout, (part, out.stdout)
