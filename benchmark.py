@@ -213,10 +213,14 @@ def profile_default(cfg: Config, device: torch.device, steps: int) -> dict[str, 
         sync()
         return time.perf_counter()
 
-    def losses(logits, targets):
+    def losses(logits, targets):        # weak_to_strong_step's total loss
         pred_x, *pred_s = logits.split([n] * (1 + views))
         loss_u = sum(strong_losses(pred_s, targets, t.opt.conf_thresh).values()) / views
-        return (t.criterion(pred_x, batch_l['mask']) + loss_u) / 2
+        w = t.opt.lossu_weight
+        return (t.criterion(pred_x, batch_l['mask']) + w * loss_u) / (1 + w)
+
+    def decode(features, grid):        # DPTSegmentor.forward after the encoder
+        return to_input_size(student.head(features, grid), (grid[0] * PATCH_SIZE, grid[1] * PATCH_SIZE))
 
     parts = {}
     for i in range(steps + 1):
@@ -230,7 +234,7 @@ def profile_default(cfg: Config, device: torch.device, steps: int) -> dict[str, 
             features = student.perturb(student.encode(x), True, n, False)
             t3 = now()
             grid = (x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE)
-            logits = to_input_size(student.head(features, grid), (grid[0] * PATCH_SIZE, grid[1] * PATCH_SIZE))
+            logits = decode(features, grid)
             t4 = now()
             loss = losses(logits, targets)
             t5 = now()
@@ -242,8 +246,7 @@ def profile_default(cfg: Config, device: torch.device, steps: int) -> dict[str, 
         t8 = now()
         with t.precision.autocast():        # the decoder alone, on detached features
             detached = [f.detach().requires_grad_() for f in features]
-            logits = to_input_size(student.head(detached, grid), (grid[0] * PATCH_SIZE, grid[1] * PATCH_SIZE))
-            loss = losses(logits, targets)
+            loss = losses(decode(detached, grid), targets)
         d0 = now()
         loss.backward()
         d1 = now()
