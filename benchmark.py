@@ -153,7 +153,7 @@ def init_single_process_group() -> None:
     if not tdist.is_initialized():
         with tempfile.NamedTemporaryFile(delete=False) as f:
             store = f.name
-        backend = 'nccl' if torch.cuda.is_available() else 'gloo'
+        backend = 'cpu:gloo,cuda:nccl' if torch.cuda.is_available() else 'gloo'   # CPU tensors too
         tdist.init_process_group(backend, init_method=f'file://{store}', rank=0, world_size=1)
 
 
@@ -171,6 +171,7 @@ def peak_memory_child(name: str, cfg: Config, steps: int, queue) -> None:
     for _ in range(steps):
         trainer.step(*batch)
     queue.put((name, peak_memory_mib(device)))
+    tdist.destroy_process_group()
 
 
 def peak_memory(cfg: Config, steps: int, recipes: tuple[str, ...] = RECIPES) -> dict[str, float]:

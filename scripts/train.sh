@@ -41,7 +41,8 @@ save_path=${EXP_DIR:-exp}/$dataset/$method/$backbone/$split
 mkdir -p "$save_path"
 echo "training $method on $dataset/$split with $gpus process(es) -> $save_path"
 status=$(mktemp)
-{ torchrun --nproc_per_node="$gpus" --master_addr=127.0.0.1 --master_port="$port" \
+# set +e inside the group (a subshell of the pipeline): a failed run must still record its status.
+{ set +e; torchrun --nproc_per_node="$gpus" --master_addr=127.0.0.1 --master_port="$port" \
     "$script" --config "$config" --split "$split" --save-path "$save_path" "$@" 2>&1; echo $? > "$status"; } \
     | tee -a "$save_path/out.log"
 code=$(cat "$status"); rm -f "$status"

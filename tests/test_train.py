@@ -78,7 +78,7 @@ def test_resume_refuses_other_class_count(toy, tmp_path, capsys):
 
 def test_train_sh_two_processes(toy, tmp_path):
     """scripts/train.sh launches torchrun with 2 CPU processes (gloo) and both take part."""
-    env = {**os.environ, 'EXP_DIR': str(tmp_path / 'exp'), 'OMP_NUM_THREADS': '1'}
+    env = {**os.environ, 'EXP_DIR': str(tmp_path / 'exp'), 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
     proc = subprocess.run(['sh', 'scripts/train.sh', 'toy', '1_16', 'unimatch_v2', '2'] + toy + ['epochs=1'],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -94,6 +94,17 @@ def test_train_sh_fails_loudly(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert 'no_such_key' in proc.stdout + proc.stderr
+
+
+def test_train_sh_passes_on_the_exit_status_of_a_failed_run(tmp_path):
+    """The run itself fails (no data under data_root): train.sh exits with torchrun's status."""
+    env = {**os.environ, 'EXP_DIR': str(tmp_path / 'exp'), 'CUDA_VISIBLE_DEVICES': ''}
+    proc = subprocess.run(['sh', 'scripts/train.sh', 'pascal', '92', 'unimatch_v2', '1',
+                           f'data_root={tmp_path / "missing"}'],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert 'missing' in proc.stdout and 'Illegal number' not in proc.stderr
+    assert (tmp_path / 'exp/pascal/unimatch_v2/dinov2_small/92/out.log').exists()
 
 
 @pytest.mark.parametrize('omp, workers, cpus, threads', [(None, 1, 2, 1), (None, 0, 2, 2), (None, 3, 2, 1),

@@ -6,6 +6,7 @@ whether it is distributed: `world_size()` is 1 and `is_main()` is True in one pr
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import warnings
 
@@ -40,6 +41,11 @@ def setup(timeout_min: int = 30) -> torch.device:
     returns this process's device."""
     use_cuda = torch.cuda.is_available()
     device = torch.device('cuda', local_rank()) if use_cuda else torch.device('cpu')
+    if use_cuda and local_rank() >= torch.cuda.device_count():
+        raise RuntimeError(f'process {local_rank()} of this node has no GPU: '
+                           f'{torch.cuda.device_count()} visible; launch at most that many '
+                           f'processes per node (or hide the GPUs with CUDA_VISIBLE_DEVICES= '
+                           f'to run every process on the CPU)')
     if use_cuda:
         torch.cuda.set_device(device)
     if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ and not is_dist():
@@ -47,6 +53,14 @@ def setup(timeout_min: int = 30) -> torch.device:
                                 timeout=datetime.timedelta(minutes=timeout_min),
                                 device_id=device if use_cuda else None)
     return device
+
+
+# torch 2.14 renamed DDP's `broadcast_buffers` to `forward_sync_buffers` and deprecates the old
+# name; earlier releases (the 2.11 of common CUDA images) know only the old one.
+_NO_FORWARD_BUFFER_SYNC = (
+    {'forward_sync_buffers': False}
+    if 'forward_sync_buffers' in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {'broadcast_buffers': False})
 
 
 def ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool = False,
@@ -60,7 +74,7 @@ def ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool = F
     # process-wide and matches by message, so it would also hide a real stride mismatch.
     warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
     ids = [device.index] if device.type == 'cuda' else None
-    return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False,
+    return DistributedDataParallel(model, device_ids=ids, **_NO_FORWARD_BUFFER_SYNC,
                                    find_unused_parameters=find_unused_parameters,
                                    gradient_as_bucket_view=gradient_as_bucket_view)
 

@@ -96,6 +96,8 @@ def setup_run(args: argparse.Namespace, method: str | None = None) -> Run:
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     seed_everything(cfg.seed + dist.rank())
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True   # autotuned convolutions, as the original
     log = get_logger(run_dir)
     log.info(f'config {args.config} ({" ".join(overrides) or "no overrides"}) -> {run_dir}, '
              f'{dist.world_size()} process(es) on {device.type}')
