@@ -302,7 +302,9 @@ def main() -> None:
     for i in range(args.steps):
         for name, t in trainers.items():
             times[name].append(t.step(*batches[i % 2]))
-    del trainers
+    del trainers, batches
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()   # the memory children share the GPU with this process
 
     peaks = peak_memory(cfg, args.memory_steps, recipes)
     mem_unit = 'max allocated' if device.type == 'cuda' else 'max RSS'

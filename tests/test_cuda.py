@@ -113,10 +113,12 @@ def test_two_runs_of_one_seed_agree_on_cuda(toy, tmp_path):  # noqa: F811 (the t
     c, _ = short_run(toy, tmp_path / 'c', 'seed=4')
     assert step_losses(a) == pytest.approx(step_losses(b), rel=1e-2, abs=1e-4)
     assert step_losses(a) != pytest.approx(step_losses(c), rel=1e-2, abs=1e-4)
-    # AdamW moves a weight whose gradient is rounding noise by up to lr (<= 1.4e-4 here) per step,
-    # in either direction, so 3 steps may leave two runs up to ~1e-3 apart.
-    for k, v in ckpt_a['model'].items():
-        torch.testing.assert_close(ckpt_b['model'][k], v, atol=1e-3, rtol=0, msg=k)
+    # A weight whose gradient is rounding noise gets AdamW's full step, about lr, in either direction.
+    # The decoder's lr (5 x the encoder's) summed over the 3 steps is 2.1e-3, so two runs may differ
+    # by twice that there; the mass of the weights, with real gradients, agrees much closer.
+    diff = torch.cat([(ckpt_b['model'][k] - v).abs().flatten() for k, v in ckpt_a['model'].items()
+                      if v.is_floating_point()])
+    assert diff.max() <= 6e-3 and diff.mean() <= 1e-4, (diff.max(), diff.mean())
 
 
 def test_benchmark_reports_cuda_memory():
