@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.batches import CROP, NCLASS, fixed_box_batch
 import unimatch_v2
 from util.config import ConfigError, load_config, loss_weight
 from util.ipix import (IPixOptions, ipix_loss, ipix_view_loss, loss_size, resample, warmup_ramp)
@@ -22,8 +23,6 @@ from util.losses import cutmix
 from util.steps import SemiOptions, unimatch_v1_step, weak_to_strong_step
 
 ROOT = Path(__file__).resolve().parents[1]
-NCLASS = 3
-CROP = 28
 
 
 def logits_with_confident(conf_pixels: list[bool], c: int = 2, seed: int = 0) -> torch.Tensor:
@@ -178,22 +177,8 @@ class ConvStudent(nn.Module):
         return (out, self.conv(x * 0.5)) if need_fp else out
 
 
-def make_batch(b: int = 4, seed: int = 0) -> tuple[dict, dict]:
-    g = torch.Generator().manual_seed(seed)
-    boxes = torch.zeros(b, 2, CROP, CROP, dtype=torch.bool)
-    boxes[:, 0, 4:16, 6:20] = True
-    boxes[:, 1, 10:26, 2:12] = True
-    boxes[1, 0] = False                                   # an image without a box in view 1
-    valid = torch.ones(b, CROP, CROP, dtype=torch.bool)
-    valid[0, :, 20:] = False
-    return ({'image': torch.randn(b, 3, CROP, CROP, generator=g),
-             'mask': torch.randint(0, NCLASS, (b, CROP, CROP), generator=g)},
-            {'image': torch.randn(b, 3, CROP, CROP, generator=g),
-             'strong': torch.randn(b, 2, 3, CROP, CROP, generator=g), 'boxes': boxes, 'valid': valid})
-
-
 def test_step_adds_alpha_times_the_view_mean_of_mixed_teacher_logits():
-    batch_l, batch_u = make_batch()
+    batch_l, batch_u = fixed_box_batch(boxless=(1, 0))
     teacher_logits = torch.randn(4, NCLASS, CROP, CROP, generator=torch.Generator().manual_seed(5)) * 5
     student = ConvStudent()
     crit = nn.CrossEntropyLoss(ignore_index=255)
@@ -227,7 +212,7 @@ def test_step_adds_alpha_times_the_view_mean_of_mixed_teacher_logits():
 
 
 def test_unimatch_v1_step_with_ipix():
-    batch_l, batch_u = make_batch(seed=6)
+    batch_l, batch_u = fixed_box_batch(seed=6, boxless=(1, 0))
     student = ConvStudent()
     crit = nn.CrossEntropyLoss(ignore_index=255)
     base = unimatch_v1_step(student, batch_l, batch_u, crit, SemiOptions(conf_thresh=0.0))

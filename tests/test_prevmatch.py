@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.batches import CROP, NCLASS, fixed_box_batch
 import unimatch_v2
 from model import build_model
 from tools import tables
@@ -29,8 +30,6 @@ from util.prevmatch import Guidance, SnapshotBank, guidance_loss, guidance_weigh
 from util.steps import V1_WEIGHTS, SemiOptions, unimatch_v1_step, weak_to_strong_step
 
 ROOT = Path(__file__).resolve().parents[1]
-NCLASS = 3
-CROP = 28
 
 
 class Conv(nn.Module):
@@ -210,21 +209,8 @@ def test_snapshots_survive_a_checkpoint_and_resume(tmp_path):
 
 # ---- in the step ---------------------------------------------------------------------------------------
 
-def make_batch(b: int = 4, seed: int = 0) -> tuple[dict, dict]:
-    g = torch.Generator().manual_seed(seed)
-    boxes = torch.zeros(b, 2, CROP, CROP, dtype=torch.bool)
-    boxes[:, 0, 4:16, 6:20] = True
-    boxes[:, 1, 10:26, 2:12] = True
-    valid = torch.ones(b, CROP, CROP, dtype=torch.bool)
-    valid[0, :, 20:] = False
-    return ({'image': torch.randn(b, 3, CROP, CROP, generator=g),
-             'mask': torch.randint(0, NCLASS, (b, CROP, CROP), generator=g)},
-            {'image': torch.randn(b, 3, CROP, CROP, generator=g),
-             'strong': torch.randn(b, 2, 3, CROP, CROP, generator=g), 'boxes': boxes, 'valid': valid})
-
-
 def test_step_adds_guidance_on_mixed_ensemble_labels():
-    batch_l, batch_u = make_batch()
+    batch_l, batch_u = fixed_box_batch()
     g = torch.Generator().manual_seed(1)
     teacher_logits = torch.randn(4, NCLASS, CROP, CROP, generator=g) * 3
     ensemble_logits = torch.randn(4, NCLASS, CROP, CROP, generator=g) * 3
@@ -255,7 +241,7 @@ def test_step_adds_guidance_on_mixed_ensemble_labels():
 
 
 def test_unimatch_v1_step_weights_guidance_like_its_streams():
-    batch_l, batch_u = make_batch(seed=2)
+    batch_l, batch_u = fixed_box_batch(seed=2)
     ensemble_logits = torch.randn(4, NCLASS, CROP, CROP, generator=torch.Generator().manual_seed(3)) * 3
     student, crit = Conv(), nn.CrossEntropyLoss(ignore_index=255)
     opt = SemiOptions(conf_thresh=0.0)
