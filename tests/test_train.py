@@ -123,3 +123,13 @@ def test_cpu_threads_leave_cores_to_data_workers(monkeypatch, omp, workers, cpus
         assert torch.get_num_threads() == (before if threads is None else threads)   # the user's setting wins
     finally:
         torch.set_num_threads(before)
+
+
+def test_more_processes_than_gpus_is_an_error(monkeypatch):
+    """A second process on a one-GPU node fails at once, saying why (not CUDA's 'invalid device ordinal')."""
+    from util import dist
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setenv('LOCAL_RANK', '1')
+    with pytest.raises(RuntimeError, match='process 1 of this node has no GPU: 1 visible'):
+        dist.setup()
