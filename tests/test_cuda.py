@@ -18,15 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import unimatch_v2
 from model import build_model
 from tests.test_model import REFERENCE_FIXTURE, max_abs_diff, reference_model
-from tests.test_robustness import STEP_LINE, short_run, toy  # noqa: F401 (toy is a fixture)
-from tests.test_steps import V2_KEYS, make_batch
-from util.checkpoint import safe_load
+from tests.test_robustness import short_run, toy  # noqa: F401 (toy is a fixture)
+from tests.test_steps import V2_KEYS, fused_and_unfused_steps, make_batch
 from util.ema import EMATeacher
 from util.losses import IGNORE_INDEX, build_criterion
-from util.steps import SemiOptions, weak_to_strong_step
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.device('cuda', 0)
@@ -71,15 +68,7 @@ def test_fused_and_unfused_steps_agree_on_cuda():
     model = build_model('dinov2_tiny', 3, drop_path=0.0).to(CUDA).train()
     teacher = EMATeacher(model)
     batch_l, batch_u = (to_cuda(b) for b in make_batch(seed=8))
-    results = {}
-    for fused in (True, False):
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(123)
-        out = weak_to_strong_step(model, teacher, batch_l, batch_u, criterion,
-                                  SemiOptions(conf_thresh=0.0, fused=fused))
-        out['loss'].backward()
-        results[fused] = out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    (out_f, grad_f), (out_u, grad_u) = results[True], results[False]
+    (out_f, grad_f), (out_u, grad_u) = fused_and_unfused_steps(model, teacher, batch_l, batch_u, criterion)
     assert out_f['loss_s1'] > 0
     for k in V2_KEYS:
         torch.testing.assert_close(out_f[k], out_u[k], atol=1e-5, rtol=1e-5, msg=k)

@@ -268,6 +268,21 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def fused_and_unfused_steps(model: nn.Module, teacher: EMATeacher, batch_l: dict, batch_u: dict,
+                            criterion: nn.Module) -> list[tuple[dict, dict]]:
+    """(outputs, gradients) of the step with labeled and strong images in one student forward, then
+    in separate forwards, each from the same dropout draw."""
+    results = []
+    for fused in (True, False):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(123)
+        out = weak_to_strong_step(model, teacher, batch_l, batch_u, criterion,
+                                  SemiOptions(conf_thresh=0.0, fused=fused))
+        out['loss'].backward()
+        results.append((out, _grads(model)))
+    return results
+
+
 def test_fused_and_unfused_forwards_agree(criterion):
     # Same losses and gradients whether labeled and strong images share one forward or not: the
     # complementary-dropout masks are drawn in the same order and the labeled images are left clean.
@@ -275,15 +290,7 @@ def test_fused_and_unfused_forwards_agree(criterion):
     model = build_model('dinov2_tiny', NCLASS, drop_path=0.0).train()
     teacher = EMATeacher(model)
     batch_l, batch_u = make_batch(seed=8)
-    results = {}
-    for fused in (True, False):
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(123)
-        out = weak_to_strong_step(model, teacher, batch_l, batch_u, criterion,
-                                  SemiOptions(conf_thresh=0.0, fused=fused))
-        out['loss'].backward()
-        results[fused] = (out, _grads(model))
-    (out_f, grad_f), (out_u, grad_u) = results[True], results[False]
+    (out_f, grad_f), (out_u, grad_u) = fused_and_unfused_steps(model, teacher, batch_l, batch_u, criterion)
     assert out_f['loss_s1'] > 0
     for k in V2_KEYS:
         assert torch.allclose(out_f[k].detach(), out_u[k].detach(), atol=1e-5), k
