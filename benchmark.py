@@ -19,7 +19,9 @@ Recipes, on the same generated batches:
             (the config's u2pl_* settings; lambda_c 1, queues filled by the timed steps)
   allspark  default on AllSpark's model (bottleneck on the deepest tap), memory in use
 `--recipes original,default` times a subset; `--profile` prints only where the default step's
-time goes (teacher, encoder, decoder, losses, optimizer, EMA). Steps of the recipes alternate after warm-up, so
+time goes (teacher, encoder, decoder, losses, optimizer, EMA); `--op-ratios` prints only the
+original and default steps' time per class of operation (matrix products, convolutions, casts, ...)
+side by side: the speedup is the time-weighted mean of these ratios. Steps of the recipes alternate after warm-up, so
 machine noise hits all alike. Peak memory is
 measured in a fresh child process per recipe (max RSS on CPU, max allocated on CUDA). The data
 pipeline (unlabeled samples with their strong views, from generated images) is timed alone.
@@ -33,10 +35,12 @@ import os
 import statistics
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
+from torch.profiler import ProfilerActivity, profile
 
 from model import build_model
 from model.dpt import to_input_size
@@ -55,6 +59,23 @@ from util.u2pl import U2PLMemory, U2PLOptions, u2pl_step
 from util.trainer import build_optimizer
 
 RECIPES = ('original', 'default', 'ipix', 'prevmatch', 'u2pl', 'allspark')
+
+# `--op-ratios`: aten operations by class (every other aten operation counts as 'other').
+OP_CLASSES = {
+    'matrix products (mm, addmm, bmm)': ('mm', 'addmm', 'bmm'),
+    'convolutions, forward and backward': ('mkldnn_convolution', 'convolution_backward', 'cudnn_convolution',
+                                           'cudnn_convolution_transpose'),
+    'casts and copies': ('copy_', 'clone'),
+    'bilinear and bicubic resizes': ('upsample_bilinear2d', 'upsample_bilinear2d_backward',
+                                     'upsample_bicubic2d', 'upsample_bicubic2d_backward'),
+    'softmax and log-softmax': ('_softmax', '_softmax_backward_data', '_log_softmax',
+                                '_log_softmax_backward_data'),
+    'layer norm': ('native_layer_norm', 'native_layer_norm_backward'),
+    'GELU': ('gelu', 'gelu_backward'),
+    'optimizer, EMA and other in-place updates': ('_fused_adamw_', 'lerp_', '_foreach_lerp_', 'addcdiv_',
+                                                  'addcmul_', 'sqrt', '_foreach_mul_', '_foreach_add_',
+                                                  'mul_', 'add_'),
+}
 
 
 @dataclass
@@ -263,6 +284,40 @@ def profile_default(cfg: Config, device: torch.device, steps: int) -> dict[str, 
     return {name: statistics.median(v) for name, v in parts.items()}
 
 
+def op_class_times(cfg: Config, device: torch.device, steps: int) -> dict[str, dict[str, float]]:
+    """{recipe: {op class: self time in s per step}} for the original and default recipes, from
+    torch.profiler over `steps` interleaved steps after one warm-up step each; 'all operations' is
+    the sum and 'step' the steps' own timing. Self times (children excluded) add up without double
+    counting; on CUDA they are the kernels' device times."""
+    cuda = device.type == 'cuda'
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    trainers = {name: Trainer(recipe(name, cfg), cfg, device) for name in ('original', 'default')}
+    batch = make_batch(cfg, device, 0)
+    op_class = {f'aten::{op}': name for name, ops in OP_CLASSES.items() for op in ops}
+    times = {name: Counter() for name in trainers}
+    for t in trainers.values():
+        t.step(*batch)
+    for _ in range(steps):
+        for name, t in trainers.items():
+            with profile(activities=activities) as prof:
+                times[name]['step'] += t.step(*batch) / steps
+            for event in prof.key_averages():
+                if event.key.startswith('aten::'):
+                    sec = (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e6 / steps
+                    times[name][op_class.get(event.key, 'other')] += sec
+                    times[name]['all operations'] += sec
+    return {name: dict(c) for name, c in times.items()}
+
+
+def print_op_ratios(times: dict[str, dict[str, float]]) -> None:
+    original, default = times['original'], times['default']
+    print(f'{"class of operation (self time per step)":42s}{"original ms":>13s}{"default ms":>12s}{"ratio":>8s}')
+    for name in (*OP_CLASSES, 'other', 'all operations', 'step'):
+        a, b = original.get(name, 0.0), default.get(name, 0.0)
+        ratio = f'{a / b:8.2f}' if b > 0 else f'{"-":>8s}'
+        print(f'{name:42s}{a * 1e3:13.0f}{b * 1e3:12.0f}{ratio}')
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--config', required=True)
@@ -272,6 +327,9 @@ def main() -> None:
     p.add_argument('--recipes', default=','.join(RECIPES), help=f'comma-separated subset of {RECIPES}')
     p.add_argument('--profile', action='store_true',
                    help="only print where the default step's time goes (its parts, median of --steps steps)")
+    p.add_argument('--op-ratios', action='store_true',
+                   help="only print the original and default steps' time per class of operation "
+                        "(torch.profiler over --steps steps)")
     p.add_argument('overrides', nargs='*')
     args = p.parse_args()
     recipes = tuple(r.strip() for r in args.recipes.split(',') if r.strip())
@@ -291,6 +349,10 @@ def main() -> None:
         for name, sec in parts.items():
             print(f'{name:40s}{sec * 1e3:9.1f}{sec / total:8.1%}')
         print(f'{"sum":40s}{total * 1e3:9.1f}')
+        tdist.destroy_process_group()
+        return
+    if args.op_ratios:
+        print_op_ratios(op_class_times(cfg, device, args.steps))
         tdist.destroy_process_group()
         return
     trainers = {name: Trainer(recipe(name, cfg), cfg, device) for name in recipes}

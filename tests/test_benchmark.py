@@ -73,3 +73,17 @@ def test_profile_prints_every_part_of_the_default_step():
     for part in ('teacher forward', 'student encoder forward', 'student encoder backward',
                  'student decoder and losses backward', 'optimizer', 'EMA update'):
         assert part in out.stdout, (part, out.stdout)
+
+
+def test_op_ratios_print_each_class_of_operation_for_both_recipes():
+    out = subprocess.run(
+        [sys.executable, 'benchmark.py', '--config', 'configs/toy.yaml', '--op-ratios', '--steps', '1', *SMALL],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line[:42].strip(): line[42:].split() for line in out.stdout.splitlines()[2:]}
+    assert set(benchmark.OP_CLASSES) | {'other', 'all operations', 'step'} <= set(rows), out.stdout
+    for name in ('matrix products (mm, addmm, bmm)', 'all operations', 'step'):
+        original_ms, default_ms, ratio = map(float, rows[name])
+        assert original_ms > 0 and default_ms > 0 and ratio > 0, (name, rows[name])
+    classes = sum(float(rows[name][0]) for name in (*benchmark.OP_CLASSES, 'other'))
+    assert abs(classes - float(rows['all operations'][0])) <= len(benchmark.OP_CLASSES) + 1   # rounding
