@@ -21,10 +21,10 @@ Recipes, on the same generated batches:
 `--recipes original,default` times a subset; `--profile` prints only where the default step's
 time goes (teacher, encoder, decoder, losses, optimizer, EMA); `--op-ratios` prints only the
 original and default steps' time per class of operation (matrix products, convolutions, casts, ...)
-side by side: the speedup is the time-weighted mean of these ratios. Steps of the recipes alternate after warm-up, so
-machine noise hits all alike. Peak memory is
-measured in a fresh child process per recipe (max RSS on CPU, max allocated on CUDA). The data
-pipeline (unlabeled samples with their strong views, from generated images) is timed alone.
+side by side: the speedup is the mean of these ratios weighted by the default step's times. Steps
+of the recipes alternate after warm-up, so machine noise hits all alike. Peak memory is measured in
+a fresh child process per recipe (max RSS on CPU, max allocated on CUDA). The data pipeline
+(unlabeled samples with their strong views, from generated images) is timed alone.
 The last line is `speedup: N.NNx` (original time / default time).
 """
 from __future__ import annotations
