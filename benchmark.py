@@ -12,12 +12,9 @@ Recipes, on the same generated batches:
             into the projections, fused AdamW, foreach EMA, DDP without find_unused_parameters and
             with gradients as bucket views, plus the config's attention (auto: fused SDPA, except
             math attention for bf16/fp16 on the CPU) / channels_last / compile / grad_checkpointing
-  ipix      default + IPixMatch's L_IPix (alpha 1, the config's ipix_* settings)
-  prevmatch default + PrevMatch's previous guidance, with the bank full (prev_snapshots snapshots,
-            the config's storage) and the step's random draw of 1..prev_ensemble of them
-  u2pl      default on U2PL's model (rep head) + its contrastive loss, with full queues' sampling
-            (the config's u2pl_* settings; lambda_c 1, queues filled by the timed steps)
-  allspark  default on AllSpark's model (bottleneck on the deepest tap), memory in use
+  <method>  default + what each method that declares a benchmark recipe adds (`python -m methods`
+            marks them), in its steady state (`Method.for_benchmark`: warm-ups over, banks and
+            memories in use), with the config's keys of that method
 `--recipes original,default` times a subset; `--profile` prints only where the default step's
 time goes (teacher, encoder, decoder, losses, optimizer, EMA); `--op-ratios` prints only the
 original and default steps' time per class of operation (matrix products, convolutions, casts, ...)
@@ -36,29 +33,27 @@ import statistics
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as tdist
 from torch.profiler import ProfilerActivity, profile
 
+import methods
+from methods.step import SemiOptions, mix_strong_views, pseudo_label, semi_step, strong_losses
 from model import build_model
 from model.dpt import to_input_size
 from model.presets import PATCH_SIZE
-from util.config import Config, fused_attention, load_config, model_options
+from util.config import Config, fused_attention, load_config
 from util.dist import ddp
 from util.ema import EMATeacher
-from util.ipix import IPixOptions
 from util.losses import build_criterion
 from util.memory import peak_memory_mib
 from util.precision import Precision
-from util.prevmatch import Guidance, SnapshotBank
-from util.steps import (METHOD_OPTIONS, AllSparkStep, SemiOptions, mix_strong_views, pseudo_label,
-                        strong_losses, weak_to_strong_step)
-from util.u2pl import U2PLMemory, U2PLOptions, u2pl_step
 from util.trainer import build_optimizer
 
-RECIPES = ('original', 'default', 'ipix', 'prevmatch', 'u2pl', 'allspark')
+METHOD_RECIPES = tuple(name for name, cls in methods.REGISTRY.items() if cls.benchmark_recipe)
+RECIPES = ('original', 'default') + METHOD_RECIPES
 
 # `--op-ratios`: aten operations by class (every other aten operation counts as 'other').
 OP_CLASSES = {
@@ -111,8 +106,9 @@ class Trainer:
     def __init__(self, r: Recipe, cfg: Config, device: torch.device):
         torch.manual_seed(cfg.seed)
         self.r, self.cfg, self.device = r, cfg, device
-        options = model_options(Config(**{**vars(cfg), 'method': r.name})) if r.name in ('u2pl', 'allspark') else {}
-        self.student = build_model(cfg.backbone, cfg.nclass, **options).to(device)
+        method = methods.get(r.name) if r.name in METHOD_RECIPES else None    # None: the core step alone
+        self.student = (methods.build_model(replace(cfg, method=r.name)) if method else
+                        build_model(cfg.backbone, cfg.nclass)).to(device)
         if cfg.lock_backbone:
             self.student.lock_backbone()
         self.student.set_fused_attention(not r.original and fused_attention(cfg, device.type))
@@ -128,9 +124,9 @@ class Trainer:
         self.forward = torch.compile(self.ddp) if (cfg.compile and not r.original) else self.ddp
         self.precision = Precision(r.precision, device)
         self.criterion = build_criterion(cfg.criterion.name, cfg.criterion.kwargs)
-        base = METHOD_OPTIONS['unimatch_v2']
-        self.opt = SemiOptions(cfg.conf_thresh, cfg.lossu_weight, base.views, base.comp_drop, fused=not r.original)
-        self.extras = method_extras(r.name, cfg, self.student, device)
+        self.opt = replace(method.options if method else SemiOptions(), conf_thresh=cfg.conf_thresh,
+                           lossu_weight=cfg.lossu_weight, fused=not r.original)
+        self.methods = [method.for_benchmark(replace(cfg, method=r.name), self.student, device)] if method else []
         self.it = 0
 
     def step(self, batch_l: dict, batch_u: dict) -> float:
@@ -138,36 +134,13 @@ class Trainer:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with self.precision.autocast():
-            step = u2pl_step if self.r.name == 'u2pl' else weak_to_strong_step
-            out = step(self.forward, self.teacher, batch_l, batch_u, self.criterion, self.opt, **self.extras)
+            out = semi_step(self.forward, self.teacher, batch_l, batch_u, self.criterion, self.opt, self.methods)
         self.precision.backward_step(out['loss'], self.optimizer)
         (self.teacher.update_loop if self.r.original else self.teacher.update)(self.student, self.it)
         self.it += 1
         if self.device.type == 'cuda':
             torch.cuda.synchronize()
         return time.perf_counter() - t0
-
-
-def method_extras(name: str, cfg: Config, student: torch.nn.Module, device: torch.device) -> dict:
-    """The step's optional terms for the `ipix` and `prevmatch` recipes ({} for the others)."""
-    if name == 'ipix':
-        return {'ipix': IPixOptions(1.0, cfg.ipix_thresh, cfg.ipix_temperature, cfg.ipix_loss,
-                                    cfg.ipix_resolution)}
-    if name == 'prevmatch':
-        bank = SnapshotBank(student, cfg.prev_snapshots, cfg.prev_ensemble, cfg.prev_storage, device,
-                            seed=cfg.seed)
-        for _ in range(cfg.prev_snapshots):
-            bank.add(student)
-        return {'prev': Guidance(bank.sample_ensemble, 1.0, cfg.prev_thresh, cfg.prev_loss)}
-    if name == 'u2pl':
-        memory = U2PLMemory(cfg.nclass, cfg.u2pl_rep_dim, cfg.u2pl_queue_size, cfg.u2pl_queue_size_bg,
-                            cfg.u2pl_proto_momentum)
-        return {'u2pl': U2PLOptions(memory, 1.0, cfg.u2pl_alpha0, cfg.u2pl_low_rank, cfg.u2pl_high_rank,
-                                    cfg.u2pl_anchors, cfg.u2pl_negatives, cfg.u2pl_temperature,
-                                    cfg.u2pl_anchor_thresh, cfg.u2pl_unsup, (cfg.u2pl_sce_ce, cfg.u2pl_sce_rce))}
-    if name == 'allspark':
-        return {'allspark': AllSparkStep(use_memory=True)}
-    return {}
 
 
 def init_single_process_group() -> None:
@@ -235,7 +208,7 @@ def profile_default(cfg: Config, device: torch.device, steps: int) -> dict[str, 
         sync()
         return time.perf_counter()
 
-    def losses(logits, targets):        # weak_to_strong_step's total loss
+    def losses(logits, targets):        # semi_step's total loss
         pred_x, *pred_s = logits.split([n] * (1 + views))
         loss_u = sum(strong_losses(pred_s, targets, t.opt.conf_thresh).values()) / views
         w = t.opt.lossu_weight

@@ -187,22 +187,9 @@ class DPTSegmentor(nn.Module):
         return features
 
 
-def build_model(backbone: str, nclass: int, drop_path: float = 0.0, rep_dim: int = 0,
-                allspark: dict | None = None) -> DPTSegmentor:
-    """`build_model('dinov2_small', 21)`: random init; load weights with `model.loading`.
-
-    rep_dim > 0: U2PL's model, with a representation head `rep_head.*` (model/u2pl.py).
-    allspark: AllSpark's model, with the bottleneck `allspark.*` on the deepest tap; the dict holds
-    `AllSparkBottleneck`'s keyword arguments (model/allspark.py). Without either: the plain model,
-    whose state dict is that of the original release.
-    """
+def build_model(backbone: str, nclass: int, drop_path: float = 0.0) -> DPTSegmentor:
+    """`build_model('dinov2_small', 21)`: random init; load weights with `model.loading`. Its state
+    dict is that of the original release. (A method's model, with its own head or bottleneck, is
+    built by the method: `methods.build_model(cfg)`.)"""
     _, spec = preset(backbone)
-    if rep_dim and allspark is not None:
-        raise ValueError('rep_dim (U2PL) and allspark are separate methods; give one of them')
-    if rep_dim:
-        from model.u2pl import U2PLSegmentor
-        return U2PLSegmentor(spec, nclass, drop_path, rep_dim)
-    if allspark is not None:
-        from model.allspark import AllSparkSegmentor
-        return AllSparkSegmentor(spec, nclass, drop_path, **allspark)
     return DPTSegmentor(spec, nclass, drop_path)

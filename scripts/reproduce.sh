@@ -10,8 +10,8 @@
 #   1/512..1/32: every split x {supervised, unimatch_v2} x {dinov2_small, dinov2_base}.
 #   WITH_ALL=1 adds the fully supervised 'all' cells with the paper's epochs (60/360/120/40).
 # table5 fixmatch, unimatch_v1, unimatch_v2 with dinov2_base on Table 5's splits (pascal 92..1464,
-#   ade20k 1/64..1/4, coco 1/512..1/128). toy: 1_16 1_8 1_4 x {supervised, unimatch_v2, fixmatch,
-#   unimatch_v1, prevmatch, ipixmatch, u2pl, allspark}, plus supervised on all.
+#   ade20k 1/64..1/4, coco 1/512..1/128). toy: 1_16 1_8 1_4 x every registered method (`python -m
+#   methods`), plus supervised on all.
 # Cells whose results.json shows every planned epoch done are skipped; partial ones resume. key=value
 # overrides follow each cell's own (backbone=, epochs=), so they win. EXP_DIR as for train.sh. Ends
 # with python tools/tables.py, written to <exp>/tables.md.
@@ -64,7 +64,7 @@ case "$table" in
                 grid ade20k "1_64 1_32 1_16 1_8 1_4" "$methods" dinov2_base
                 grid coco "1_512 1_256 1_128" "$methods" dinov2_base) ;;
     toy) tables=toy
-        cells=$(grid toy "1_16 1_8 1_4" "supervised unimatch_v2 fixmatch unimatch_v1 prevmatch ipixmatch u2pl allspark" -
+        cells=$(grid toy "1_16 1_8 1_4" "$(python -m methods --names)" -
                 grid toy all supervised -) ;;
     *) echo "unknown table '$table'" >&2; usage ;;
 esac
@@ -96,9 +96,8 @@ while read -r dataset split method extra; do
     # shellcheck disable=SC2086  # $extra is the cell's key=value words
     for arg in $extra "$@"; do case "$arg" in backbone=*) backbone=${arg#backbone=} ;; esac; done
     run_dir=$exp/$dataset/$method/$backbone/$split
-    semi=; [ "$method" = supervised ] || semi="method=$method"
     # shellcheck disable=SC2086
-    if done_cell "$run_dir" "$config" $semi $extra "$@"; then
+    if done_cell "$run_dir" "$config" "method=$method" $extra "$@"; then
         echo "skip $dataset $split $method ($run_dir: all epochs done)" >&2; continue
     fi
     cell="$dataset $split $method${gpus:+ $gpus}${extra:+ $extra}"

@@ -7,24 +7,23 @@
 # Multi-node training under SLURM: one torchrun per node, rendezvous on the first node.
 #
 #   sbatch --nodes 2 scripts/slurm_train.sh <dataset> <split> [method] [key=value ...]
-#   sbatch --nodes 2 --gpus-per-node 8 scripts/slurm_train.sh coco 1_512 unimatch_v2 backbone=dinov2_base
+#   sbatch --nodes 2 --gpus-per-node 8 scripts/slurm_train.sh coco 1_512 <method> backbone=dinov2_base
 #
 # Each node runs GPUS_PER_NODE processes (default: SLURM_GPUS_ON_NODE, else 4). The learning rate
 # follows the global batch (see README). Requeued or resubmitted jobs resume from latest.pth.
 set -e
 dataset=$1; split=$2; shift 2
-method=unimatch_v2
-case "$1" in ''|*=*) ;; *) method=$1; shift ;; esac
+case "$1" in ''|*=*) ;; *) m=$1; shift; set -- "method=$m" "$@" ;; esac
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 config=configs/$dataset.yaml
 gpus=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-4}}
 master=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 port=${MASTER_PORT:-29500}
-if [ "$method" = supervised ]; then script=supervised.py; else script=unimatch_v2.py; set -- "method=$method" "$@"; fi
+method=$(python -m util.config "$config" method "$@")
 backbone=$(python -m util.config "$config" backbone "$@")
 save_path=exp/$dataset/$method/$backbone/$split
 mkdir -p "$save_path"
 srun --kill-on-bad-exit=1 torchrun --nnodes="$SLURM_NNODES" --nproc_per_node="$gpus" \
     --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$master:$port" \
-    "$script" --config "$config" --split "$split" --save-path "$save_path" "$@" \
+    unimatch_v2.py --config "$config" --split "$split" --save-path "$save_path" "$@" \
     >> "$save_path/out.log" 2>&1

@@ -4,10 +4,9 @@
 #   sh scripts/train.sh <dataset> <split> [method] [gpus] [port] [key=value ...]
 #   sh scripts/train.sh toy 1_16                       # built-in data, CPU, minutes
 #   sh scripts/train.sh pascal 92                      # UniMatch V2, DINOv2-S, 4 GPUs as the paper
-#   sh scripts/train.sh cityscapes 1_16 fixmatch 8 29501 backbone=dinov2_base
+#   sh scripts/train.sh cityscapes 1_16 <method> 8 29501 backbone=dinov2_base
 #
-# method: unimatch_v2 (default) | fixmatch | unimatch_v1 | prevmatch | ipixmatch | u2pl | allspark | supervised
-#   (PrevMatch's / IPixMatch's loss also goes on any semi method: prev_weight=1 / ipix_weight=1)
+# method: any name `python -m methods` lists (default: the config's `method`, UniMatch V2)
 # gpus: processes on this node (default: every visible GPU, or 1 without GPUs; more than 1 without
 #   GPUs runs that many CPU processes with gloo). The learning rate follows the global batch
 #   (lr x gpus / 4, the paper's 4 GPUs); pass scale_lr=false to keep the config's lr.
@@ -18,7 +17,7 @@ if [ $# -lt 2 ]; then
     sed -n '2,15p' "$0"; exit 2
 fi
 dataset=$1; split=$2; shift 2
-method=unimatch_v2; gpus=; port=
+method=; gpus=; port=
 for arg in "$@"; do
     case "$arg" in *=*) break ;; esac
     if [ -z "$positional_method" ]; then method=$arg; positional_method=1
@@ -35,7 +34,8 @@ if [ -z "$gpus" ]; then
 fi
 port=${port:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 
-if [ "$method" = supervised ]; then script=supervised.py; else script=unimatch_v2.py; set -- "method=$method" "$@"; fi
+[ -z "$method" ] || set -- "method=$method" "$@"
+method=$(python -m util.config "$config" method "$@")
 backbone=$(python -m util.config "$config" backbone "$@")
 save_path=${EXP_DIR:-exp}/$dataset/$method/$backbone/$split
 mkdir -p "$save_path"
@@ -43,7 +43,7 @@ echo "training $method on $dataset/$split with $gpus process(es) -> $save_path"
 status=$(mktemp)
 # set +e inside the group (a subshell of the pipeline): a failed run must still record its status.
 { set +e; torchrun --nproc_per_node="$gpus" --master_addr=127.0.0.1 --master_port="$port" \
-    "$script" --config "$config" --split "$split" --save-path "$save_path" "$@" 2>&1; echo $? > "$status"; } \
+    unimatch_v2.py --config "$config" --split "$split" --save-path "$save_path" "$@" 2>&1; echo $? > "$status"; } \
     | tee -a "$save_path/out.log"
 code=$(cat "$status"); rm -f "$status"
 exit "$code"

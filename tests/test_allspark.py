@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import evaluate
 import unimatch_v2
+import methods
 from model import build_model
+from util.config import load_config
 from tests.distributed import run_processes
-from model.allspark import AllSparkBottleneck, SemanticMemory
+from methods.allspark import AllSparkBottleneck, SemanticMemory
 from util.ema import EMATeacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +39,10 @@ def bottleneck(**kw) -> AllSparkBottleneck:
     return AllSparkBottleneck(C, K, dim=D, heads=2, dropout=0.0, **kw)
 
 
+def allspark_model() -> nn.Module:
+    return methods.build_model(load_config(ROOT / 'configs/toy.yaml', ['method=allspark', f'nclass={K}']))
+
+
 def test_attention_shapes():
     m = bottleneck().train()
     e = torch.randn(4, N, D)
@@ -48,7 +55,7 @@ def test_attention_shapes():
 
 
 def test_inference_does_not_depend_on_the_batch():
-    model = build_model('dinov2_tiny', K, allspark={'dim': 0, 'heads': 2, 'dropout': 0.1}).eval()
+    model = allspark_model().eval()
     x = torch.randn(3, 3, 42, 42)
     with torch.no_grad():
         alone = model(x[:1])
@@ -107,7 +114,7 @@ def test_warmup_switch_and_never_filled_classes(monkeypatch):
 
 def test_memory_stays_out_of_the_state_dict_and_the_ema():
     plain = build_model('dinov2_tiny', K)
-    model = build_model('dinov2_tiny', K, allspark={'dim': 0, 'heads': 2, 'dropout': 0.1})
+    model = allspark_model()
     extra = set(model.state_dict()) - set(plain.state_dict())
     assert set(plain.state_dict()) <= set(model.state_dict()) and extra
     assert all(k.startswith('allspark.') for k in extra) and not any('memory' in k for k in extra)
@@ -156,3 +163,20 @@ def test_allspark_trains_resumes_and_evaluates(toy, toy_root, tmp_path):
                             '--split', str(base / 'splits/toy/val.txt'), '--output-json',
                             str(tmp_path / 'eval.json')] + toy)
     assert 0 <= result['miou'] <= 100
+
+
+def _thinning_worker(rank: int, out_dir: str) -> None:
+    memory = SemanticMemory(nclass=2, slots=8)
+    channels = torch.arange(4.0)[:, None].repeat(1, 5) + 100 * rank      # rank 0: 0..3, rank 1: 100..103
+    memory.update(channels, torch.zeros(4, dtype=torch.long))
+    torch.save(memory.state_dict(), Path(out_dir, f'thin{rank}.pt'))
+
+
+def test_several_processes_write_one_in_world_size_of_the_gathered_channels(tmp_path):
+    """Two processes gather 8 class-0 channels; every second one is written, from both processes,
+    so a slot lives as long as on one process of the official code (module docstring)."""
+    run_processes(_thinning_worker, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f'thin{r}.pt', weights_only=True) for r in (0, 1))
+    assert torch.equal(r0['bank'], r1['bank'])
+    assert r0['filled'][0].sum() == 4 and not r0['filled'][1].any()
+    assert r0['bank'][0, :4, 0].tolist() == [0.0, 2.0, 100.0, 102.0]

@@ -1,4 +1,4 @@
-"""IPixMatch's inter-pixel relation loss (util/ipix.py) and its place in the step (util/steps.py).
+"""IPixMatch's inter-pixel relation loss and its place in the step (methods/ipixmatch.py, methods/step.py).
 
     OMP_NUM_THREADS=1 python -m pytest tests/test_ipix.py -q
 
@@ -6,6 +6,8 @@ Hand-made tensors for the loss (zero for identical distributions, a hand computa
 confident pixels), stubs for the step, and a few iterations of `method=ipixmatch` on the toy data.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import json
 import math
@@ -17,10 +19,12 @@ from torch import nn
 
 from tests.batches import CROP, NCLASS, fixed_box_batch
 import unimatch_v2
-from util.config import ConfigError, load_config, loss_weight
-from util.ipix import (IPixOptions, ipix_loss, ipix_view_loss, loss_size, resample, warmup_ramp)
+from util.config import ConfigError, load_config
+from methods.ipixmatch import (IPixMatch, IPixOptions, ipix_loss, ipix_view_loss, loss_size, resample,
+                               warmup_ramp)
 from util.losses import cutmix
-from util.steps import SemiOptions, unimatch_v1_step, weak_to_strong_step
+import methods
+from methods.step import SemiOptions, semi_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,17 +181,21 @@ class ConvStudent(nn.Module):
         return (out, self.conv(x * 0.5)) if need_fp else out
 
 
+def ipix_method(overrides: list[str]) -> IPixMatch:
+    return IPixMatch(load_config(ROOT / 'configs/toy.yaml', overrides), None, torch.device('cpu'))
+
+
 def test_step_adds_alpha_times_the_view_mean_of_mixed_teacher_logits():
     batch_l, batch_u = fixed_box_batch(boxless=(1, 0))
     teacher_logits = torch.randn(4, NCLASS, CROP, CROP, generator=torch.Generator().manual_seed(5)) * 5
     student = ConvStudent()
     crit = nn.CrossEntropyLoss(ignore_index=255)
     opt = SemiOptions(conf_thresh=0.6)
-    ipix = IPixOptions(weight=0.7, thresh=0.6, resolution='crop')
+    ipix = ipix_method(['ipix_weight=0.7', 'ipix_thresh=0.6', 'ipix_resolution=crop'])
     torch.manual_seed(0)
-    base = weak_to_strong_step(student, lambda x: teacher_logits, batch_l, batch_u, crit, opt)
+    base = semi_step(student, lambda x: teacher_logits, batch_l, batch_u, crit, opt)
     torch.manual_seed(0)
-    out = weak_to_strong_step(student, lambda x: teacher_logits, batch_l, batch_u, crit, opt, ipix=ipix)
+    out = semi_step(student, lambda x: teacher_logits, batch_l, batch_u, crit, opt, [ipix])
     assert set(out) == set(base) | {'loss_ipix', 'ipix_weight'}
     for k in base:
         assert torch.allclose(out[k].detach(), base[k].detach()) or k == 'loss', k
@@ -215,9 +223,10 @@ def test_unimatch_v1_step_with_ipix():
     batch_l, batch_u = fixed_box_batch(seed=6, boxless=(1, 0))
     student = ConvStudent()
     crit = nn.CrossEntropyLoss(ignore_index=255)
-    base = unimatch_v1_step(student, batch_l, batch_u, crit, SemiOptions(conf_thresh=0.0))
-    out = unimatch_v1_step(student, batch_l, batch_u, crit, SemiOptions(conf_thresh=0.0),
-                           ipix=IPixOptions(weight=2.0, thresh=0.0, resolution='crop'))
+    opt = replace(methods.get('unimatch_v1').options, conf_thresh=0.0)
+    base = semi_step(student, None, batch_l, batch_u, crit, opt)
+    out = semi_step(student, None, batch_l, batch_u, crit, opt,
+                    [ipix_method(['ipix_weight=2.0', 'ipix_thresh=0.0', 'ipix_resolution=crop'])])
     assert out['loss_ipix'] > 0
     assert torch.allclose(out['loss'].detach(), base['loss'].detach() + 2.0 * out['loss_ipix'], atol=1e-6)
 
@@ -226,10 +235,11 @@ def test_unimatch_v1_step_with_ipix():
 
 def test_config_keys():
     toy = ROOT / 'configs/toy.yaml'
-    assert loss_weight(load_config(toy), 'ipix_weight') == 0.0                   # UniMatch V2 unchanged
-    assert loss_weight(load_config(toy, ['method=ipixmatch']), 'ipix_weight') == 1.0
-    assert loss_weight(load_config(toy, ['method=ipixmatch', 'ipix_weight=0.5']), 'ipix_weight') == 0.5
-    assert loss_weight(load_config(toy, ['method=fixmatch', 'ipix_weight=0.5']), 'ipix_weight') == 0.5
+    assert IPixMatch.alpha(load_config(toy)) == 0.0                      # UniMatch V2 unchanged
+    assert not IPixMatch.enabled(load_config(toy))
+    assert IPixMatch.alpha(load_config(toy, ['method=ipixmatch'])) == 1.0
+    assert IPixMatch.alpha(load_config(toy, ['method=ipixmatch', 'ipix_weight=0.5'])) == 0.5
+    assert IPixMatch.alpha(load_config(toy, ['method=fixmatch', 'ipix_weight=0.5'])) == 0.5
     for bad in (['method=ipixmatch', 'ipix_weight=0'], ['ipix_loss=l2'], ['ipix_resolution=half'],
                 ['ipix_temperature=0'], ['method=supervised', 'ipix_weight=1'], ['ipix_weight=-1']):
         with pytest.raises(ConfigError, match=bad[-1].split('=')[0]):

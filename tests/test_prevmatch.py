@@ -1,9 +1,11 @@
 """PrevMatch's previous guidance: the snapshot bank (util/prevmatch.py), its place in the step
-(util/steps.py), the checkpoint (util/trainer.py), and a few iterations of `method=prevmatch`.
+(methods/step.py), the checkpoint (util/trainer.py), and a few iterations of `method=prevmatch`.
 
     OMP_NUM_THREADS=1 python -m pytest tests/test_prevmatch.py -q
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import json
 import os
@@ -22,12 +24,16 @@ from model import build_model
 from tools import tables
 from util import trainer
 from util.checkpoint import save_atomic
-from util.config import ConfigError, load_config, loss_weight
+from util.config import ConfigError, load_config
 from util.ema import EMATeacher
 from util.losses import cutmix, masked_unlabeled_loss
 from util.precision import Precision
-from util.prevmatch import Guidance, SnapshotBank, guidance_loss, guidance_weight
-from util.steps import V1_WEIGHTS, SemiOptions, unimatch_v1_step, weak_to_strong_step
+from methods.prevmatch import PrevMatch, SnapshotBank, guidance_loss, guidance_weight
+import methods
+from methods.base import MethodSet
+from methods.step import SemiOptions, semi_step
+
+V1_WEIGHTS = {'loss_s1': 0.25, 'loss_s2': 0.25, 'loss_fp': 0.5}     # UniMatch V1's L_u
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,10 +187,13 @@ def test_snapshots_survive_a_checkpoint_and_resume(tmp_path):
 
     def training(seed: int) -> trainer.Training:
         student = build_model('dinov2_tiny', NCLASS)
-        bank = SnapshotBank(student, cap=cfg.prev_snapshots, storage='bf16', seed=seed)
+        prev = PrevMatch(replace(cfg, seed=seed), student, run.device)      # bank in bf16, the default
         return trainer.Training(run, student, student, EMATeacher(student),
                                 trainer.build_optimizer(student, cfg),
-                                Precision('fp32', run.device), trainer.TrainState(), None, prev_bank=bank)
+                                Precision('fp32', run.device), trainer.TrainState(), None, MethodSet([prev]))
+
+    def bank(tr: trainer.Training) -> SnapshotBank:
+        return tr.methods.methods[0].bank
 
     torch.manual_seed(0)
     first = training(seed=1)
@@ -192,22 +201,32 @@ def test_snapshots_survive_a_checkpoint_and_resume(tmp_path):
         with torch.no_grad():
             for p in first.student.parameters():
                 p.add_(0.1 * torch.randn_like(p))
-        first.prev_bank.add(first.student, epoch=e)
+        bank(first).add(first.student, epoch=e)
     save_atomic(trainer.checkpoint_dict(first), tmp_path / 'latest.pth')
 
     second = training(seed=2)
-    assert len(second.prev_bank) == 0
+    assert len(bank(second)) == 0
     trainer.resume(second)
-    assert second.prev_bank.epochs == [0, 1]
-    for a, b in zip(first.prev_bank.snapshots, second.prev_bank.snapshots):
+    assert bank(second).epochs == [0, 1]
+    for a, b in zip(bank(first).snapshots, bank(second).snapshots):
         assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(second.prev_bank.snapshots[0]['head.scratch.output_conv.2.weight'],
-                           second.prev_bank.snapshots[1]['head.scratch.output_conv.2.weight'])
+    assert not torch.equal(bank(second).snapshots[0]['head.scratch.output_conv.2.weight'],
+                           bank(second).snapshots[1]['head.scratch.output_conv.2.weight'])
     x = torch.randn(1, 3, CROP, CROP)
-    assert torch.equal(first.prev_bank.sample_ensemble(x), second.prev_bank.sample_ensemble(x))
+    assert torch.equal(bank(first).sample_ensemble(x), bank(second).sample_ensemble(x))
 
 
 # ---- in the step ---------------------------------------------------------------------------------------
+
+def guidance(student: nn.Module, ensemble, weight: float, thresh: float) -> PrevMatch:
+    """PrevMatch with a non-empty bank whose ensemble is `ensemble`, at lambda = `weight`."""
+    m = PrevMatch(load_config(ROOT / 'configs/toy.yaml', ['method=prevmatch', f'prev_thresh={thresh}']), student,
+                  torch.device('cpu'))
+    m.bank.add(student)
+    m.bank.sample_ensemble = ensemble
+    m.weight = weight
+    return m
+
 
 def test_step_adds_guidance_on_mixed_ensemble_labels():
     batch_l, batch_u = fixed_box_batch()
@@ -222,9 +241,9 @@ def test_step_adds_guidance_on_mixed_ensemble_labels():
 
     student, crit = Conv(), nn.CrossEntropyLoss(ignore_index=255)
     opt = SemiOptions(conf_thresh=0.6, lossu_weight=1.0)
-    base = weak_to_strong_step(student, lambda x: teacher_logits, batch_l, batch_u, crit, opt)
-    prev = Guidance(ensemble, weight=0.4, thresh=0.5)
-    out = weak_to_strong_step(student, lambda x: teacher_logits, batch_l, batch_u, crit, opt, prev=prev)
+    base = semi_step(student, lambda x: teacher_logits, batch_l, batch_u, crit, opt)
+    prev = guidance(student, ensemble, weight=0.4, thresh=0.5)
+    out = semi_step(student, lambda x: teacher_logits, batch_l, batch_u, crit, opt, [prev])
     assert len(seen) == 1 and seen[0] is batch_u['image']            # the ensemble labels the weak view
     assert set(out) == set(base) | {'loss_prev', 'prev_weight', 'prev_mask_ratio'}
     conf_p, pseudo_p = ensemble_logits.softmax(1).max(1)
@@ -244,9 +263,9 @@ def test_unimatch_v1_step_weights_guidance_like_its_streams():
     batch_l, batch_u = fixed_box_batch(seed=2)
     ensemble_logits = torch.randn(4, NCLASS, CROP, CROP, generator=torch.Generator().manual_seed(3)) * 3
     student, crit = Conv(), nn.CrossEntropyLoss(ignore_index=255)
-    opt = SemiOptions(conf_thresh=0.0)
-    out = unimatch_v1_step(student, batch_l, batch_u, crit, opt,
-                           prev=Guidance(lambda x: ensemble_logits, weight=1.0, thresh=0.0))
+    opt = replace(methods.get('unimatch_v1').options, conf_thresh=0.0)
+    out = semi_step(student, None, batch_l, batch_u, crit, opt,
+                    [guidance(student, lambda x: ensemble_logits, weight=1.0, thresh=0.0)])
     conf_p, pseudo_p = ensemble_logits.softmax(1).max(1)
     with torch.no_grad():
         x_w, valid = batch_u['image'], batch_u['valid']
@@ -264,9 +283,10 @@ def test_unimatch_v1_step_weights_guidance_like_its_streams():
 
 def test_config_keys():
     configs = ROOT / 'configs'
-    assert loss_weight(load_config(configs / 'pascal.yaml'), 'prev_weight') == 0.0   # UniMatch V2 unchanged
-    assert loss_weight(load_config(configs / 'pascal.yaml', ['method=prevmatch']), 'prev_weight') == 1.0
-    assert loss_weight(load_config(configs / 'pascal.yaml', ['prev_weight=0.5']), 'prev_weight') == 0.5
+    assert PrevMatch.peak(load_config(configs / 'pascal.yaml')) == 0.0        # UniMatch V2 unchanged
+    assert not PrevMatch.enabled(load_config(configs / 'pascal.yaml'))
+    assert PrevMatch.peak(load_config(configs / 'pascal.yaml', ['method=prevmatch'])) == 1.0
+    assert PrevMatch.peak(load_config(configs / 'pascal.yaml', ['prev_weight=0.5'])) == 0.5
     caps = {d: load_config(configs / f'{d}.yaml').prev_snapshots
             for d in ('pascal', 'cityscapes', 'ade20k', 'coco')}
     assert caps == {'pascal': 8, 'cityscapes': 8, 'ade20k': 5, 'coco': 5}

@@ -28,7 +28,7 @@ from PIL import Image
 
 import evaluate as evaluate_script
 import unimatch_v2
-import util.steps
+import methods.step
 from dataset.toy import ensure_toy
 from util.checkpoint import safe_load, save_atomic, write_text_atomic
 
@@ -372,12 +372,12 @@ def test_check_data_on_clean_dataset(toy, tmp_path, capsys):
 
 def nan_on_call(monkeypatch, n: int) -> None:
     """The n-th masked unlabeled loss (UniMatch V2: two per step, one per strong view) is NaN."""
-    real, calls = util.steps.masked_unlabeled_loss, itertools.count(1)
+    real, calls = methods.step.masked_unlabeled_loss, itertools.count(1)
 
     def poisoned(*args, **kwargs):
         loss = real(*args, **kwargs)
         return loss * float('nan') if next(calls) == n else loss
-    monkeypatch.setattr(util.steps, 'masked_unlabeled_loss', poisoned)
+    monkeypatch.setattr(methods.step, 'masked_unlabeled_loss', poisoned)
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoint(toy, tmp_path, monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""The training steps (util/steps.py) and the optimizer / learning-rate schedule (util/trainer.py).
+"""The training step (methods/step.py) and the optimizer / learning-rate schedule (util/trainer.py).
 
     python -m pytest tests/test_steps.py -q
 
@@ -7,18 +7,20 @@ and teachers where a test needs to see exactly what the step feeds them.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import util.steps as steps
+import methods.step as steps
 from model import build_model
 from util.config import Config
 from util.ema import EMATeacher
 from util.losses import IGNORE_INDEX, build_criterion
-from util.steps import (METHOD_OPTIONS, SemiOptions, mix_strong_views, pseudo_label, supervised_step,
-                        unimatch_v1_step, weak_to_strong_step)
+import methods
+from methods.step import SemiOptions, mix_strong_views, pseudo_label, semi_step, supervised_step
 from util.trainer import build_optimizer, lr_scale, set_poly_lr
 
 NCLASS = 3
@@ -146,7 +148,7 @@ def test_step_mixes_images_and_pseudo_labels_with_the_same_box(monkeypatch, fuse
     real_loss = steps.masked_unlabeled_loss
     monkeypatch.setattr(steps, 'masked_unlabeled_loss', recording_loss)
     opt = SemiOptions(conf_thresh=0.6, fused=fused)
-    out = weak_to_strong_step(student, teacher, batch_l, batch_u, nn.CrossEntropyLoss(ignore_index=255), opt)
+    out = semi_step(student, teacher, batch_l, batch_u, nn.CrossEntropyLoss(ignore_index=255), opt)
 
     # The teacher labels the weak view.
     assert len(teacher.inputs) == 1 and teacher.inputs[0] is batch_u['image']
@@ -196,7 +198,7 @@ def test_step_mixes_images_and_pseudo_labels_with_the_same_box(monkeypatch, fuse
 def test_step_outputs_and_every_trainable_parameter_gets_a_gradient(student, criterion):
     batch_l, batch_u = make_batch()
     student.zero_grad(set_to_none=True)
-    out = weak_to_strong_step(student, EMATeacher(student), batch_l, batch_u, criterion,
+    out = semi_step(student, EMATeacher(student), batch_l, batch_u, criterion,
                               SemiOptions(conf_thresh=0.0))
     assert set(out) == V2_KEYS
     assert_finite(out)
@@ -212,7 +214,7 @@ def test_step_outputs_and_every_trainable_parameter_gets_a_gradient(student, cri
 @pytest.mark.parametrize('w', [1.0, 0.5])
 def test_total_loss_weights(student, criterion, w):
     batch_l, batch_u = make_batch(seed=4)
-    out = weak_to_strong_step(student, EMATeacher(student), batch_l, batch_u, criterion,
+    out = semi_step(student, EMATeacher(student), batch_l, batch_u, criterion,
                               SemiOptions(conf_thresh=0.0, lossu_weight=w))
     assert out['loss_s1'] > 0 and out['loss_s2'] > 0
     assert torch.allclose(out['loss_u'], (out['loss_s1'] + out['loss_s2']) / 2, atol=1e-6)
@@ -224,7 +226,7 @@ def test_total_loss_weights(student, criterion, w):
 
 def test_threshold_above_one_masks_every_pixel(student, criterion):
     batch_l, batch_u = make_batch(seed=5)
-    out = weak_to_strong_step(student, EMATeacher(student), batch_l, batch_u, criterion,
+    out = semi_step(student, EMATeacher(student), batch_l, batch_u, criterion,
                               SemiOptions(conf_thresh=1.01))
     assert out['loss_s1'] == 0 and out['loss_s2'] == 0 and out['loss_u'] == 0
     assert out['mask_ratio'] == 0
@@ -234,7 +236,7 @@ def test_threshold_above_one_masks_every_pixel(student, criterion):
 def test_zero_threshold_with_the_student_as_teacher(student, criterion):
     # noEMA: the online model labels its own weak view; every valid pixel is confident.
     batch_l, batch_u = make_batch(seed=6)
-    out = weak_to_strong_step(student, student, batch_l, batch_u, criterion, SemiOptions(conf_thresh=0.0))
+    out = semi_step(student, student, batch_l, batch_u, criterion, SemiOptions(conf_thresh=0.0))
     assert out['loss_u'] > 0
     assert out['mask_ratio'] == 1
 
@@ -248,10 +250,10 @@ def test_pseudo_label_is_max_softmax_and_argmax():
 
 def test_fixmatch_options_use_one_strong_view(student, criterion):
     batch_l, batch_u = make_batch(seed=7)
-    opt = METHOD_OPTIONS['fixmatch']
+    opt = methods.get('fixmatch').options
     assert opt.views == 1 and opt.comp_drop is False
     opt = SemiOptions(conf_thresh=0.0, views=1, comp_drop=False)
-    out = weak_to_strong_step(student, EMATeacher(student), batch_l, batch_u, criterion, opt)
+    out = semi_step(student, EMATeacher(student), batch_l, batch_u, criterion, opt)
     assert set(out) == V2_KEYS - {'loss_s2'}
     assert_finite(out)
     assert out['loss_s1'] > 0 and torch.equal(out['loss_u'], out['loss_s1'])
@@ -259,7 +261,7 @@ def test_fixmatch_options_use_one_strong_view(student, criterion):
 
     # The student sees labeled + one strong view, without complementary dropout.
     rec = RecordingStudent()
-    weak_to_strong_step(rec, FixedTeacher(torch.randn(2, NCLASS, CROP, CROP)), batch_l, batch_u,
+    semi_step(rec, FixedTeacher(torch.randn(2, NCLASS, CROP, CROP)), batch_l, batch_u,
                         criterion, opt)
     assert len(rec.calls) == 1 and len(rec.calls[0]['x']) == 4 and rec.calls[0]['comp_drop'] is False
 
@@ -276,7 +278,7 @@ def fused_and_unfused_steps(model: nn.Module, teacher: EMATeacher, batch_l: dict
     for fused in (True, False):
         model.zero_grad(set_to_none=True)
         torch.manual_seed(123)
-        out = weak_to_strong_step(model, teacher, batch_l, batch_u, criterion,
+        out = semi_step(model, teacher, batch_l, batch_u, criterion,
                                   SemiOptions(conf_thresh=0.0, fused=fused))
         out['loss'].backward()
         results.append((out, _grads(model)))
@@ -300,7 +302,7 @@ def test_fused_and_unfused_forwards_agree(criterion):
 
     # The check is sharp: a different dropout draw changes the strong losses.
     torch.manual_seed(124)
-    other = weak_to_strong_step(model, teacher, batch_l, batch_u, criterion,
+    other = semi_step(model, teacher, batch_l, batch_u, criterion,
                                 SemiOptions(conf_thresh=0.0, fused=True))
     assert not torch.allclose(other['loss_s1'], out_f['loss_s1'], atol=1e-5)
 
@@ -310,7 +312,7 @@ def test_fused_and_unfused_forwards_agree(criterion):
 def test_unimatch_v1_step_weights(student, criterion):
     batch_l, batch_u = make_batch(seed=9)
     student.zero_grad(set_to_none=True)
-    out = unimatch_v1_step(student, batch_l, batch_u, criterion, SemiOptions(conf_thresh=0.0))
+    out = semi_step(student, None, batch_l, batch_u, criterion, replace(methods.get('unimatch_v1').options, conf_thresh=0.0))
     assert {'loss', 'loss_x', 'loss_s1', 'loss_s2', 'loss_fp'} <= set(out)
     assert_finite(out)
     assert out['loss_s1'] > 0 and out['loss_s2'] > 0 and out['loss_fp'] > 0
@@ -320,7 +322,7 @@ def test_unimatch_v1_step_weights(student, criterion):
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
     student.zero_grad(set_to_none=True)
 
-    out = unimatch_v1_step(student, batch_l, batch_u, criterion, SemiOptions(conf_thresh=1.01))
+    out = semi_step(student, None, batch_l, batch_u, criterion, replace(methods.get('unimatch_v1').options, conf_thresh=1.01))
     assert out['loss_s1'] == out['loss_s2'] == out['loss_fp'] == 0
 
 

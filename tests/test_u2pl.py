@@ -1,4 +1,4 @@
-"""U2PL / U2PL+ (util/u2pl.py, model/u2pl.py): the entropy partition, the negative masks of
+"""U2PL / U2PL+ (methods/u2pl.py): the entropy partition, the negative masks of
 Eqs. 26/28, the class queues, the contrastive loss, two-process queue filling, and a few
 iterations of `method=u2pl` on the toy data that evaluate.py then loads.
 
@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
+import methods
 import unimatch_v2
 from model import build_model
+from util.config import load_config
 from tests.distributed import run_processes
-from util.u2pl import (ClassQueues, U2PLMemory, contrastive_loss, entropy, entropy_threshold, labeled_negatives,
+from methods.u2pl import (ClassQueues, U2PLMemory, contrastive_loss, entropy, entropy_threshold, labeled_negatives,
                        unlabeled_negatives, unreliable_share)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,7 +177,8 @@ def test_two_processes_fill_the_same_queues(tmp_path):
 # ---- model and end to end -------------------------------------------------------------------------
 
 def test_rep_head_is_optional_and_named():
-    plain, u2pl = build_model('dinov2_tiny', 3), build_model('dinov2_tiny', 3, rep_dim=16)
+    plain = build_model('dinov2_tiny', 3)
+    u2pl = methods.build_model(load_config(ROOT / 'configs/toy.yaml', ['method=u2pl', 'nclass=3', 'u2pl_rep_dim=16']))
     extra = set(u2pl.state_dict()) - set(plain.state_dict())
     assert set(plain.state_dict()) <= set(u2pl.state_dict()) and extra
     assert all(k.startswith('rep_head.') for k in extra)
@@ -201,10 +204,35 @@ def test_u2pl_trains_resumes_and_evaluates(toy, toy_root, tmp_path):
 
     unimatch_v2.main(args + over + ['epochs=2'])          # resumes with the queues, L_c on
     res = json.loads((run_dir / 'results.json').read_text())
-    assert res['epochs'] == 2 and res['history'][1]['loss_c'] > 0 and res['history'][1]['u2pl_weight'] == 1.0
+    assert res['epochs'] == 2 and res['history'][1]['loss_c'] > 0 and res['history'][1]['u2pl_weight'] == 0.25
     assert 'resumed from' in (run_dir / 'train.log').read_text()
 
     result = evaluate.main(['--config', str(ROOT / 'configs/toy.yaml'), '--checkpoint', str(run_dir / 'latest.pth'),
                             '--split', str(base / 'splits/toy/val.txt'), '--output-json',
                             str(tmp_path / 'eval.json')] + toy)
     assert 0 <= result['miou'] <= 100
+
+
+def test_positive_keys_average_every_labeled_and_reliable_pixel_once(monkeypatch):
+    """Eqs. 15-17: the class-c positive is the mean teacher rep over every labeled pixel of class c
+    (whatever its teacher probability: delta_p filters anchors only) and every reliable weak-view
+    pixel labeled c, each counted once however many strong views there are."""
+    from methods.u2pl import contrastive_term
+    cfg = load_config(ROOT / 'configs/toy.yaml', ['method=u2pl', 'nclass=3', 'u2pl_low_rank=1', 'u2pl_high_rank=3',
+                                                   'u2pl_anchor_thresh=0.9'])
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([[[0, 0], [1, 255]]])                          # one labeled image, 2 x 2
+    prob_tl = torch.full((1, 3, 2, 2), 1 / 3)                        # p_t(y) = 1/3 < delta_p everywhere
+    prob_w = torch.tensor([0.1, 0.1, 0.8])[None, :, None, None].expand(1, 3, 2, 2).clone()   # class 2
+    rep_tl, rep_w = torch.randn(1, 4, 2, 2, generator=g), torch.randn(1, 4, 2, 2, generator=g)
+    rep_x, rep_s = torch.randn(1, 4, 2, 2), [torch.randn(1, 4, 2, 2) for _ in range(2)]
+    memory = U2PLMemory(3, 4, 10, 10)
+    seen = {}
+    real = memory.positives
+    monkeypatch.setattr(memory, 'positives', lambda sums, counts: seen.update(sums=sums, counts=counts)
+                        or real(sums, counts))
+    contrastive_term(memory, cfg, torch.tensor(10.0), y, torch.ones(1, 2, 2, dtype=torch.bool),
+                     torch.zeros(1, 2, 2, 2, dtype=torch.bool), prob_w, rep_w, prob_tl, rep_tl, rep_x, rep_s)
+    assert seen['counts'].tolist() == [2, 1, 4]
+    expected = torch.stack([rep_tl[0, :, 0, :].sum(1), rep_tl[0, :, 1, 0], rep_w[0].flatten(1).sum(1)])
+    assert torch.allclose(seen['sums'], expected, atol=1e-6)

@@ -26,10 +26,12 @@ import math
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # the project root, for `methods`
+import methods  # noqa: E402
+
 # Metric names in paper_tables.csv: what the paper reports for each kind of method (facts section 9).
 SEMI_METRIC = 'best_mIoU_ema'
 SUPERVISED_METRIC = 'best_mIoU'
-SUPERVISED = 'supervised'
 DEFAULT_VARIANT = 'default'
 
 # The dataset's own table; its unimatch_v2 / supervised rows also feed table05's comparison rows.
@@ -46,8 +48,7 @@ TITLES = {
 COMPARISON_METHODS = {'table05': ('unimatch_v2',)}
 
 DATASET_ORDER = ('pascal', 'cityscapes', 'ade20k', 'coco')
-METHOD_ORDER = ('supervised', 'fixmatch', 'unimatch_v1', 'unimatch_v2', 'prevmatch', 'ipixmatch', 'u2pl',
-                'allspark')
+METHOD_ORDER = methods.names()      # registry order
 ENCODER_ORDER = ('dinov2_tiny', 'dinov2_small', 'dinov2_base', 'dinov2_large', 'dinov2_giant')
 
 # Marks, explained under every table.
@@ -166,7 +167,9 @@ def paper_values(csv_path: str | Path) -> dict[Key, dict[str, float]]:
 
 
 def reported_metric(method: str) -> str:
-    return SUPERVISED_METRIC if method == SUPERVISED else SEMI_METRIC
+    """Best EMA mIoU for semi-supervised methods, best mIoU for labeled-only ones (as the paper)."""
+    labeled_only = method in methods.REGISTRY and methods.REGISTRY[method].options is None
+    return SUPERVISED_METRIC if labeled_only else SEMI_METRIC
 
 
 def paper_entry(paper: dict, table: str, dataset: str, split: str, encoder: str,

@@ -18,17 +18,8 @@ from typing import Any
 
 import yaml
 
-METHODS = ('unimatch_v2', 'fixmatch', 'unimatch_v1', 'supervised', 'prevmatch', 'ipixmatch', 'u2pl', 'allspark')
-U2PL_UNSUP = ('conf', 'entropy', 'sce')
-# Methods that are UniMatch V2 plus one loss: the key that turns it on, and its value when left null.
-# (Either loss can also be added to another semi-supervised method by setting its key.)
-METHOD_LOSSES = {'prevmatch': ('prev_weight', 1.0), 'ipixmatch': ('ipix_weight', 1.0)}
-IPIX_LOSSES = ('kl', 'cr')
-IPIX_RESOLUTIONS = ('native', 'crop', 'patch')
-PREV_TRIGGERS = ('best', 'every')
-PREV_SOURCES = ('ema', 'student')
-PREV_STORAGES = ('bf16', 'device', 'cpu')
-PREV_LOSSES = ('pixelwise', 'pixelavg', 'pixelavg_literal')
+import methods
+
 EVAL_MODES = ('original', 'center_crop', 'sliding_window')
 PRECISIONS = ('fp32', 'bf16', 'fp16')
 ATTENTIONS = ('auto', 'sdpa', 'math')
@@ -56,7 +47,7 @@ class Criterion:
 
 
 @dataclass
-class Config:
+class RunConfig:
     # ---- keys of the original release --------------------------------------------------------
     dataset: str = 'pascal'
     data_root: str = 'data/pascal'
@@ -72,7 +63,7 @@ class Config:
     backbone: str = 'dinov2_small'
     lock_backbone: bool = False
     # ---- additions -----------------------------------------------------------------------------
-    method: str = 'unimatch_v2'
+    method: str = methods.DEFAULT        # any name `python -m methods` lists
     pretrained: str | None = 'auto'      # 'auto' = pretrained/<backbone>.pth; null = random init
     class_names: list | None = None      # for custom datasets
     lossu_weight: float = 1.0            # loss = (loss_x + w * loss_u) / (1 + w)
@@ -101,46 +92,21 @@ class Config:
     toy_seed: int = 0                    # toy dataset: generator seed and size (train, val images)
     toy_train: int = 400
     toy_val: int = 100
-    # ---- IPixMatch (util/ipix.py; docs/prevmatch_ipixmatch.md) -----------------------------------
-    ipix_weight: float | None = None     # alpha; null = 1 for method ipixmatch, 0 (off) otherwise
-    ipix_thresh: float = 0.8             # tau: teacher confidence defining the pixel set Omega
-    ipix_temperature: float = 4.0        # t of the per-class spatial softmax
-    ipix_loss: str = 'kl'                # 'kl' (KL(teacher || student)) or 'cr' (1 - Pearson)
-    ipix_resolution: str = 'native'      # 'native' (DPT logit grid), 'crop' or 'patch'
-    ipix_warmup_epochs: float = 0.0      # Gaussian ramp of alpha over this many epochs (0: none)
-    # ---- PrevMatch (util/prevmatch.py; docs/prevmatch_ipixmatch.md) ------------------------------
-    prev_weight: float | None = None     # peak of lambda(e); null = 1 for method prevmatch, 0 (off) otherwise
-    prev_thresh: float = 0.9             # confidence of the ensemble's pseudo-labels
-    prev_snapshots: int = 8              # L_max: snapshots kept (FIFO); the paper: 5 for COCO/ADE20K
-    prev_ensemble: int = 3               # K: at most this many snapshots ensembled per step
-    prev_trigger: str = 'best'           # 'best' val mIoU of the snapshotted model, or 'every' N epochs
-    prev_every: int = 0                  # N for 'every' (0 = epochs // prev_snapshots)
-    prev_start_epoch: int = 0            # no snapshot before this epoch (the paper's base_only_epoch)
-    prev_source: str = 'ema'             # snapshot the EMA teacher or the student
-    prev_storage: str = 'bf16'           # snapshots in bf16 on the device, fp32 on the 'device', or 'cpu'
-    prev_loss: str = 'pixelwise'         # or 'pixelavg' / 'pixelavg_literal' (the paper's Cityscapes mode)
-    # ---- U2PL / U2PL+ (method u2pl; util/u2pl.py, model/u2pl.py; docs/u2pl_allspark.md) ----------
-    u2pl_weight: float = 1.0             # lambda_c of the contrastive loss (the paper's/code's default)
-    u2pl_warmup_epochs: int = 1          # lambda_c = 0 before this epoch (queues fill; U2PL's sup_only_epoch)
-    u2pl_unsup: str = 'conf'             # L_u: 'conf' (UniMatch V2), 'entropy' (U2PL), 'sce' (U2PL+)
-    u2pl_sce_ce: float = 1.0             # xi1, xi2 of U2PL+'s symmetric CE
-    u2pl_sce_rce: float = 0.1
-    u2pl_alpha0: float = 0.2             # initial unreliable share (drop_percent 80)
-    u2pl_low_rank: int = 3               # r_l
-    u2pl_high_rank: int = 20             # r_h
-    u2pl_anchors: int = 256              # M anchors per class
-    u2pl_negatives: int = 50             # N negatives per anchor
-    u2pl_temperature: float = 0.5
-    u2pl_anchor_thresh: float = 0.3      # delta_p
-    u2pl_rep_dim: int = 256
-    u2pl_queue_size: int = 30000         # negative keys per class; class 0 gets u2pl_queue_size_bg
-    u2pl_queue_size_bg: int = 50000
-    u2pl_proto_momentum: float = 0.0     # U2PL+ momentum prototypes (0.999); 0 = batch mean (U2PL)
-    # ---- AllSpark (method allspark; model/allspark.py; docs/u2pl_allspark.md) ---------------------
-    allspark_warmup_epochs: int = 4      # labeled keys from the batch before, from the memory after
-    allspark_dim: int = 0                # channels D inside the bottleneck (0 = encoder width)
-    allspark_heads: int = 2
-    allspark_dropout: float = 0.1
+
+
+# Every method's keys (methods/<name>.py, `Keys`) join the config, flat: `Config` is `RunConfig`
+# plus those fields, so `<method key>=<value>` overrides them like any other key.
+def _method_fields() -> list[tuple]:
+    out = []
+    for keys in methods.config_sections():
+        hints = typing.get_type_hints(keys)
+        out += [(f.name, hints[f.name], field(default=f.default)) for f in dataclasses.fields(keys)]
+    return out
+
+
+Config = dataclasses.make_dataclass('Config', _method_fields(), bases=(RunConfig,))
+Config.__module__ = __name__
+Config.__doc__ = 'A validated run configuration: `RunConfig` and every registered method\'s keys.'
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -200,7 +166,7 @@ def _check(cfg: Config, source: str) -> None:
         if not ok:
             raise ConfigError(f'{source}: config key {key!r} {msg}')
 
-    need(cfg.method in METHODS, 'method', f'must be one of {METHODS}, got {cfg.method!r}')
+    need(cfg.method in methods.names(), 'method', f'must be one of {methods.names()}, got {cfg.method!r}')
     need(cfg.on_nonfinite in ('stop', 'skip'), 'on_nonfinite',
          f"must be 'stop' or 'skip', got {cfg.on_nonfinite!r}")
     need(cfg.precision in PRECISIONS, 'precision', f'must be one of {PRECISIONS}, got {cfg.precision!r}')
@@ -215,52 +181,10 @@ def _check(cfg: Config, source: str) -> None:
     need(cfg.batch_size >= 1, 'batch_size', f'must be >= 1, got {cfg.batch_size}')
     need(cfg.grad_accum >= 1, 'grad_accum', f'must be >= 1, got {cfg.grad_accum}')
     need(0.0 <= cfg.conf_thresh <= 1.0, 'conf_thresh', f'must be in [0, 1], got {cfg.conf_thresh}')
-    for key, choices in (('ipix_loss', IPIX_LOSSES), ('ipix_resolution', IPIX_RESOLUTIONS),
-                         ('prev_trigger', PREV_TRIGGERS), ('prev_source', PREV_SOURCES),
-                         ('prev_storage', PREV_STORAGES), ('prev_loss', PREV_LOSSES)):
-        need(getattr(cfg, key) in choices, key, f'must be one of {choices}, got {getattr(cfg, key)!r}')
-    for key in ('ipix_weight', 'prev_weight'):
-        value = getattr(cfg, key)
-        need(value is None or value >= 0, key, f'must be >= 0 or null, got {value}')
-        need(cfg.method != 'supervised' or not value, key, 'needs a semi-supervised method, not supervised')
-    if cfg.method in METHOD_LOSSES:
-        key = METHOD_LOSSES[cfg.method][0]
-        need(getattr(cfg, key) != 0, key, f'must not be 0 for method {cfg.method} (that is unimatch_v2)')
-    need(0.0 <= cfg.ipix_thresh < 1.0, 'ipix_thresh', f'must be in [0, 1), got {cfg.ipix_thresh}')
-    need(cfg.ipix_temperature > 0, 'ipix_temperature', f'must be > 0, got {cfg.ipix_temperature}')
-    need(cfg.ipix_warmup_epochs >= 0, 'ipix_warmup_epochs', f'must be >= 0, got {cfg.ipix_warmup_epochs}')
-    need(0.0 <= cfg.prev_thresh <= 1.0, 'prev_thresh', f'must be in [0, 1], got {cfg.prev_thresh}')
-    for key in ('prev_snapshots', 'prev_ensemble'):
-        need(getattr(cfg, key) >= 1, key, f'must be >= 1, got {getattr(cfg, key)}')
-    for key in ('prev_every', 'prev_start_epoch'):
-        need(getattr(cfg, key) >= 0, key, f'must be >= 0, got {getattr(cfg, key)}')
-    for key in ('ipix_weight', 'prev_weight'):
-        need(cfg.method != 'u2pl' or not getattr(cfg, key), key, 'cannot be combined with method u2pl')
-    need(cfg.u2pl_unsup in U2PL_UNSUP, 'u2pl_unsup', f'must be one of {U2PL_UNSUP}, got {cfg.u2pl_unsup!r}')
-    need(0.0 <= cfg.u2pl_alpha0 < 1.0, 'u2pl_alpha0', f'must be in [0, 1), got {cfg.u2pl_alpha0}')
-    need(0 <= cfg.u2pl_low_rank < cfg.u2pl_high_rank, 'u2pl_low_rank',
-         f'must be >= 0 and below u2pl_high_rank, got {cfg.u2pl_low_rank}')
-    for key in ('u2pl_anchors', 'u2pl_negatives', 'u2pl_rep_dim', 'u2pl_queue_size', 'u2pl_queue_size_bg',
-                'allspark_heads'):
-        need(getattr(cfg, key) >= 1, key, f'must be >= 1, got {getattr(cfg, key)}')
-    for key in ('u2pl_weight', 'u2pl_warmup_epochs', 'allspark_warmup_epochs', 'allspark_dim'):
-        need(getattr(cfg, key) >= 0, key, f'must be >= 0, got {getattr(cfg, key)}')
-    need(cfg.u2pl_temperature > 0, 'u2pl_temperature', f'must be > 0, got {cfg.u2pl_temperature}')
-    need(0.0 <= cfg.u2pl_proto_momentum < 1.0, 'u2pl_proto_momentum',
-         f'must be in [0, 1), got {cfg.u2pl_proto_momentum}')
-    need(0.0 <= cfg.allspark_dropout < 1.0, 'allspark_dropout', f'must be in [0, 1), got {cfg.allspark_dropout}')
     need(cfg.class_names is None or len(cfg.class_names) == cfg.nclass, 'class_names',
          f'has {len(cfg.class_names or [])} names but nclass is {cfg.nclass}')
-
-
-def loss_weight(cfg: Config, key: str) -> float:
-    """'ipix_weight' or 'prev_weight' as used: the config's value, else the method's default
-    (1 for the method named after the loss, 0 = off for the others)."""
-    value = getattr(cfg, key)
-    if value is not None:
-        return value
-    default = METHOD_LOSSES.get(cfg.method)
-    return default[1] if default and default[0] == key else 0.0
+    for method in methods.REGISTRY.values():
+        method.check(cfg, need)
 
 
 def fused_attention(cfg: Config, device_type: str) -> bool:
@@ -269,20 +193,6 @@ def fused_attention(cfg: Config, device_type: str) -> bool:
     if cfg.attention != 'auto':
         return cfg.attention == 'sdpa'
     return device_type != 'cpu' or cfg.precision == 'fp32'
-
-
-def model_options(cfg: Config | dict) -> dict:
-    """`build_model` keyword arguments of a method's model: U2PL's representation head, AllSpark's
-    bottleneck, nothing for the others. Takes a Config or a checkpoint's saved config dict."""
-    get = (lambda k: cfg.get(k, getattr(Config, k, None))) if isinstance(cfg, dict) else \
-        (lambda k: getattr(cfg, k))
-    method = get('method')
-    if method == 'u2pl':
-        return {'rep_dim': get('u2pl_rep_dim')}
-    if method == 'allspark':
-        return {'allspark': {'dim': get('allspark_dim'), 'heads': get('allspark_heads'),
-                             'dropout': get('allspark_dropout')}}
-    return {}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

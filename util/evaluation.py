@@ -47,17 +47,21 @@ def check_checkpoint_config(ckpt: dict, path: str | Path, backbone: str, nclass:
 
 def build_eval_model(path: str | Path, weights: str | None, cfg, config_path: str | Path = 'the config'
                      ) -> tuple[nn.Module, str]:
-    """The model of a checkpoint's method (U2PL's representation head, AllSpark's bottleneck: from
-    the checkpoint's saved config, else `cfg`'s method) with its weights, and which weights those
+    """The model of a checkpoint's method (its extra head or bottleneck, with that method's keys as
+    the checkpoint's saved config has them, else as `cfg`) with its weights, and which weights those
     are ('ema', 'student' or 'plain'). Takes ours, released UniMatch V2 checkpoints (`module.` keys)
     and plain state dicts; refuses one whose saved config names another class count or encoder.
     Reads the file once."""
-    from model import build_model
-    from util.config import model_options
+    import dataclasses
+
+    import methods
     ckpt = safe_load(path)
     check_checkpoint_config(ckpt, path, cfg.backbone, cfg.nclass, config_path)
     saved = ckpt.get('config') if isinstance(ckpt, dict) else None
-    model = build_model(cfg.backbone, cfg.nclass, **model_options(saved if isinstance(saved, dict) else cfg))
+    if isinstance(saved, dict):
+        fields = {f.name for f in dataclasses.fields(cfg)}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k in fields and k != 'criterion'})
+    model = methods.build_model(cfg)
     state, which = model_state_from(ckpt, weights)
     load_checked(model, state, str(path))
     return model, which

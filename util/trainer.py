@@ -1,8 +1,9 @@
-"""What the training entry scripts share: arguments, run set-up, data loaders, model and optimizer
+"""Training, for every method: arguments, run set-up, data loaders, model and optimizer
 construction, the learning-rate schedule, checkpoints and `results.json`, per-epoch evaluation.
 
-The scripts (`unimatch_v2.py`, `supervised.py`) keep their own loops; everything here is a named
-piece they call in order.
+`train` reads top-down (build, loop, evaluate and save); the entry scripts (`unimatch_v2.py`,
+`supervised.py`) call it. It names no method: `methods.get(cfg.method)` says which step runs, and
+the run's methods (`methods.create`) add to the model, the step, the checkpoint and the epoch end.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import sys
 import threading
 import time
 from typing import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,16 +29,85 @@ from torch.utils.data import DataLoader, DistributedSampler
 from dataset.checks import DataError, check_inputs, raise_on_errors
 from dataset.registry import default_eval_mode
 from dataset.semi import SemiDataset, split_paths
-from model import WeightsMismatchError, build_model, load_pretrained_encoder, load_weights
+import methods
+from methods.base import MethodSet
+from methods.step import SemiOptions, semi_step, supervised_step
+from model import WeightsMismatchError, load_pretrained_encoder, load_weights
 from util import dist
 from util.checkpoint import UnsafeCheckpointError, safe_load, save_atomic, write_text_atomic
-from util.config import (Config, ConfigError, fused_attention, load_config, model_options, save_config,
-                         to_dict)
+from util.config import Config, ConfigError, fused_attention, load_config, save_config, to_dict
 from util.ema import EMATeacher
-from util.logger import Meter, get_logger
+from util.logger import Meter, TensorBoard, get_logger
+from util.losses import build_criterion
 from util.memory import peak_memory_mib
 from util.precision import Precision
-from util.prevmatch import SnapshotBank
+
+
+# ---- a training run -----------------------------------------------------------------------------
+
+def train(args: argparse.Namespace, method: str | None = None) -> 'Training':
+    """Train `args.config`'s method (or `method`) and evaluate it after every epoch; resumes from
+    the run directory's latest.pth. Labeled-only methods get one labeled loader and no teacher.
+    Returns what was trained (for tests and notebooks)."""
+    run = setup_run(args, method)
+    cfg = run.cfg
+    options = methods.get(cfg.method).options          # the core step's options; None: labeled only
+    loaders = train_loaders(run, options)
+    valset = val_dataset(run)
+
+    student = build_student(cfg, run.device, run.log)
+    teacher = EMATeacher(student, cfg.ema_decay) if options else None    # from the unwrapped student, before DDP
+    tr = Training(run, student, wrap_ddp(student, run.device, cfg.compile), teacher, build_optimizer(student, cfg),
+                  Precision(cfg.precision, run.device), TrainState(), TensorBoard(run.run_dir),
+                  methods.create(cfg, student, run.device))
+    resume(tr)
+    iters = epoch_iterations(loaders[0], cfg)
+    step = make_step(tr, options, iters)
+    preemption = Preemption()
+
+    run.log.info(f'{" + ".join(m.name for m in tr.methods)}: '
+                 + ', '.join(f'{len(loader.dataset)} {name} samples per epoch'
+                             for name, loader in zip(('unlabeled', 'labeled') if options else ('labeled',), loaders))
+                 + f', {iters} iterations per epoch')
+    for epoch in range(tr.state.epoch + 1, cfg.epochs):
+        stats = train_epoch(tr, epoch, loaders, step, preemption)
+        end_of_epoch(tr, epoch, valset, stats)
+    tr.tb.close()
+    dist.cleanup()
+    return tr
+
+
+def train_loaders(run: 'Run', options: SemiOptions | None) -> list[DataLoader]:
+    """[unlabeled, labeled] loaders: an epoch is one pass over the unlabeled set, with the labeled
+    list repeated to its length. Labeled only (options None), as the original: one loader at twice
+    the batch size, the labeled list repeated to `labeled_upsample` samples when it is shorter."""
+    cfg = run.cfg
+    if options is None:
+        n_labeled = len(SemiDataset(cfg.data_root, run.labeled, 'train_l', cfg.crop_size).samples)
+        trainset = SemiDataset(cfg.data_root, run.labeled, 'train_l', cfg.crop_size,
+                               nsample=max(n_labeled, cfg.labeled_upsample), nclass=cfg.nclass)
+        return [make_loader(trainset, cfg, cfg.batch_size * 2)]
+    trainset_u = SemiDataset(cfg.data_root, run.unlabeled, 'train_u', cfg.crop_size, num_strong=options.views,
+                             nclass=cfg.nclass)
+    trainset_l = SemiDataset(cfg.data_root, run.labeled, 'train_l', cfg.crop_size, nsample=len(trainset_u),
+                             nclass=cfg.nclass)
+    return [make_loader(trainset_u, cfg, cfg.batch_size), make_loader(trainset_l, cfg, cfg.batch_size, seed_offset=1)]
+
+
+def make_step(tr: 'Training', options: SemiOptions | None, iters_per_epoch: int) -> Callable:
+    """The step the loop calls with one batch per loader: the run's methods set their schedules
+    for it (`begin_step`), then run their hooks inside it."""
+    cfg = tr.run.cfg
+    criterion = build_criterion(cfg.criterion.name, cfg.criterion.kwargs)
+    if options is None:
+        return lambda batch_l: supervised_step(tr.ddp, batch_l, criterion)
+    options = replace(options, conf_thresh=cfg.conf_thresh, lossu_weight=cfg.lossu_weight)
+    hooks = list(tr.methods)
+
+    def step(batch_u: dict, batch_l: dict) -> dict[str, torch.Tensor]:
+        tr.methods.begin_step(tr.state.epoch + 1, tr.state.iteration, iters_per_epoch)
+        return semi_step(tr.ddp, tr.teacher, batch_l, batch_u, criterion, options, hooks)
+    return step
 
 
 # ---- arguments and run directory -------------------------------------------------------------------
@@ -83,7 +153,7 @@ def setup_run(args: argparse.Namespace, method: str | None = None) -> Run:
     split = args.split or Path(args.labeled_id_path).parent.name
     labeled, unlabeled, val = data_paths(cfg, args)
     splits = {'labeled': labeled, 'val': val}
-    if cfg.method != 'supervised':
+    if methods.get(cfg.method).options is not None:     # semi-supervised
         splits['unlabeled'] = unlabeled
     problems = check_inputs(cfg.data_root, splits, cfg.nclass, full=args.check_data)
     raise_on_errors(problems, log=lambda m: print(m, flush=True) if dist.is_main() else None)
@@ -186,7 +256,7 @@ def data_paths(cfg: Config, args: argparse.Namespace) -> tuple[Path, Path, Path]
 # ---- model and optimizer ------------------------------------------------------------------------------
 
 def build_student(cfg: Config, device: torch.device, log=None) -> nn.Module:
-    model = build_model(cfg.backbone, cfg.nclass, drop_path=cfg.drop_path, **model_options(cfg))
+    model = methods.build_model(cfg)
     path = cfg.pretrained
     if path == 'auto':
         path = f'pretrained/{cfg.backbone}.pth'
@@ -274,11 +344,8 @@ class Training:
     precision: Precision
     state: TrainState
     tb: object
+    methods: MethodSet = field(default_factory=lambda: MethodSet([]))   # their state goes in the checkpoint
     last_nonfinite: dict | None = None
-    prev_bank: SnapshotBank | None = None    # PrevMatch's snapshots (in the checkpoint when set)
-    # Other methods' state carried between steps (U2PL's queues, AllSpark's memory): objects with
-    # state_dict / load_state_dict(state, device), saved in the checkpoint under their names.
-    method_states: dict = field(default_factory=dict)
 
 
 def checkpoint_dict(tr: Training) -> dict:
@@ -298,8 +365,7 @@ def checkpoint_dict(tr: Training) -> dict:
         'best_epoch_ema': s.best_epoch_ema,
         'history': s.history,
         'config': to_dict(cfg),
-        **({'prev_bank': tr.prev_bank.state_dict()} if tr.prev_bank is not None else {}),
-        **{name: obj.state_dict() for name, obj in tr.method_states.items()},
+        **tr.methods.state_dicts(),
     }
 
 
@@ -327,11 +393,7 @@ def resume(tr: Training) -> None:
         tr.teacher.load_state_dict(ckpt['model_ema'])
     tr.optimizer.load_state_dict(ckpt['optimizer'])
     tr.precision.load_state_dict(ckpt.get('scaler', {}))
-    if tr.prev_bank is not None and 'prev_bank' in ckpt:
-        tr.prev_bank.load_state_dict(ckpt['prev_bank'])
-    for name, obj in tr.method_states.items():
-        if name in ckpt:
-            obj.load_state_dict(ckpt[name], tr.run.device)
+    tr.methods.load_state_dicts(ckpt, tr.run.device)
     tr.state = TrainState(ckpt['epoch'], ckpt.get('iteration', 0), ckpt.get('global_step', 0),
                           ckpt.get('skipped_steps', 0), ckpt['previous_best'],
                           ckpt.get('previous_best_ema', 0.0), ckpt.get('best_epoch', -1),
@@ -541,19 +603,9 @@ def end_of_epoch(tr: Training, epoch: int, valset, train_stats: dict) -> None:
     run.log.info(f'epoch {epoch}: mIoU {res["miou"]:.2f} (best {state.best_miou:.2f}){ema_txt}, '
                  f'eval {time.time() - t0:.1f}s')
     tr.tb.scalars({'miou': res['miou'], **({'miou_ema': res_ema['miou']} if res_ema else {})}, epoch, 'val/')
-    if tr.prev_bank is not None:     # before the checkpoint, so that a resumed run holds the snapshot
-        take_snapshot(tr, epoch, res, res_ema)
+    tr.methods.end_of_epoch(epoch, tr.student, tr.teacher, res, res_ema, run.log)
     save_checkpoint(tr, best=improved)
     save_results(tr)
-
-
-def take_snapshot(tr: Training, epoch: int, res: dict, res_ema: dict | None) -> None:
-    """PrevMatch's snapshot rule for the configured source (EMA teacher or student) and its mIoU."""
-    ema = tr.run.cfg.prev_source == 'ema' and tr.teacher is not None
-    model, result = (tr.teacher.model, res_ema) if ema else (tr.student, res)
-    if tr.prev_bank.end_of_epoch(epoch, model, result['miou']):
-        tr.run.log.info(f'PrevMatch: snapshot of the {"EMA teacher" if ema else "student"} after epoch '
-                        f'{epoch} ({len(tr.prev_bank)}/{tr.prev_bank.cap} held)')
 
 
 class StepLog:

@@ -4,19 +4,23 @@ helper fills only the first image and its negative mask contradicts Eqs. 25-28; 
 
 Per step (docs/u2pl_allspark.md gives every decision):
   * the EMA teacher labels the weak view and, with a second no-grad forward, the labeled images;
-    it returns probabilities and representations (model/u2pl.py);
+    it returns probabilities and representations (the representation head below);
   * entropy partition: gamma_t = the (1 - alpha_t) quantile of the weak-view entropy over valid
     pixels, alpha_t = alpha0 (1 - epoch / epochs); entropy < gamma_t is reliable;
   * L_u: UniMatch V2's confidence-masked CE (default 'conf'), or the paper's reliable-pixel CE
     ('entropy') or U2PL+'s symmetric CE on reliable pixels ('sce');
   * L_c (Eq. 10) at the representation resolution (nearest-downsampled labels and probabilities):
     anchors = student reps of x_l (y = c, p_t(c) > delta_p) and of each strong view (reliable
-    mixed pseudo-label c, p_t(c) > delta_p); positive = mean teacher rep of those candidates over
+    mixed pseudo-label c, p_t(c) > delta_p); positive (Eqs. 15-17) = mean teacher rep over every
+    labeled pixel of class c and every reliable weak-view pixel labeled c (each pixel once), over
     every process, or its momentum average (U2PL+); negatives sampled from class queues;
   * negatives (Eqs. 25-28), each pixel once from x_l and the unmixed weak view: labeled pixel for
     c when y != c and rank(c) < r_l; unlabeled pixel for c when it is unreliable and
     r_l <= rank(c) < r_h. Teacher reps of negatives from every process go into per-class FIFOs.
-  * L = (L_x + w L_u) / (1 + w) + lambda_c L_c (lambda_c = 0 during the warm-up, queues filling).
+  * L = (L_x + w L_u + lambda_c L_c) / (1 + w): lambda_c weighs L_c against L_x as the paper's
+    Eq. 9 (L_s + lambda_u L_u + lambda_c L_c) does (lambda_c = 0 during the warm-up, queues filling).
+    Default 0.25: the official code's effective weight on the paper's 4 GPUs (its lambda_c = 1 is
+    divided by the number of processes, spec 3.6 pitfall 4); the author advises 0.1.
 """
 from __future__ import annotations
 
@@ -27,9 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods import register
+from methods.base import Method
+from methods.step import StepContext, Term
+from model.dpt import DPTSegmentor, to_input_size
+from model.presets import PATCH_SIZE, ModelPreset
 from util import dist
 from util.losses import IGNORE_INDEX, cutmix
-from util.steps import Batch, SemiOptions, mix_strong_views, strong_losses
 
 UNSUP_LOSSES = ('conf', 'entropy', 'sce')
 EPS = 1e-10
@@ -212,22 +220,55 @@ def reliable_loss(logits: torch.Tensor, pseudo: torch.Tensor, keep: torch.Tensor
     return (ce * keep).sum() / keep.sum().clamp(min=1)
 
 
-# ---- the step ----------------------------------------------------------------------------------------
+# ---- the representation head and the model ---------------------------------------------------------
 
-@dataclass
-class U2PLOptions:
-    memory: U2PLMemory
-    weight: float = 1.0              # lambda_c at this step (0 during the warm-up)
-    alpha: float = 0.2               # alpha_t, the unreliable share at this epoch
-    low_rank: int = 3
-    high_rank: int = 20
-    num_anchors: int = 256
-    num_negatives: int = 50
-    temperature: float = 0.5
-    anchor_thresh: float = 0.3       # delta_p
-    unsup: str = 'conf'              # L_u: 'conf' (UniMatch V2), 'entropy' (U2PL) or 'sce' (U2PL+)
-    sce: tuple[float, float] = (1.0, 0.1)
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, channels), channels)
 
+
+class RepHead(nn.Module):
+    """g, parallel to the classifier (spec 3.3): reads the decoder's fused map (the input of
+    `head.scratch.output_conv`, (B, F, 8h, 8w) for an h x w patch grid) average-pooled 2x to 4h x 4w
+    (148^2 for a 518 crop: stride 3.5, about U2PL's 1/4):
+        Conv3x3(F->F)-GN-ReLU -> Conv3x3(F->D)-GN-ReLU -> Conv1x1(D->D),  D = rep_dim (256).
+    GroupNorm instead of U2PL's BatchNorm: DPT has no BN, and GN keeps the teacher's eval-mode
+    representation equal to its train-mode one (no batch statistics, spec pitfall 6)."""
+
+    def __init__(self, features: int, dim: int = 256):
+        super().__init__()
+        self.block1 = nn.Sequential(nn.Conv2d(features, features, 3, padding=1, bias=False),
+                                    group_norm(features), nn.ReLU(True))
+        self.block2 = nn.Sequential(nn.Conv2d(features, dim, 3, padding=1, bias=False),
+                                    group_norm(dim), nn.ReLU(True))
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, fused: torch.Tensor) -> torch.Tensor:
+        """(B, F, 8h, 8w) fused decoder map -> (B, D, 4h, 4w) representations (not normalised)."""
+        return self.proj(self.block2(self.block1(F.avg_pool2d(fused, 2))))
+
+
+class U2PLSegmentor(DPTSegmentor):
+    """The DPT segmentor plus `rep_head.*`; `forward(x, ..., need_rep=True)` -> (logits, rep),
+    otherwise exactly `DPTSegmentor` (every other key is the plain model's)."""
+
+    def __init__(self, spec: ModelPreset, nclass: int, drop_path: float = 0.0, rep_dim: int = 256):
+        super().__init__(spec, nclass, drop_path)
+        self.rep_head = RepHead(spec.features, rep_dim)
+
+    def forward(self, x: torch.Tensor, comp_drop: bool = False, n_clean: int = 0, need_fp: bool = False,
+                need_rep: bool = False):
+        if not need_rep:
+            return super().forward(x, comp_drop, n_clean, need_fp)
+        assert not need_fp, 'need_rep and need_fp together are not supported'
+        grid = (x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE)
+        out_size = (grid[0] * PATCH_SIZE, grid[1] * PATCH_SIZE)
+        features = self.perturb(self.encode(x), comp_drop, n_clean, False)
+        fused = self.head.fuse(features, grid)
+        logits = to_input_size(self.head.scratch.output_conv(fused), out_size)
+        return logits, self.rep_head(fused)
+
+
+# ---- the contrastive term -------------------------------------------------------------------------
 
 def _down(t: torch.Tensor, size) -> torch.Tensor:
     """Nearest downsampling of (B, H, W) or (B, K, H, W) to `size`, dtype kept."""
@@ -237,47 +278,12 @@ def _down(t: torch.Tensor, size) -> torch.Tensor:
     return out.to(t.dtype)
 
 
-def u2pl_step(student: nn.Module, teacher, batch_l: Batch, batch_u: Batch, criterion: nn.Module,
-              opt: SemiOptions, u2pl: U2PLOptions) -> dict[str, torch.Tensor]:
-    x, y = batch_l['image'], batch_l['mask']
-    valid = batch_u['valid']
-    with torch.no_grad():
-        logits_w, rep_w = teacher(batch_u['image'], need_rep=True)
-        logits_tl, rep_tl = teacher(x, need_rep=True)
-        prob_w, prob_tl = logits_w.float().softmax(1), logits_tl.float().softmax(1)
-    conf, pseudo = prob_w.max(1)
-    gamma = entropy_threshold(entropy(prob_w), valid, u2pl.alpha)
-
-    strong, targets = mix_strong_views(batch_u, pseudo, conf, opt.views)
-    logits, rep = student(torch.cat([x, *strong]), comp_drop=opt.comp_drop, n_clean=len(x), need_rep=True)
-    sizes = [len(x)] + [len(s) for s in strong]
-    pred_x, *pred_s = logits.split(sizes)
-    rep_x, *rep_s = rep.split(sizes)
-
-    out = {'loss_x': criterion(pred_x, y)}
-    if u2pl.unsup == 'conf':
-        out.update(strong_losses(pred_s, targets, opt.conf_thresh))
-    else:
-        reliable = entropy(prob_w) < gamma
-        for v, (pred, (ps, _, val)) in enumerate(zip(pred_s, targets), start=1):
-            keep = cutmix(reliable, batch_u['boxes'][:, v - 1]) & val
-            out[f'loss_s{v}'] = reliable_loss(pred, ps, keep, u2pl.unsup, u2pl.sce)
-    loss_u = sum(out[f'loss_s{v}'] for v in range(1, opt.views + 1)) / opt.views
-
-    loss_c, stats = contrastive_term(u2pl, gamma, y, valid, batch_u['boxes'], prob_w, rep_w, prob_tl, rep_tl,
-                                     rep_x, rep_s)
-    if loss_c is None:          # no class qualifies: keep the rep head in the graph (DDP)
-        loss_c = rep.float().sum() * 0.0
-    out['loss'] = (out['loss_x'] + opt.lossu_weight * loss_u) / (1 + opt.lossu_weight) + u2pl.weight * loss_c
-    out['loss_u'] = loss_u
-    out['loss_c'] = loss_c         # logged during the warm-up too, where its weight is 0
-    out['u2pl_weight'] = loss_c.new_tensor(u2pl.weight)
-    out['mask_ratio'] = ((conf >= opt.conf_thresh) & valid).sum() / valid.sum().clamp(min=1)
-    out.update(stats)
-    return {k: v if k == 'loss' else v.detach() for k, v in out.items()}
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """(B, D, h, w) -> (B * h * w, D)."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
-def contrastive_term(u2pl: U2PLOptions, gamma: torch.Tensor, y: torch.Tensor, valid: torch.Tensor,
+def contrastive_term(memory: U2PLMemory, keys: 'Keys', gamma: torch.Tensor, y: torch.Tensor, valid: torch.Tensor,
                      boxes: torch.Tensor, prob_w: torch.Tensor, rep_w: torch.Tensor, prob_tl: torch.Tensor,
                      rep_tl: torch.Tensor, rep_x: torch.Tensor, rep_s: list[torch.Tensor]
                      ) -> tuple[torch.Tensor | None, dict]:
@@ -290,34 +296,147 @@ def contrastive_term(u2pl: U2PLOptions, gamma: torch.Tensor, y: torch.Tensor, va
         ent = entropy(prob_w)
         reliable, unreliable = (ent < gamma) & valid, (ent > gamma) & valid
         # negatives: every pixel once (labeled images and the unmixed weak view), teacher reps
-        neg = torch.cat((labeled_negatives(prob_tl, y, u2pl.low_rank),
-                         unlabeled_negatives(prob_w, unreliable, u2pl.low_rank, u2pl.high_rank)))
-        keys = torch.cat((rep_tl, rep_w)).permute(0, 2, 3, 1).reshape(-1, rep_w.shape[1])
+        neg = torch.cat((labeled_negatives(prob_tl, y, keys.u2pl_low_rank),
+                         unlabeled_negatives(prob_w, unreliable, keys.u2pl_low_rank, keys.u2pl_high_rank)))
+        teacher_keys = _flat(torch.cat((rep_tl, rep_w)))
         neg = neg.permute(0, 2, 3, 1).reshape(-1, k)
         has = neg.any(1)
-        u2pl.memory.enqueue(keys[has], neg[has])
+        memory.enqueue(teacher_keys[has], neg[has])
 
-        # anchor candidates: labels, their teacher probability, eligibility; teacher reps
+        # positive keys (Eqs. 15-17): teacher reps of every labeled pixel of class c and of every
+        # reliable weak-view pixel labeled c, each pixel once
         conf_w, pseudo_w = prob_w.max(1)
+        known = y != IGNORE_INDEX
+        pos_labels = torch.cat((y.long().flatten(), pseudo_w.flatten()))
+        pos_ok = torch.cat((known.flatten(), reliable.flatten()))
+        pos_reps = teacher_keys.float()
+        sums = pos_reps.new_zeros(k, pos_reps.shape[1]).index_add_(0, pos_labels[pos_ok], pos_reps[pos_ok])
+        positives, present = memory.positives(sums, torch.bincount(pos_labels[pos_ok], minlength=k))
+
+        # anchor candidates: labeled pixels with p_t(y) > delta_p, reliable mixed strong-view pixels
+        # whose pseudo-label has p_t > delta_p
         p_l = prob_tl.gather(1, y.clamp(max=k - 1)[:, None].long())[:, 0]
         labels = [y.long()]
-        eligible = [(y != IGNORE_INDEX) & (p_l > u2pl.anchor_thresh)]
-        teacher_reps = [rep_tl]
+        eligible = [known & (p_l > keys.u2pl_anchor_thresh)]
         for v in range(len(rep_s)):
             box = _down(boxes[:, v], size)
             labels.append(cutmix(pseudo_w, box))
-            eligible.append(cutmix(reliable & (conf_w > u2pl.anchor_thresh), box))
-            teacher_reps.append(cutmix(rep_w, box))
-        flat = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])  # noqa: E731
+            eligible.append(cutmix(reliable & (conf_w > keys.u2pl_anchor_thresh), box))
         labels, eligible = torch.cat([t.flatten() for t in labels]), torch.cat([t.flatten() for t in eligible])
-        t_reps = torch.cat([flat(t) for t in teacher_reps]).float()
-        sums = t_reps.new_zeros(k, t_reps.shape[1]).index_add_(0, labels[eligible], t_reps[eligible])
-        counts = torch.bincount(labels[eligible], minlength=k)
-        positives, present = u2pl.memory.positives(sums, counts)
-    s_reps = torch.cat([flat(t) for t in [rep_x, *rep_s]])
+    s_reps = torch.cat([_flat(t) for t in [rep_x, *rep_s]])
     anchors = [s_reps[eligible & (labels == c)] for c in range(k)]
-    loss = contrastive_loss(anchors, positives, present, u2pl.memory.queues, u2pl.num_anchors,
-                            u2pl.num_negatives, u2pl.temperature)
+    loss = contrastive_loss(anchors, positives, present, memory.queues, keys.u2pl_anchors,
+                            keys.u2pl_negatives, keys.u2pl_temperature)
     stats = {'reliable_ratio': reliable.sum() / valid.sum().clamp(min=1),
              'negatives': has.sum().float(), 'gamma': gamma.float()}
     return loss, stats
+
+
+# ---- the method ------------------------------------------------------------------------------------
+
+@dataclass
+class Keys:
+    u2pl_weight: float = 0.25            # lambda_c: L_c against L_x as the paper's Eq. 9 (module docstring)
+    u2pl_warmup_epochs: int = 1          # lambda_c = 0 before this epoch (queues fill; U2PL's sup_only_epoch)
+    u2pl_unsup: str = 'conf'             # L_u: 'conf' (UniMatch V2), 'entropy' (U2PL), 'sce' (U2PL+)
+    u2pl_sce_ce: float = 1.0             # xi1, xi2 of U2PL+'s symmetric CE
+    u2pl_sce_rce: float = 0.1
+    u2pl_alpha0: float = 0.2             # initial unreliable share (drop_percent 80)
+    u2pl_low_rank: int = 3               # r_l
+    u2pl_high_rank: int = 20             # r_h
+    u2pl_anchors: int = 256              # M anchors per class
+    u2pl_negatives: int = 50             # N negatives per anchor
+    u2pl_temperature: float = 0.5
+    u2pl_anchor_thresh: float = 0.3      # delta_p
+    u2pl_rep_dim: int = 256
+    u2pl_queue_size: int = 30000         # negative keys per class; class 0 gets u2pl_queue_size_bg
+    u2pl_queue_size_bg: int = 50000
+    u2pl_proto_momentum: float = 0.0     # U2PL+ momentum prototypes (0.999); 0 = batch mean (U2PL)
+
+
+@register
+class U2PL(Method):
+    """UniMatch V2 on U2PL's model (+ representation head) with U2PL's contrastive term and,
+    optionally, its reliable-pixel L_u (U2PL+: symmetric CE, momentum prototypes)."""
+    name = 'u2pl'
+    summary = 'UniMatch V2 + contrastive loss on unreliable pixels (U2PL+: u2pl_unsup=sce)'
+    Keys = Keys
+    benchmark_recipe = True
+    state_key = 'u2pl_memory'
+
+    @classmethod
+    def check(cls, cfg, need) -> None:
+        need(cfg.u2pl_unsup in UNSUP_LOSSES, 'u2pl_unsup', f'must be one of {UNSUP_LOSSES}, got {cfg.u2pl_unsup!r}')
+        need(0.0 <= cfg.u2pl_alpha0 < 1.0, 'u2pl_alpha0', f'must be in [0, 1), got {cfg.u2pl_alpha0}')
+        need(0 <= cfg.u2pl_low_rank < cfg.u2pl_high_rank, 'u2pl_low_rank',
+             f'must be >= 0 and below u2pl_high_rank, got {cfg.u2pl_low_rank}')
+        for key in ('u2pl_anchors', 'u2pl_negatives', 'u2pl_rep_dim', 'u2pl_queue_size', 'u2pl_queue_size_bg'):
+            need(getattr(cfg, key) >= 1, key, f'must be >= 1, got {getattr(cfg, key)}')
+        for key in ('u2pl_weight', 'u2pl_warmup_epochs'):
+            need(getattr(cfg, key) >= 0, key, f'must be >= 0, got {getattr(cfg, key)}')
+        need(cfg.u2pl_temperature > 0, 'u2pl_temperature', f'must be > 0, got {cfg.u2pl_temperature}')
+        need(0.0 <= cfg.u2pl_proto_momentum < 1.0, 'u2pl_proto_momentum',
+             f'must be in [0, 1), got {cfg.u2pl_proto_momentum}')
+
+    @classmethod
+    def build_model(cls, spec, nclass, drop_path, cfg) -> U2PLSegmentor:
+        return U2PLSegmentor(spec, nclass, drop_path, cfg.u2pl_rep_dim)
+
+    def __init__(self, cfg, student, device):
+        super().__init__(cfg, student, device)
+        self.memory = U2PLMemory(cfg.nclass, cfg.u2pl_rep_dim, cfg.u2pl_queue_size, cfg.u2pl_queue_size_bg,
+                                 cfg.u2pl_proto_momentum)
+        self.weight, self.alpha = 0.0, cfg.u2pl_alpha0    # lambda_c and alpha_t of the coming step
+
+    @classmethod
+    def for_benchmark(cls, cfg, student, device) -> 'U2PL':
+        m = cls(cfg, student, device)
+        m.weight = cfg.u2pl_weight
+        return m
+
+    def begin_step(self, epoch: int, iteration: int, iters_per_epoch: int) -> None:
+        cfg = self.cfg
+        self.weight = cfg.u2pl_weight if epoch >= cfg.u2pl_warmup_epochs else 0.0
+        self.alpha = unreliable_share(epoch, cfg.epochs, cfg.u2pl_alpha0)
+
+    def teacher_kwargs(self, s: StepContext) -> dict:
+        return {'need_rep': True}
+
+    def student_kwargs(self, s: StepContext) -> dict:
+        return {'need_rep': True}
+
+    def strong_losses(self, s: StepContext) -> dict[str, torch.Tensor] | None:
+        """The entropy partition of the weak view (kept for `terms`); the reliable-pixel L_u of
+        each strong view for 'entropy' / 'sce', None (UniMatch V2's) for 'conf'."""
+        prob_w = s.logits_w.softmax(1)
+        self.gamma = entropy_threshold(entropy(prob_w), s.batch_u['valid'], self.alpha)
+        if self.cfg.u2pl_unsup == 'conf':
+            return None
+        reliable = entropy(prob_w) < self.gamma
+        sce = (self.cfg.u2pl_sce_ce, self.cfg.u2pl_sce_rce)
+        out = {}
+        for v, (pred, (pseudo, _, valid)) in enumerate(zip(s.pred_s, s.targets)):
+            keep = cutmix(reliable, s.batch_u['boxes'][:, v]) & valid
+            out[f'loss_s{v + 1}'] = reliable_loss(pred, pseudo, keep, self.cfg.u2pl_unsup, sce)
+        return out
+
+    def terms(self, s: StepContext, out: dict) -> dict[str, Term]:
+        x = s.batch_l['image']
+        with torch.no_grad():
+            logits_tl, rep_tl = s.teacher(x, need_rep=True)
+        rep = s.student_aux
+        rep_x, *rep_s = rep.split([len(x)] + [len(p) for p in s.pred_s])
+        loss_c, stats = contrastive_term(self.memory, self.cfg, self.gamma, s.batch_l['mask'], s.batch_u['valid'],
+                                         s.batch_u['boxes'], s.logits_w.softmax(1), s.teacher_aux,
+                                         logits_tl.float().softmax(1), rep_tl, rep_x, rep_s)
+        if loss_c is None:          # no class qualifies: keep the rep head in the graph (DDP)
+            loss_c = rep.float().sum() * 0.0
+        out['u2pl_weight'] = loss_c.new_tensor(self.weight)
+        out.update(stats)
+        return {'loss_c': Term(loss_c, self.weight / (1 + s.opt.lossu_weight))}
+
+    def state_dict(self) -> dict:
+        return self.memory.state_dict()
+
+    def load_state_dict(self, state: dict, device) -> None:
+        self.memory.load_state_dict(state, device)

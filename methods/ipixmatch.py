@@ -28,11 +28,14 @@ Points the paper leaves open, decided as the spec (SEED_METHODS.md section 2.3) 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from methods import get, register
+from methods.base import Method
+from methods.step import StepContext, Term, mix_targets
 from model.presets import PATCH_SIZE
 
 LOSSES = ('kl', 'cr')
@@ -145,3 +148,77 @@ def ipix_view_loss(teacher: torch.Tensor, student: torch.Tensor, valid: torch.Te
     resampling: bf16 logits under autocast would be rounded to ~3 digits)."""
     teacher, student, valid = resample(teacher.float(), student.float(), valid, opt.resolution)
     return ipix_loss(teacher, student, valid, opt.thresh, opt.temperature, opt.loss)
+
+
+def ipix_term(logits_w: torch.Tensor, pred_s: list[torch.Tensor], batch_u: dict, ipix: IPixOptions
+              ) -> torch.Tensor:
+    """L_IPix averaged over the strong views; the teacher's weak-view logits (B, K, H, W) and the
+    valid mask are CutMix-ed with each view's box, like the pseudo-labels."""
+    mixed = mix_targets(batch_u, (logits_w, batch_u['valid']), len(pred_s))
+    return sum(ipix_view_loss(t, pred, valid, ipix) for pred, (t, valid) in zip(pred_s, mixed)) / len(pred_s)
+
+
+# ---- the method ------------------------------------------------------------------------------------
+
+@dataclass
+class Keys:
+    ipix_weight: float | None = None     # alpha; null = 1 for method ipixmatch, 0 (off) otherwise
+    ipix_thresh: float = 0.8             # tau: teacher confidence defining the pixel set Omega
+    ipix_temperature: float = 4.0        # t of the per-class spatial softmax
+    ipix_loss: str = 'kl'                # 'kl' (KL(teacher || student)) or 'cr' (1 - Pearson)
+    ipix_resolution: str = 'native'      # 'native' (DPT logit grid), 'crop' or 'patch'
+    ipix_warmup_epochs: float = 0.0      # Gaussian ramp of alpha over this many epochs (0: none)
+
+
+@register
+class IPixMatch(Method):
+    """UniMatch V2 + L_IPix: L = L_base + alpha * ramp * L_IPix. Also on any other semi-supervised
+    method with `ipix_weight` > 0 (the teacher's logits are the weak-view ones the step has)."""
+    name = 'ipixmatch'
+    summary = 'UniMatch V2 + inter-pixel relation loss (or ipix_weight=1 on any method)'
+    Keys = Keys
+    benchmark_recipe = True
+
+    @classmethod
+    def alpha(cls, cfg) -> float:
+        if cfg.ipix_weight is not None:
+            return cfg.ipix_weight
+        return 1.0 if cfg.method == cls.name else 0.0
+
+    @classmethod
+    def enabled(cls, cfg) -> bool:
+        return cls.alpha(cfg) > 0
+
+    @classmethod
+    def check(cls, cfg, need) -> None:
+        need(cfg.ipix_loss in LOSSES, 'ipix_loss', f'must be one of {LOSSES}, got {cfg.ipix_loss!r}')
+        need(cfg.ipix_resolution in RESOLUTIONS, 'ipix_resolution',
+             f'must be one of {RESOLUTIONS}, got {cfg.ipix_resolution!r}')
+        w = cfg.ipix_weight
+        need(w is None or w >= 0, 'ipix_weight', f'must be >= 0 or null, got {w}')
+        need(get(cfg.method).options is not None or not w, 'ipix_weight',
+             f'needs a semi-supervised method, not {cfg.method}')
+        need(cfg.method != cls.name or w != 0, 'ipix_weight',
+             f'must not be 0 for method {cls.name} (that is unimatch_v2)')
+        need(0.0 <= cfg.ipix_thresh < 1.0, 'ipix_thresh', f'must be in [0, 1), got {cfg.ipix_thresh}')
+        need(cfg.ipix_temperature > 0, 'ipix_temperature', f'must be > 0, got {cfg.ipix_temperature}')
+        need(cfg.ipix_warmup_epochs >= 0, 'ipix_warmup_epochs', f'must be >= 0, got {cfg.ipix_warmup_epochs}')
+
+    def __init__(self, cfg, student, device):
+        super().__init__(cfg, student, device)
+        self.ipix = IPixOptions(self.alpha(cfg), cfg.ipix_thresh, cfg.ipix_temperature, cfg.ipix_loss,
+                                cfg.ipix_resolution)
+        self.alpha_peak = self.ipix.weight
+
+    @classmethod
+    def for_benchmark(cls, cfg, student, device) -> 'IPixMatch':
+        return cls(replace(cfg, ipix_weight=1.0, ipix_warmup_epochs=0.0), student, device)
+
+    def begin_step(self, epoch: int, iteration: int, iters_per_epoch: int) -> None:
+        warmup = round(self.cfg.ipix_warmup_epochs * iters_per_epoch)
+        self.ipix.weight = self.alpha_peak * warmup_ramp(epoch * iters_per_epoch + iteration, warmup)
+
+    def terms(self, s: StepContext, out: dict) -> dict[str, Term]:
+        loss = ipix_term(s.logits_w, s.pred_s, s.batch_u, self.ipix)
+        out['ipix_weight'] = loss.new_tensor(self.ipix.weight)
+        return {'loss_ipix': Term(loss, self.ipix.weight)}

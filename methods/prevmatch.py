@@ -28,13 +28,16 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods import get, register
+from methods.base import Method
+from methods.step import StepContext, Term
+from util import dist
 from util.losses import masked_unlabeled_loss
 
 STORAGES = ('bf16', 'device', 'cpu')
@@ -73,15 +76,6 @@ def guidance_loss(pred: torch.Tensor, pseudo: torch.Tensor, conf: torch.Tensor, 
     if mode == 'pixelavg_literal':
         return (ce * v).sum() / n * avgconf.sum()
     raise ValueError(f'prev loss must be one of {LOSSES}, got {mode!r}')
-
-
-@dataclass
-class Guidance:
-    """Previous guidance for one step: the ensemble to run on the weak images and the loss weight."""
-    ensemble: Callable[[torch.Tensor], torch.Tensor]   # weak images (B, 3, H, W) -> logits (B, K, H, W)
-    weight: float                                      # lambda(e) at this epoch
-    thresh: float = 0.9
-    loss: str = 'pixelwise'
 
 
 class SnapshotBank:
@@ -201,3 +195,105 @@ class SnapshotBank:
         self.best_miou = float(state['best_miou'])
         self.generator.set_state(state['generator'])
         self._loaded = None
+
+
+# ---- the method ------------------------------------------------------------------------------------
+
+@dataclass
+class Keys:
+    prev_weight: float | None = None     # peak of lambda(e); null = 1 for method prevmatch, 0 (off) otherwise
+    prev_thresh: float = 0.9             # confidence of the ensemble's pseudo-labels
+    prev_snapshots: int = 8              # L_max: snapshots kept (FIFO); the paper: 5 for COCO/ADE20K
+    prev_ensemble: int = 3               # K: at most this many snapshots ensembled per step
+    prev_trigger: str = 'best'           # 'best' val mIoU of the snapshotted model, or 'every' N epochs
+    prev_every: int = 0                  # N for 'every' (0 = epochs // prev_snapshots)
+    prev_start_epoch: int = 0            # no snapshot before this epoch (the paper's base_only_epoch)
+    prev_source: str = 'ema'             # snapshot the EMA teacher or the student
+    prev_storage: str = 'bf16'           # snapshots in bf16 on the device, fp32 on the 'device', or 'cpu'
+    prev_loss: str = 'pixelwise'         # or 'pixelavg' / 'pixelavg_literal' (the paper's Cityscapes mode)
+
+
+@register
+class PrevMatch(Method):
+    """UniMatch V2 + previous guidance. Also on any other semi-supervised method with
+    `prev_weight` > 0; its streams weigh the guidance like L_u (UniMatch V1: 0.25 / 0.25 / 0.5)."""
+    name = 'prevmatch'
+    summary = 'UniMatch V2 + guidance from earlier snapshots (or prev_weight=1 on any method)'
+    Keys = Keys
+    benchmark_recipe = True
+    state_key = 'prev_bank'
+
+    @classmethod
+    def peak(cls, cfg) -> float:
+        if cfg.prev_weight is not None:
+            return cfg.prev_weight
+        return 1.0 if cfg.method == cls.name else 0.0
+
+    @classmethod
+    def enabled(cls, cfg) -> bool:
+        return cls.peak(cfg) > 0
+
+    @classmethod
+    def check(cls, cfg, need) -> None:
+        for key, choices in (('prev_trigger', TRIGGERS), ('prev_source', SOURCES), ('prev_storage', STORAGES),
+                             ('prev_loss', LOSSES)):
+            need(getattr(cfg, key) in choices, key, f'must be one of {choices}, got {getattr(cfg, key)!r}')
+        w = cfg.prev_weight
+        need(w is None or w >= 0, 'prev_weight', f'must be >= 0 or null, got {w}')
+        need(get(cfg.method).options is not None or not w, 'prev_weight',
+             f'needs a semi-supervised method, not {cfg.method}')
+        need(cfg.method != cls.name or w != 0, 'prev_weight',
+             f'must not be 0 for method {cls.name} (that is unimatch_v2)')
+        need(0.0 <= cfg.prev_thresh <= 1.0, 'prev_thresh', f'must be in [0, 1], got {cfg.prev_thresh}')
+        for key in ('prev_snapshots', 'prev_ensemble'):
+            need(getattr(cfg, key) >= 1, key, f'must be >= 1, got {getattr(cfg, key)}')
+        for key in ('prev_every', 'prev_start_epoch'):
+            need(getattr(cfg, key) >= 0, key, f'must be >= 0, got {getattr(cfg, key)}')
+
+    def __init__(self, cfg, student, device):
+        super().__init__(cfg, student, device)
+        every = cfg.prev_every or max(1, cfg.epochs // cfg.prev_snapshots)
+        self.bank = SnapshotBank(student, cfg.prev_snapshots, cfg.prev_ensemble, cfg.prev_storage, device,
+                                 seed=cfg.seed + dist.rank(), trigger=cfg.prev_trigger, every=every,
+                                 start_epoch=cfg.prev_start_epoch)
+        self.weight = 0.0          # lambda(e) of the coming step
+
+    @classmethod
+    def for_benchmark(cls, cfg, student, device) -> 'PrevMatch':
+        m = cls(replace(cfg, prev_weight=1.0), student, device)
+        for _ in range(cfg.prev_snapshots):
+            m.bank.add(student)
+        m.weight = 1.0
+        return m
+
+    def begin_step(self, epoch: int, iteration: int, iters_per_epoch: int) -> None:
+        self.weight = guidance_weight(epoch, self.cfg.epochs, self.peak(self.cfg))
+
+    def terms(self, s: StepContext, out: dict) -> dict[str, Term]:
+        """L_prev: each stream's CE on the snapshot ensemble's confident labels, CutMix-ed like the
+        teacher's, weighted like the stream in L_u; it joins the weighted mean (shared)."""
+        if len(self.bank) == 0 or self.weight <= 0:
+            return {}
+        valid = s.batch_u['valid']
+        with torch.no_grad():
+            conf, pseudo = self.bank.sample_ensemble(s.batch_u['image']).float().softmax(1).max(1)
+        loss = sum(w * guidance_loss(pred, *t, self.cfg.prev_thresh, self.cfg.prev_loss)
+                   for (_, pred, _, w), t in zip(s.streams, s.mixed((pseudo, conf, valid))))
+        out['prev_weight'] = loss.new_tensor(self.weight)
+        out['prev_mask_ratio'] = ((conf >= self.cfg.prev_thresh) & valid).sum() / valid.sum().clamp(min=1)
+        return {'loss_prev': Term(loss, self.weight, shared=True)}
+
+    def end_of_epoch(self, epoch, student, teacher, result, result_ema, log) -> None:
+        """The snapshot rule for the configured source (EMA teacher or student) and its mIoU; before
+        the checkpoint, so that a resumed run holds the snapshot."""
+        ema = self.cfg.prev_source == 'ema' and teacher is not None
+        model, res = (teacher.model, result_ema) if ema else (student, result)
+        if self.bank.end_of_epoch(epoch, model, res['miou']):
+            log.info(f'PrevMatch: snapshot of the {"EMA teacher" if ema else "student"} after epoch '
+                     f'{epoch} ({len(self.bank)}/{self.bank.cap} held)')
+
+    def state_dict(self) -> dict:
+        return self.bank.state_dict()
+
+    def load_state_dict(self, state: dict, device) -> None:
+        self.bank.load_state_dict(state)

@@ -10,19 +10,33 @@ Tokens (B, N, C) of the last tapped block -> X = GELU(Linear_{C->D}), E = LN(X) 
                    the labeled weights: a prediction never depends on other images in the batch.
 Scores are instance-normalised over each (channels x channels) matrix instead of scaled by
 1/sqrt(d) (UCTransNet, as the official code). Out = LN([O_l; O_u] + X) -> GELU(Linear_{D->C}).
+As the official code: Xavier-uniform linear weights, no bias on the attention outputs, LayerNorm
+eps 1e-6.
 
 The semantic memory is a plain attribute (no parameter, no buffer): the EMA teacher's update and
-the model's state dict leave it out; the trainer checkpoints it on its own (`SemanticMemory`).
+the model's state dict leave it out; the method checkpoints it on its own (`SemanticMemory`).
+Every process writes the channels of every process (all-gathered in rank order), so the memories
+stay equal; of those it keeps one in `world_size` per class, so a slot lives as many steps as on
+one process of the official code (where each GPU writes only its own batch and memories differ):
+without the thinning, 4 processes would turn a class's memory over 4x faster.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods import register
+from methods.base import Method
+from methods.step import StepContext
 from model.dpt import DPTSegmentor, to_input_size
 from model.presets import PATCH_SIZE, ModelPreset
 from util import dist
+from util.losses import cutmix
+
+LAYER_NORM_EPS = 1e-6      # the official code's
 
 
 class SemanticMemory:
@@ -51,13 +65,14 @@ class SemanticMemory:
     @torch.no_grad()
     def update(self, channels: torch.Tensor, classes: torch.Tensor) -> None:
         """channels (M, N) with their classes (M,), image by image in order. Every process's are
-        gathered first (rank order), so the memories of all processes stay equal."""
+        gathered first (rank order), so the memories of all processes stay equal; one in
+        world_size of each class's is written (module docstring)."""
         channels = dist.all_gather_cat(channels.float().contiguous())
         classes = dist.all_gather_cat(classes.contiguous())
         if self.bank is None or self.bank.shape[-1] != channels.shape[-1]:
             self._allocate(channels.shape[-1], channels.device)
         for c in classes.unique().tolist():
-            items = channels[classes == c][-self.slots:]
+            items = channels[classes == c][::dist.world_size()][-self.slots:]
             idx = (self.ptr[c] + torch.arange(items.shape[0], device=items.device)) % self.slots
             self.bank[c, idx] = items
             self.filled[c, idx] = True
@@ -90,16 +105,21 @@ class AllSparkBottleneck(nn.Module):
         d = dim or embed_dim
         self.dim, self.heads = d, heads
         self.map_in = nn.Sequential(nn.Linear(embed_dim, d), nn.GELU())
-        self.norm_in = nn.LayerNorm(d)
+        self.norm_in = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
         # unlabeled self-attention (u) and labeled-to-unlabeled cross-attention (l)
         self.u_q, self.u_k, self.u_v = (nn.Linear(d, heads * d, bias=False) for _ in range(3))
-        self.u_out = nn.Linear(heads * d, d)
+        self.u_out = nn.Linear(heads * d, d, bias=False)
         self.l_q, self.l_k, self.l_v = (nn.Linear(d, heads * d, bias=False) for _ in range(3))
-        self.l_out = nn.Linear(heads * d, d)
+        self.l_out = nn.Linear(heads * d, d, bias=False)
         self.attn_drop, self.proj_drop = nn.Dropout(dropout), nn.Dropout(dropout)
-        self.norm_out = nn.LayerNorm(d)
+        self.norm_out = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
         self.map_out = nn.Sequential(nn.Linear(d, embed_dim), nn.GELU())
         self.memory = SemanticMemory(nclass, d)       # slots per class = D, as the official C
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     # ---- attention ---------------------------------------------------------------------------------
 
@@ -182,3 +202,69 @@ class AllSparkSegmentor(DPTSegmentor):
         features = self.perturb(features, comp_drop, n_clean, need_fp)
         logits = to_input_size(self.head(features, grid), out_size)
         return logits.chunk(2) if need_fp else logits
+
+
+# ---- the method ------------------------------------------------------------------------------------
+
+@dataclass
+class Keys:
+    allspark_warmup_epochs: int = 4      # labeled keys from the batch before, from the memory after
+    allspark_dim: int = 0                # channels D inside the bottleneck (0 = encoder width)
+    allspark_heads: int = 2
+    allspark_dropout: float = 0.1
+
+
+@torch.no_grad()
+def grouping_probabilities(logits_w: torch.Tensor, batch_u: dict, views: int) -> torch.Tensor:
+    """The teacher's weak-view softmax CutMix-ed to each strong view like the pseudo-labels,
+    area-resized to the patch grid: (B * views, K, h, w), for Channel Semantic Grouping."""
+    grid = (logits_w.shape[-2] // PATCH_SIZE, logits_w.shape[-1] // PATCH_SIZE)
+    prob = logits_w.softmax(1)
+    return torch.cat([F.interpolate(cutmix(prob, batch_u['boxes'][:, v]), size=grid, mode='area')
+                      for v in range(views)])
+
+
+@register
+class AllSpark(Method):
+    """UniMatch V2 on AllSpark's model: the student gets its roles (labeled / unlabeled) and the
+    teacher's probabilities for grouping; labeled keys come from the memory after the warm-up."""
+    name = 'allspark'
+    summary = 'UniMatch V2 + channel-wise cross-attention bottleneck with a class memory'
+    Keys = Keys
+    benchmark_recipe = True
+    state_key = 'allspark_memory'
+
+    @classmethod
+    def check(cls, cfg, need) -> None:
+        need(cfg.allspark_heads >= 1, 'allspark_heads', f'must be >= 1, got {cfg.allspark_heads}')
+        for key in ('allspark_warmup_epochs', 'allspark_dim'):
+            need(getattr(cfg, key) >= 0, key, f'must be >= 0, got {getattr(cfg, key)}')
+        need(0.0 <= cfg.allspark_dropout < 1.0, 'allspark_dropout', f'must be in [0, 1), got {cfg.allspark_dropout}')
+
+    @classmethod
+    def build_model(cls, spec, nclass, drop_path, cfg) -> AllSparkSegmentor:
+        return AllSparkSegmentor(spec, nclass, drop_path, cfg.allspark_dim, cfg.allspark_heads, cfg.allspark_dropout)
+
+    def __init__(self, cfg, student, device):
+        super().__init__(cfg, student, device)
+        self.memory = student.allspark.memory
+        self.use_memory = False
+
+    @classmethod
+    def for_benchmark(cls, cfg, student, device) -> 'AllSpark':
+        m = cls(cfg, student, device)
+        m.use_memory = True
+        return m
+
+    def begin_step(self, epoch: int, iteration: int, iters_per_epoch: int) -> None:
+        self.use_memory = epoch >= self.cfg.allspark_warmup_epochs
+
+    def student_kwargs(self, s: StepContext) -> dict:
+        return {'n_labeled': len(s.batch_l['image']), 'use_memory': self.use_memory,
+                'group_prob': grouping_probabilities(s.logits_w, s.batch_u, s.opt.views)}
+
+    def state_dict(self) -> dict:
+        return self.memory.state_dict()
+
+    def load_state_dict(self, state: dict, device) -> None:
+        self.memory.load_state_dict(state, device)

@@ -1,0 +1,58 @@
+"""The method registry: `method=<name>` in a config or on the command line picks one of these.
+
+A method is one module here (see `methods/base.py` for what it declares, and README "Adding a
+method"); its name goes into MODULES, in the order the tables list methods. `python -m methods`
+prints the registered methods.
+"""
+from __future__ import annotations
+
+import importlib
+
+from methods.base import Method, MethodSet
+
+DEFAULT = 'unimatch_v2'      # the method of a config that names none
+MODULES = ('supervised', 'fixmatch', 'unimatch_v1', 'unimatch_v2', 'prevmatch', 'ipixmatch', 'u2pl', 'allspark')
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make `cls` available as `method=<cls.name>`."""
+    if cls.name in REGISTRY:
+        raise ValueError(f'method {cls.name!r} is registered twice')
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def names() -> tuple[str, ...]:
+    return tuple(REGISTRY)
+
+
+def get(name: str) -> type[Method]:
+    if name not in REGISTRY:
+        raise KeyError(f'unknown method {name!r}; registered: {", ".join(REGISTRY)}')
+    return REGISTRY[name]
+
+
+def config_sections() -> list[type]:
+    """Every method's `Keys` dataclass, in registry order."""
+    return [cls.Keys for cls in REGISTRY.values() if cls.Keys is not None]
+
+
+def create(cfg, student, device) -> MethodSet:
+    """The run-time methods of `cfg`: its `method` and every method its keys turn on."""
+    return MethodSet([cls(cfg, student, device) for cls in REGISTRY.values() if cls.enabled(cfg)])
+
+
+def build_model(cfg):
+    """The model of `cfg`'s method (its extra head or bottleneck) with random weights, or the plain
+    DINOv2 + DPT segmentor."""
+    from model import build_model as plain_model
+    from model.presets import preset
+    _, spec = preset(cfg.backbone)
+    model = get(cfg.method).build_model(spec, cfg.nclass, cfg.drop_path, cfg)
+    return model if model is not None else plain_model(cfg.backbone, cfg.nclass, drop_path=cfg.drop_path)
+
+
+for _module in MODULES:
+    importlib.import_module(f'methods.{_module}')

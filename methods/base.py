@@ -1,0 +1,119 @@
+"""What a method is: one class in one module, registered by name (`methods/__init__.py`).
+
+A method says, in one place:
+  * `Keys`: its config keys and defaults (a dataclass; the keys join `util.config.Config`, flat, so
+    `key=value` overrides them like any other), and `check` validates them;
+  * `options`: the core step it runs (`methods.step.SemiOptions`: views, complementary dropout, ...;
+    None = labeled-only training);
+  * `build_model`: what it adds to the model (None = the plain DINOv2 + DPT segmentor);
+  * the state it carries between steps (`state_key`, `state_dict`, `load_state_dict`: queues,
+    memories, snapshot banks), saved in the checkpoint under `state_key`;
+  * what it adds to the step (the hooks below, called by `methods.step.semi_step`), with per-step
+    settings (warm-ups, schedules) set in `begin_step`, and what it does after each evaluation;
+  * its benchmark recipe (`for_benchmark`: the method in its steady state).
+
+A method that adds a loss to the step can also run on top of another method when its own key
+turns it on (`enabled`).
+"""
+from __future__ import annotations
+
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from methods.step import SemiOptions, StepContext, Term
+
+Need = Callable[[bool, str, str], None]     # need(ok, key, message): raise a ConfigError naming the key
+
+
+class Method:
+    name: ClassVar[str]
+    summary: ClassVar[str] = ''
+    Keys: ClassVar[type | None] = None
+    options: ClassVar[SemiOptions | None] = SemiOptions()      # the core step as the paper (2 views, comp. dropout)
+    state_key: ClassVar[str | None] = None
+    benchmark_recipe: ClassVar[bool] = False     # benchmark.py times it beside the default step
+
+    # ---- configuration (class level: no run needed) -----------------------------------------------
+
+    @classmethod
+    def check(cls, cfg, need: Need) -> None:
+        """Validate this method's keys of a config (called for every registered method)."""
+
+    @classmethod
+    def enabled(cls, cfg) -> bool:
+        """Whether this method takes part in a run of `cfg`."""
+        return cfg.method == cls.name
+
+    @classmethod
+    def build_model(cls, spec, nclass: int, drop_path: float, cfg) -> nn.Module | None:
+        """The method's model (`spec`: a model.presets.ModelPreset), or None for the plain one."""
+        return None
+
+    # ---- a run ---------------------------------------------------------------------------------------
+
+    def __init__(self, cfg, student: nn.Module, device: torch.device):
+        self.cfg = cfg
+
+    @classmethod
+    def for_benchmark(cls, cfg, student: nn.Module, device: torch.device) -> 'Method':
+        """The method as it runs once its warm-ups are over and its state is full."""
+        return cls(cfg, student, device)
+
+    def begin_step(self, epoch: int, iteration: int, iters_per_epoch: int) -> None:
+        """Set the coming step's schedules (`epoch` is the epoch being trained)."""
+
+    def end_of_epoch(self, epoch: int, student: nn.Module, teacher, result: dict, result_ema: dict | None,
+                     log) -> None:
+        """After the epoch's evaluation, before its checkpoint."""
+
+    def state_dict(self) -> dict | None:
+        return None
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        pass
+
+    # ---- hooks of the step (methods.step.semi_step) ----------------------------------------------
+
+    def teacher_kwargs(self, s: StepContext) -> dict:
+        """Keywords for the teacher's forward on the weak view."""
+        return {}
+
+    def student_kwargs(self, s: StepContext) -> dict:
+        """Keywords for the student's forward on [labeled; strong views]."""
+        return {}
+
+    def strong_losses(self, s: StepContext) -> dict[str, torch.Tensor] | None:
+        """{'loss_s1': ..., ...} instead of the confidence-masked CE of each strong view, or None."""
+        return None
+
+    def terms(self, s: StepContext, out: dict[str, torch.Tensor]) -> dict[str, Term]:
+        """Extra loss terms by name (added to `out` and the total); statistics go into `out`."""
+        return {}
+
+
+class MethodSet:
+    """The methods taking part in one run, in registry order, seen by the trainer as one."""
+
+    def __init__(self, methods: list[Method]):
+        self.methods = methods
+
+    def __iter__(self):
+        return iter(self.methods)
+
+    def begin_step(self, epoch: int, iteration: int, iters_per_epoch: int) -> None:
+        for m in self.methods:
+            m.begin_step(epoch, iteration, iters_per_epoch)
+
+    def end_of_epoch(self, *args) -> None:
+        for m in self.methods:
+            m.end_of_epoch(*args)
+
+    def state_dicts(self) -> dict:
+        return {m.state_key: m.state_dict() for m in self.methods if m.state_key}
+
+    def load_state_dicts(self, ckpt: dict, device: torch.device) -> None:
+        for m in self.methods:
+            if m.state_key and ckpt.get(m.state_key) is not None:
+                m.load_state_dict(ckpt[m.state_key], device)

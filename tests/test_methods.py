@@ -1,0 +1,346 @@
+"""The method registry (methods/) and the wiring of the training loop around it (util/trainer.py).
+
+    python -m pytest tests/test_methods.py -q
+
+- every method's step gives bit for bit the losses and gradients it gave before methods moved into
+  the registry (`tests/fixtures/step_outputs_before_issue17.pt`, recorded at commit 8c05e45 with the
+  same inputs and seeds), except where a fidelity fix changed them on purpose (U2PL's positive keys
+  and the meaning of lambda_c; AllSpark's initialisation and norms);
+- the import graph has no circle and `model/` imports no method; entry scripts name no method and
+  a method is named, outside its own module, docs, configs and tests, only by the registry line;
+- the loop hands the step the EMA teacher, updates the EMA once after every optimizer step with the
+  original's schedule (and saves it), gives each method the paper's options, accumulates gradients
+  like one larger batch, and ends a two-process run with equal weights from disjoint shards.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+import types
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import methods
+import unimatch_v2
+from methods.step import SemiOptions, supervised_step
+from tests.distributed import run_processes
+from tests.test_steps import make_batch
+from util import dist, trainer
+from util.config import load_config
+from util.ema import EMATeacher, ema_ratio
+from util.losses import build_criterion
+from util.precision import Precision
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / 'tests/fixtures/step_outputs_before_issue17.pt'
+
+
+# ---- each method's step, before and after the registry ------------------------------------------
+
+def run_case(overrides: list[str], base: list[str]) -> list[dict]:
+    """Three steps of a tiny model as the fixture's recorder ran them: fixed batches and seeds, two
+    snapshots in PrevMatch's bank, AllSpark's memory from the third step on, an AdamW step and an
+    EMA update after each; each step's outputs plus the sum of |gradient|."""
+    cfg = load_config(ROOT / 'configs/toy.yaml', base + overrides)
+    torch.manual_seed(0)
+    student = methods.build_model(cfg).train()
+    teacher = EMATeacher(student, cfg.ema_decay)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    run = types.SimpleNamespace(cfg=cfg, device=torch.device('cpu'))
+    run_methods = methods.create(cfg, student, run.device)
+    for m in run_methods:
+        if m.state_key == 'prev_bank':
+            m.bank.add(student)
+            m.bank.add(teacher.model)
+    tr = types.SimpleNamespace(run=run, ddp=student, teacher=teacher, state=trainer.TrainState(),
+                               methods=run_methods)
+    step = trainer.make_step(tr, methods.get(cfg.method).options, 10)
+    outs = []
+    for i in range(3):
+        tr.state.epoch, tr.state.iteration = (-1, i) if i < 2 else (0, 0)
+        batch_l, batch_u = make_batch(seed=i)
+        torch.manual_seed(100 + i)
+        out = step(batch_u, batch_l)
+        out['loss'].backward()
+        out = {k: v.detach().clone() for k, v in out.items()}
+        out['grad_abs_sum'] = sum(p.grad.abs().sum() for p in student.parameters() if p.grad is not None)
+        outs.append(out)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        teacher.update(student, i)
+    return outs
+
+
+@pytest.fixture(scope='module')
+def before() -> dict:
+    return torch.load(FIXTURE, weights_only=True)
+
+
+@pytest.mark.parametrize('case', ['unimatch_v2', 'fixmatch', 'unimatch_v1', 'prevmatch', 'ipixmatch',
+                                  'fixmatch+ipix', 'unimatch_v1+prev+ipix'])
+def test_each_methods_step_is_bit_for_bit_unchanged(before, case):
+    outs = run_case(before['cases'][case] or [f'method={case}'], before['base'])
+    for i, (old, new) in enumerate(zip(before['outputs'][case], outs)):
+        assert set(new) == set(old), (i, set(new) ^ set(old))
+        for key in old:
+            assert torch.equal(new[key], old[key]), (case, i, key, float(new[key]), float(old[key]))
+
+
+@pytest.mark.parametrize('case', ['u2pl', 'u2pl+sce'])
+def test_u2pl_step_changed_only_in_its_contrastive_term(before, case):
+    """The first step (nothing learned yet, same queues) agrees in every term but L_c, whose positive
+    keys now average every labeled and reliable unlabeled pixel, and the total, where lambda_c now
+    weighs L_c as the paper (and defaults to 0.25)."""
+    old, new = before['outputs'][case][0], run_case(before['cases'][case] or [f'method={case}'], before['base'])[0]
+    changed = {'loss', 'loss_c', 'u2pl_weight', 'grad_abs_sum'}
+    for key in set(old) - changed:
+        assert torch.equal(new[key], old[key]), key
+    assert not torch.equal(new['loss_c'], old['loss_c'])
+    w = 1.0       # lossu_weight
+    expected = (new['loss_x'] + w * new['loss_u'] + 0.25 * new['loss_c']) / (1 + w)
+    assert float(new['u2pl_weight']) == 0.25
+    assert torch.allclose(new['loss'], expected, rtol=1e-6)
+
+
+# ---- the import graph and where methods are named -------------------------------------------------
+
+PACKAGES = ('model', 'methods', 'util', 'dataset')
+ENTRY_SCRIPTS = ('unimatch_v2.py', 'supervised.py', 'benchmark.py', 'evaluate.py', 'predict.py')
+
+
+def project_modules() -> dict[str, Path]:
+    mods = {p.stem: p for p in ROOT.glob('*.py')}
+    for pkg in PACKAGES:
+        for p in (ROOT / pkg).glob('*.py'):
+            mods[pkg if p.stem == '__init__' else f'{pkg}.{p.stem}'] = p
+    return mods
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports anywhere in its code (function-level imports too)."""
+    mods = project_modules()
+    graph = {}
+    for name, path in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f'{node.module}.{a.name}' for a in node.names]
+            else:
+                continue
+            deps |= {t for t in targets if t in mods and t != name}
+        graph[name] = deps
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state, stack = {}, []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 'open'
+        stack.append(n)
+        for m in sorted(graph[n]):
+            if state.get(m) == 'open':
+                return stack[stack.index(m):] + [m]
+            if m not in state and (found := visit(m)):
+                return found
+        state[n] = 'done'
+        stack.pop()
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (found := visit(n)):
+            return found
+    return None
+
+
+def test_import_graph_has_no_cycle():
+    graph = import_graph()
+    assert 'methods.u2pl' in graph and graph['methods.u2pl'] >= {'model.dpt', 'methods.step'}
+    assert find_cycle(graph) is None, find_cycle(graph)
+    assert find_cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == ['a', 'b', 'c', 'a']   # the check can fail
+
+
+def test_model_knows_no_method():
+    graph = import_graph()
+    for name, deps in graph.items():
+        if name.split('.')[0] == 'model':
+            assert not {d for d in deps if d.split('.')[0] == 'methods'}, name
+    names = '|'.join(methods.names())
+    for path in (ROOT / 'model').glob('*.py'):
+        assert not re.search(rf'\b({names})\b', path.read_text(), re.I), path
+
+
+def method_mentions(name: str) -> dict[str, list[int]]:
+    """{file: line numbers} of `name` (any case, as a word, not as part of a file name like
+    `name.py`) in the project's tracked code (Python and shell), outside the method's own module,
+    its docs, the configs and the tests."""
+    files = subprocess.run(['git', 'ls-files', '-co', '--exclude-standard', '*.py', '*.sh'], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    pattern = re.compile(rf'(?<![\w-]){re.escape(name)}(?![\w]|\.py|\.md)', re.I)
+    hits = {}
+    for f in files:
+        if f.startswith('tests/') or f == f'methods/{name}.py' or not (ROOT / f).is_file():
+            continue
+        lines = [i for i, line in enumerate((ROOT / f).read_text().splitlines(), 1) if pattern.search(line)]
+        if lines:
+            hits[f] = lines
+    return hits
+
+
+def registry_line() -> dict[str, list[int]]:
+    lines = (ROOT / 'methods/__init__.py').read_text().splitlines()
+    return {'methods/__init__.py': [i for i, line in enumerate(lines, 1) if line.startswith('MODULES = (')]}
+
+
+@pytest.mark.parametrize('name', ['prevmatch', 'ipixmatch', 'u2pl', 'allspark'])
+def test_a_method_is_named_only_by_its_module_and_the_registry_line(name):
+    assert method_mentions(name) == registry_line()
+
+
+def test_entry_scripts_name_no_method():
+    """supervised.py exists for the original's command line, `python supervised.py ...`: it names
+    the one method it runs and no other."""
+    for name in methods.names():
+        hits = {f for f in method_mentions(name) if f in ENTRY_SCRIPTS}
+        assert hits <= ({'supervised.py'} if name == 'supervised' else set()), (name, hits)
+
+
+# ---- the training loop's wiring --------------------------------------------------------------------
+
+def test_each_method_runs_the_papers_step_options():
+    """UNIMATCH_V2_FACTS.md section 5: UniMatch V2 two strong views with complementary dropout,
+    FixMatch one view without, UniMatch V1 two views plus a feature-perturbation stream of weight
+    0.5; the methods built on UniMatch V2 keep its step."""
+    opts = {name: cls.options for name, cls in methods.REGISTRY.items()}
+    assert opts['unimatch_v2'] == SemiOptions(views=2, comp_drop=True, fp_weight=0.0)
+    assert opts['fixmatch'] == SemiOptions(views=1, comp_drop=False, fp_weight=0.0)
+    assert opts['unimatch_v1'] == SemiOptions(views=2, comp_drop=False, fp_weight=0.5)
+    assert opts['supervised'] is None
+    for name in ('prevmatch', 'ipixmatch', 'u2pl', 'allspark'):
+        assert opts[name] == opts['unimatch_v2'], name
+
+
+class Recorder:
+    """What the loop did, in order: the step's arguments, optimizer steps, EMA updates."""
+
+    def __init__(self, monkeypatch):
+        self.events, self.steps, self.ema = [], [], []
+        real_step, real_opt, real_ema = trainer.semi_step, Precision.step, EMATeacher.update
+
+        def step(student, teacher, *args, **kwargs):
+            self.steps.append((student, teacher))
+            return real_step(student, teacher, *args, **kwargs)
+
+        def opt_step(precision, optimizer):
+            self.events.append('optimizer')
+            return real_opt(precision, optimizer)
+
+        def ema_update(ema, student, it):
+            name = 'head.scratch.output_conv.2.weight'
+            before = ema.model.state_dict()[name].clone()
+            real_ema(ema, student, it)
+            self.events.append('ema')
+            self.ema.append((it, before, student.state_dict()[name].clone(), ema.model.state_dict()[name].clone()))
+
+        monkeypatch.setattr(trainer, 'semi_step', step)
+        monkeypatch.setattr(Precision, 'step', opt_step)
+        monkeypatch.setattr(EMATeacher, 'update', ema_update)
+
+
+@pytest.fixture
+def recorded_run(toy, tmp_path, monkeypatch):
+    """Two epochs of three steps of UniMatch V2 on the toy, recorded."""
+    rec = Recorder(monkeypatch)
+    run_dir = tmp_path / 'run'
+    tr = trainer.train(trainer.parse_args('', ['--config', str(ROOT / 'configs/toy.yaml'), '--split', '1_16',
+                                                '--save-path', str(run_dir)] + toy +
+                                          ['epochs=2', 'max_iters_per_epoch=3', 'ema_decay=0.6']))
+    return rec, tr, run_dir
+
+
+def test_the_step_gets_the_ema_teacher(recorded_run):
+    rec, tr, _ = recorded_run
+    assert len(rec.steps) == 6
+    for student, teacher in rec.steps:
+        assert student is tr.ddp
+        assert teacher is tr.teacher and isinstance(teacher, EMATeacher)
+        assert teacher.model is not tr.student
+
+
+def test_the_ema_follows_every_optimizer_step_with_the_originals_schedule(recorded_run):
+    rec, tr, run_dir = recorded_run
+    assert rec.events == ['optimizer', 'ema'] * 6
+    assert [it for it, *_ in rec.ema] == list(range(6))          # epoch * iterations + i, over epochs
+    for it, ema_before, student, ema_after in rec.ema:
+        r = ema_ratio(it, 0.6)
+        assert r == min(1 - 1 / (it + 1), 0.6)
+        assert torch.allclose(ema_after, r * ema_before + (1 - r) * student, atol=1e-6), it
+    ckpt = torch.load(run_dir / 'latest.pth', weights_only=True)
+    assert torch.equal(ckpt['model_ema']['head.scratch.output_conv.2.weight'], rec.ema[-1][3])
+    for k, v in tr.teacher.model.state_dict().items():
+        assert torch.equal(ckpt['model_ema'][k], v), k
+
+
+def test_gradient_accumulation_equals_one_step_on_the_larger_batch():
+    """grad_accum=2 over two batches of 2 gives the gradients of one batch of 4 (no ignored pixels,
+    so the per-batch means weigh alike)."""
+    torch.manual_seed(0)
+    model = methods.build_model(load_config(ROOT / 'configs/toy.yaml', ['pretrained=null', 'nclass=3']))
+    criterion = build_criterion('CELoss', {'ignore_index': 255})
+    g = torch.Generator().manual_seed(1)
+    batches = [{'image': torch.randn(2, 3, 28, 28, generator=g), 'mask': torch.randint(0, 3, (2, 28, 28), generator=g)}
+               for _ in range(2)]
+    whole = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+    def grads(chunks: list[dict], accum: int) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        tr = types.SimpleNamespace(ddp=model, run=types.SimpleNamespace(device=torch.device('cpu')),
+                                   precision=Precision('fp32', torch.device('cpu')),
+                                   optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+        out = trainer.accumulate(tr, lambda b: supervised_step(model, b, criterion), iter([(c,) for c in chunks]),
+                                 accum)
+        assert out is not None
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    accumulated, one = grads(batches, 2), grads([whole], 1)
+    assert accumulated.keys() == one.keys() and len(one) > 10
+    for name in one:
+        assert torch.allclose(accumulated[name], one[name], rtol=1e-4, atol=1e-7), name
+
+
+def _two_process_worker(rank: int, out_dir: str) -> None:
+    """trainer.train in each of two gloo processes; what each saw and ended with goes to out_dir."""
+    from dataset.semi import SemiDataset
+    seen, real = [], SemiDataset.__getitem__
+
+    def getitem(self, idx):
+        seen.append((self.mode, int(idx)))
+        return real(self, idx)
+
+    SemiDataset.__getitem__ = getitem
+    dist.cleanup = lambda: None                  # the harness tears the group down
+    args = json.loads(Path(out_dir, 'args.json').read_text())
+    tr = trainer.train(trainer.parse_args('', args))
+    torch.save({'model': tr.student.state_dict(), 'ema': tr.teacher.model.state_dict(), 'seen': seen},
+               Path(out_dir, f'rank{rank}.pt'))
+
+
+def test_two_processes_end_with_equal_weights_from_disjoint_shards(toy, tmp_path):
+    args = ['--config', str(ROOT / 'configs/toy.yaml'), '--split', '1_16', '--save-path', str(tmp_path / 'run')]
+    (tmp_path / 'args.json').write_text(json.dumps(args + toy + ['epochs=1', 'max_iters_per_epoch=3']))
+    run_processes(_two_process_worker, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
+    for key in ('model', 'ema'):
+        assert r0[key].keys() == r1[key].keys()
+        for k in r0[key]:
+            assert torch.equal(r0[key][k], r1[key][k]), (key, k)
+    unlabeled = [{i for mode, i in r['seen'] if mode == 'train_u'} for r in (r0, r1)]
+    assert len(unlabeled[0]) == len(unlabeled[1]) == 6          # 3 steps x batch 2 on each process
+    assert not unlabeled[0] & unlabeled[1]
