@@ -8,21 +8,10 @@ from __future__ import annotations
 
 import importlib
 
-from methods.base import Method, MethodSet
+from methods.base import REGISTRY, Method, MethodSet, register
 
 DEFAULT = 'unimatch_v2'      # the method of a config that names none
 MODULES = ('supervised', 'fixmatch', 'unimatch_v1', 'unimatch_v2', 'prevmatch', 'ipixmatch', 'u2pl', 'allspark')
-
-REGISTRY: dict[str, type[Method]] = {}
-
-
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make `cls` available as `method=<cls.name>`."""
-    if cls.name in REGISTRY:
-        raise ValueError(f'method {cls.name!r} is registered twice')
-    REGISTRY[cls.name] = cls
-    return cls
-
 
 def names() -> tuple[str, ...]:
     return tuple(REGISTRY)

@@ -247,7 +247,7 @@ class AllSpark(Method):
 
     def __init__(self, cfg, student, device):
         super().__init__(cfg, student, device)
-        self.memory = student.allspark.memory
+        self.memory = self.state = student.allspark.memory
         self.use_memory = False
 
     @classmethod
@@ -262,9 +262,3 @@ class AllSpark(Method):
     def student_kwargs(self, s: StepContext) -> dict:
         return {'n_labeled': len(s.batch_l['image']), 'use_memory': self.use_memory,
                 'group_prob': grouping_probabilities(s.logits_w, s.batch_u, s.opt.views)}
-
-    def state_dict(self) -> dict:
-        return self.memory.state_dict()
-
-    def load_state_dict(self, state: dict, device) -> None:
-        self.memory.load_state_dict(state, device)

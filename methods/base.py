@@ -32,7 +32,7 @@ class Method:
     summary: ClassVar[str] = ''
     Keys: ClassVar[type | None] = None
     options: ClassVar[SemiOptions | None] = SemiOptions()      # the core step as the paper (2 views, comp. dropout)
-    state_key: ClassVar[str | None] = None
+    state_key: ClassVar[str | None] = None      # checkpoint key of `self.state`
     benchmark_recipe: ClassVar[bool] = False     # benchmark.py times it beside the default step
 
     # ---- configuration (class level: no run needed) -----------------------------------------------
@@ -55,6 +55,7 @@ class Method:
 
     def __init__(self, cfg, student: nn.Module, device: torch.device):
         self.cfg = cfg
+        self.state = None      # what it carries between steps: has state_dict(), load_state_dict(state, device)
 
     @classmethod
     def for_benchmark(cls, cfg, student: nn.Module, device: torch.device) -> 'Method':
@@ -68,11 +69,11 @@ class Method:
                      log) -> None:
         """After the epoch's evaluation, before its checkpoint."""
 
-    def state_dict(self) -> dict | None:
-        return None
+    def state_dict(self) -> dict:
+        return self.state.state_dict()
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
-        pass
+        self.state.load_state_dict(state, device)
 
     # ---- hooks of the step (methods.step.semi_step) ----------------------------------------------
 
@@ -91,6 +92,42 @@ class Method:
     def terms(self, s: StepContext, out: dict[str, torch.Tensor]) -> dict[str, Term]:
         """Extra loss terms by name (added to `out` and the total); statistics go into `out`."""
         return {}
+
+
+REGISTRY: dict[str, type[Method]] = {}      # name -> method, in registration order
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make `cls` available as `method=<cls.name>`."""
+    if cls.name in REGISTRY:
+        raise ValueError(f'method {cls.name!r} is registered twice')
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+class LossMethod(Method):
+    """A method that adds one loss to the step, weighted by the config key `weight_key`: null means 1
+    for this method and 0 (off) for every other, so that setting the key adds the loss to another
+    semi-supervised method."""
+    weight_key: ClassVar[str]
+
+    @classmethod
+    def weight(cls, cfg) -> float:
+        value = getattr(cfg, cls.weight_key)
+        if value is not None:
+            return value
+        return 1.0 if cfg.method == cls.name else 0.0
+
+    @classmethod
+    def enabled(cls, cfg) -> bool:
+        return cls.weight(cfg) > 0
+
+    @classmethod
+    def check(cls, cfg, need: Need) -> None:
+        key, w = cls.weight_key, getattr(cfg, cls.weight_key)
+        need(w is None or w >= 0, key, f'must be >= 0 or null, got {w}')
+        need(REGISTRY[cfg.method].options is not None or not w, key, f'needs a semi-supervised method, not {cfg.method}')
+        need(cfg.method != cls.name or w != 0, key, f'must not be 0 for method {cls.name} (that is its base method)')
 
 
 class MethodSet:

@@ -33,8 +33,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from methods import get, register
-from methods.base import Method
+from methods import register
+from methods.base import LossMethod
 from methods.step import StepContext, Term, mix_targets
 from model.presets import PATCH_SIZE
 
@@ -171,42 +171,28 @@ class Keys:
 
 
 @register
-class IPixMatch(Method):
+class IPixMatch(LossMethod):
     """UniMatch V2 + L_IPix: L = L_base + alpha * ramp * L_IPix. Also on any other semi-supervised
     method with `ipix_weight` > 0 (the teacher's logits are the weak-view ones the step has)."""
     name = 'ipixmatch'
     summary = 'UniMatch V2 + inter-pixel relation loss (or ipix_weight=1 on any method)'
     Keys = Keys
     benchmark_recipe = True
-
-    @classmethod
-    def alpha(cls, cfg) -> float:
-        if cfg.ipix_weight is not None:
-            return cfg.ipix_weight
-        return 1.0 if cfg.method == cls.name else 0.0
-
-    @classmethod
-    def enabled(cls, cfg) -> bool:
-        return cls.alpha(cfg) > 0
+    weight_key = 'ipix_weight'      # alpha
 
     @classmethod
     def check(cls, cfg, need) -> None:
+        super().check(cfg, need)
         need(cfg.ipix_loss in LOSSES, 'ipix_loss', f'must be one of {LOSSES}, got {cfg.ipix_loss!r}')
         need(cfg.ipix_resolution in RESOLUTIONS, 'ipix_resolution',
              f'must be one of {RESOLUTIONS}, got {cfg.ipix_resolution!r}')
-        w = cfg.ipix_weight
-        need(w is None or w >= 0, 'ipix_weight', f'must be >= 0 or null, got {w}')
-        need(get(cfg.method).options is not None or not w, 'ipix_weight',
-             f'needs a semi-supervised method, not {cfg.method}')
-        need(cfg.method != cls.name or w != 0, 'ipix_weight',
-             f'must not be 0 for method {cls.name} (that is unimatch_v2)')
         need(0.0 <= cfg.ipix_thresh < 1.0, 'ipix_thresh', f'must be in [0, 1), got {cfg.ipix_thresh}')
         need(cfg.ipix_temperature > 0, 'ipix_temperature', f'must be > 0, got {cfg.ipix_temperature}')
         need(cfg.ipix_warmup_epochs >= 0, 'ipix_warmup_epochs', f'must be >= 0, got {cfg.ipix_warmup_epochs}')
 
     def __init__(self, cfg, student, device):
         super().__init__(cfg, student, device)
-        self.ipix = IPixOptions(self.alpha(cfg), cfg.ipix_thresh, cfg.ipix_temperature, cfg.ipix_loss,
+        self.ipix = IPixOptions(self.weight(cfg), cfg.ipix_thresh, cfg.ipix_temperature, cfg.ipix_loss,
                                 cfg.ipix_resolution)
         self.alpha_peak = self.ipix.weight
 

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods import get, register
-from methods.base import Method
+from methods import register
+from methods.base import LossMethod
 from methods.step import StepContext, Term
 from util import dist
 from util.losses import masked_unlabeled_loss
@@ -187,7 +187,7 @@ class SnapshotBank:
         return {'snapshots': self.snapshots, 'epochs': list(self.epochs), 'best_miou': self.best_miou,
                 'generator': self.generator.get_state()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, device: torch.device | None = None) -> None:
         keep = slice(-self.cap, None)       # a smaller cap than the saved run's keeps the newest
         self.snapshots = [{k: self._store(v) for k, v in s.items()} for s in state['snapshots'][keep]]
         self.epochs = list(state['epochs'][keep])
@@ -214,7 +214,7 @@ class Keys:
 
 
 @register
-class PrevMatch(Method):
+class PrevMatch(LossMethod):
     """UniMatch V2 + previous guidance. Also on any other semi-supervised method with
     `prev_weight` > 0; its streams weigh the guidance like L_u (UniMatch V1: 0.25 / 0.25 / 0.5)."""
     name = 'prevmatch'
@@ -222,28 +222,14 @@ class PrevMatch(Method):
     Keys = Keys
     benchmark_recipe = True
     state_key = 'prev_bank'
-
-    @classmethod
-    def peak(cls, cfg) -> float:
-        if cfg.prev_weight is not None:
-            return cfg.prev_weight
-        return 1.0 if cfg.method == cls.name else 0.0
-
-    @classmethod
-    def enabled(cls, cfg) -> bool:
-        return cls.peak(cfg) > 0
+    weight_key = 'prev_weight'      # the peak of lambda(e)
 
     @classmethod
     def check(cls, cfg, need) -> None:
+        super().check(cfg, need)
         for key, choices in (('prev_trigger', TRIGGERS), ('prev_source', SOURCES), ('prev_storage', STORAGES),
                              ('prev_loss', LOSSES)):
             need(getattr(cfg, key) in choices, key, f'must be one of {choices}, got {getattr(cfg, key)!r}')
-        w = cfg.prev_weight
-        need(w is None or w >= 0, 'prev_weight', f'must be >= 0 or null, got {w}')
-        need(get(cfg.method).options is not None or not w, 'prev_weight',
-             f'needs a semi-supervised method, not {cfg.method}')
-        need(cfg.method != cls.name or w != 0, 'prev_weight',
-             f'must not be 0 for method {cls.name} (that is unimatch_v2)')
         need(0.0 <= cfg.prev_thresh <= 1.0, 'prev_thresh', f'must be in [0, 1], got {cfg.prev_thresh}')
         for key in ('prev_snapshots', 'prev_ensemble'):
             need(getattr(cfg, key) >= 1, key, f'must be >= 1, got {getattr(cfg, key)}')
@@ -256,32 +242,33 @@ class PrevMatch(Method):
         self.bank = SnapshotBank(student, cfg.prev_snapshots, cfg.prev_ensemble, cfg.prev_storage, device,
                                  seed=cfg.seed + dist.rank(), trigger=cfg.prev_trigger, every=every,
                                  start_epoch=cfg.prev_start_epoch)
-        self.weight = 0.0          # lambda(e) of the coming step
+        self.state = self.bank
+        self.lam = 0.0             # lambda(e) of the coming step
 
     @classmethod
     def for_benchmark(cls, cfg, student, device) -> 'PrevMatch':
         m = cls(replace(cfg, prev_weight=1.0), student, device)
         for _ in range(cfg.prev_snapshots):
             m.bank.add(student)
-        m.weight = 1.0
+        m.lam = 1.0
         return m
 
     def begin_step(self, epoch: int, iteration: int, iters_per_epoch: int) -> None:
-        self.weight = guidance_weight(epoch, self.cfg.epochs, self.peak(self.cfg))
+        self.lam = guidance_weight(epoch, self.cfg.epochs, self.weight(self.cfg))
 
     def terms(self, s: StepContext, out: dict) -> dict[str, Term]:
         """L_prev: each stream's CE on the snapshot ensemble's confident labels, CutMix-ed like the
         teacher's, weighted like the stream in L_u; it joins the weighted mean (shared)."""
-        if len(self.bank) == 0 or self.weight <= 0:
+        if len(self.bank) == 0 or self.lam <= 0:
             return {}
         valid = s.batch_u['valid']
         with torch.no_grad():
             conf, pseudo = self.bank.sample_ensemble(s.batch_u['image']).float().softmax(1).max(1)
         loss = sum(w * guidance_loss(pred, *t, self.cfg.prev_thresh, self.cfg.prev_loss)
                    for (_, pred, _, w), t in zip(s.streams, s.mixed((pseudo, conf, valid))))
-        out['prev_weight'] = loss.new_tensor(self.weight)
+        out['prev_weight'] = loss.new_tensor(self.lam)
         out['prev_mask_ratio'] = ((conf >= self.cfg.prev_thresh) & valid).sum() / valid.sum().clamp(min=1)
-        return {'loss_prev': Term(loss, self.weight, shared=True)}
+        return {'loss_prev': Term(loss, self.lam, shared=True)}
 
     def end_of_epoch(self, epoch, student, teacher, result, result_ema, log) -> None:
         """The snapshot rule for the configured source (EMA teacher or student) and its mIoU; before
@@ -291,9 +278,3 @@ class PrevMatch(Method):
         if self.bank.end_of_epoch(epoch, model, res['miou']):
             log.info(f'PrevMatch: snapshot of the {"EMA teacher" if ema else "student"} after epoch '
                      f'{epoch} ({len(self.bank)}/{self.bank.cap} held)')
-
-    def state_dict(self) -> dict:
-        return self.bank.state_dict()
-
-    def load_state_dict(self, state: dict, device) -> None:
-        self.bank.load_state_dict(state)

@@ -386,6 +386,7 @@ class U2PL(Method):
         super().__init__(cfg, student, device)
         self.memory = U2PLMemory(cfg.nclass, cfg.u2pl_rep_dim, cfg.u2pl_queue_size, cfg.u2pl_queue_size_bg,
                                  cfg.u2pl_proto_momentum)
+        self.state = self.memory
         self.weight, self.alpha = 0.0, cfg.u2pl_alpha0    # lambda_c and alpha_t of the coming step
 
     @classmethod
@@ -434,9 +435,3 @@ class U2PL(Method):
         out['u2pl_weight'] = loss_c.new_tensor(self.weight)
         out.update(stats)
         return {'loss_c': Term(loss_c, self.weight / (1 + s.opt.lossu_weight))}
-
-    def state_dict(self) -> dict:
-        return self.memory.state_dict()
-
-    def load_state_dict(self, state: dict, device) -> None:
-        self.memory.load_state_dict(state, device)

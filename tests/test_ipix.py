@@ -235,11 +235,11 @@ def test_unimatch_v1_step_with_ipix():
 
 def test_config_keys():
     toy = ROOT / 'configs/toy.yaml'
-    assert IPixMatch.alpha(load_config(toy)) == 0.0                      # UniMatch V2 unchanged
+    assert IPixMatch.weight(load_config(toy)) == 0.0                      # UniMatch V2 unchanged
     assert not IPixMatch.enabled(load_config(toy))
-    assert IPixMatch.alpha(load_config(toy, ['method=ipixmatch'])) == 1.0
-    assert IPixMatch.alpha(load_config(toy, ['method=ipixmatch', 'ipix_weight=0.5'])) == 0.5
-    assert IPixMatch.alpha(load_config(toy, ['method=fixmatch', 'ipix_weight=0.5'])) == 0.5
+    assert IPixMatch.weight(load_config(toy, ['method=ipixmatch'])) == 1.0
+    assert IPixMatch.weight(load_config(toy, ['method=ipixmatch', 'ipix_weight=0.5'])) == 0.5
+    assert IPixMatch.weight(load_config(toy, ['method=fixmatch', 'ipix_weight=0.5'])) == 0.5
     for bad in (['method=ipixmatch', 'ipix_weight=0'], ['ipix_loss=l2'], ['ipix_resolution=half'],
                 ['ipix_temperature=0'], ['method=supervised', 'ipix_weight=1'], ['ipix_weight=-1']):
         with pytest.raises(ConfigError, match=bad[-1].split('=')[0]):

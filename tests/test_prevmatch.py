@@ -224,7 +224,7 @@ def guidance(student: nn.Module, ensemble, weight: float, thresh: float) -> Prev
                   torch.device('cpu'))
     m.bank.add(student)
     m.bank.sample_ensemble = ensemble
-    m.weight = weight
+    m.lam = weight
     return m
 
 
@@ -283,10 +283,10 @@ def test_unimatch_v1_step_weights_guidance_like_its_streams():
 
 def test_config_keys():
     configs = ROOT / 'configs'
-    assert PrevMatch.peak(load_config(configs / 'pascal.yaml')) == 0.0        # UniMatch V2 unchanged
+    assert PrevMatch.weight(load_config(configs / 'pascal.yaml')) == 0.0        # UniMatch V2 unchanged
     assert not PrevMatch.enabled(load_config(configs / 'pascal.yaml'))
-    assert PrevMatch.peak(load_config(configs / 'pascal.yaml', ['method=prevmatch'])) == 1.0
-    assert PrevMatch.peak(load_config(configs / 'pascal.yaml', ['prev_weight=0.5'])) == 0.5
+    assert PrevMatch.weight(load_config(configs / 'pascal.yaml', ['method=prevmatch'])) == 1.0
+    assert PrevMatch.weight(load_config(configs / 'pascal.yaml', ['prev_weight=0.5'])) == 0.5
     caps = {d: load_config(configs / f'{d}.yaml').prev_snapshots
             for d in ('pascal', 'cityscapes', 'ade20k', 'coco')}
     assert caps == {'pascal': 8, 'cityscapes': 8, 'ade20k': 5, 'coco': 5}
