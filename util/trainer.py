@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from dataset.checks import DataError, check_inputs, raise_on_errors
 from dataset.registry import default_eval_mode
 from dataset.semi import SemiDataset, split_paths
-from model import WeightsMismatchError, build_model, load_pretrained_encoder, load_weights
+from model import WeightsMismatchError, build_model
+from model.hub import load_pretrained
 from util import dist
 from util.checkpoint import UnsafeCheckpointError, safe_load, save_atomic, write_text_atomic
 from util.config import (Config, ConfigError, fused_attention, load_config, model_options, save_config,
@@ -187,15 +188,8 @@ def data_paths(cfg: Config, args: argparse.Namespace) -> tuple[Path, Path, Path]
 
 def build_student(cfg: Config, device: torch.device, log=None) -> nn.Module:
     model = build_model(cfg.backbone, cfg.nclass, drop_path=cfg.drop_path, **model_options(cfg))
-    path = cfg.pretrained
-    if path == 'auto':
-        path = f'pretrained/{cfg.backbone}.pth'
-    if path:
-        if not Path(path).is_file():
-            raise FileNotFoundError(
-                f'pretrained encoder {path} not found: put the DINOv2 weights there (see README), '
-                f'or set pretrained=null to start from random weights')
-        load_weights(model, path) if _is_full_model(path) else load_pretrained_encoder(model, path)
+    if cfg.pretrained:   # 'auto', released:<name> or a path; found, fetched or refused in model/hub.py
+        path = load_pretrained(model, cfg.pretrained, cfg.backbone, progress=dist.is_main())
         if log:
             log.info(f'loaded pretrained weights {path}')
     if cfg.lock_backbone:
@@ -208,11 +202,6 @@ def build_student(cfg: Config, device: torch.device, log=None) -> nn.Module:
         n = sum(p.numel() for p in model.parameters())
         log.info(f'model {cfg.backbone} + DPT: {n / 1e6:.1f}M parameters')
     return model.to(device)
-
-
-def _is_full_model(path: str) -> bool:
-    obj = safe_load(path)
-    return isinstance(obj, dict) and ('model' in obj or any(k.startswith('head.') for k in obj))
 
 
 def lr_scale(cfg: Config) -> float:
