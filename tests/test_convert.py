@@ -128,3 +128,16 @@ def test_hf_weights_of_another_model_are_refused_by_key(tmp_path):
     state['embeddings.register_tokens'] = torch.zeros(1, 4, DIM)
     with pytest.raises(WeightsMismatchError, match='unexpected keys: 1 .*embeddings.register_tokens'):
         load_via_file(state, tmp_path)
+
+
+def test_hf_weights_load_from_safetensors(tmp_path):
+    """transformers' own file format (`model.safetensors`) goes through the same conversion."""
+    from safetensors.torch import save_file
+    ref = hf_model(False)
+    path = tmp_path / 'model.safetensors'
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    holder = Holder()
+    load_pretrained_encoder(holder, path)
+    torch.testing.assert_close(holder.backbone.blocks[1].attn.qkv.weight,
+                               torch.cat([ref.state_dict()[f'encoder.layer.1.attention.{p}_proj.weight']
+                                          for p in 'qkv']), rtol=0, atol=0)

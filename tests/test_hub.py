@@ -174,3 +174,26 @@ def test_fine_tune_from_a_released_checkpoint(released, toy):
 def test_unknown_released_name_lists_the_names(offline):
     with pytest.raises(hub.WeightsUnavailableError, match=r"no released checkpoint 'pascal_93'(.|\n)*pascal_92_dinov2_base"):
         hub.released_file('released:pascal_93')
+
+
+def test_concurrent_processes_share_one_download(offline, monkeypatch):
+    """Two loaders at once (as torchrun ranks start): one downloads, the other waits for its file."""
+    import threading
+    import time
+    publish(offline['mirror'], TINY_URL, encoder_state())
+    real, calls = hub.torch.hub.download_url_to_file, []
+
+    def slow_download(url, dst, progress=True):
+        calls.append(url)
+        time.sleep(0.5)
+        real(url, dst, progress=False)
+
+    monkeypatch.setattr(hub.torch.hub, 'download_url_to_file', slow_download)
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(hub.encoder_file('dinov2_tiny', lambda tmp: None)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(paths) == 2 and paths[0] == paths[1]
