@@ -58,9 +58,10 @@ DINOV2_WEIGHTS = {
 }
 
 # The original's published checkpoints (its README links the Hugging Face repository
-# LiheYoung/UniMatch-V2): name -> (file in that repository, dataset, encoder). The paths follow the
-# repository's <dataset>/<split>/<encoder>.pth listing; if the repository is reorganised, this
-# table is the one place to change.
+# LiheYoung/UniMatch-V2 for the DINOv2-B runs of its tables): name -> (file in that repository,
+# dataset, encoder). The file paths are this project's assumption (<dataset>/<split>/<encoder>.pth):
+# they could not be checked against the repository without network. This table is the one place
+# to correct them; a wrong path fails with the "could not be downloaded" error naming the URL.
 RELEASED = {
     f'{dataset}_{split}_{backbone}': (f'{dataset}/{split}/{backbone}.pth', dataset, backbone)
     for dataset, splits in (('pascal', ('92', '183', '366', '732', '1464')),
