@@ -27,6 +27,7 @@ from pathlib import Path
 from dataset.checks import check_inputs, raise_on_errors
 from dataset.registry import class_names, default_eval_mode, get_palette
 from dataset.semi import SemiDataset
+from model.hub import format_released
 
 from util.checkpoint import write_text_atomic
 from util.config import EVAL_MODES, load_config
@@ -40,8 +41,10 @@ SPLITS_ROOT = Path(__file__).resolve().parent / 'splits'
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--config', required=True)
-    p.add_argument('--checkpoint', required=True)
+    listing = '--list-released' in (sys.argv[1:] if argv is None else argv)   # needs nothing else
+    p.add_argument('--list-released', action='store_true', help='print the released checkpoint names and exit')
+    p.add_argument('--config', required=not listing)
+    p.add_argument('--checkpoint', required=not listing, help='a file, or released:<name> (see --list-released)')
     p.add_argument('--weights', choices=('ema', 'student'), default=None,
                    help='which weights of a checkpoint holding both (default: ema)')
     p.add_argument('--mode', choices=EVAL_MODES, default=None)
@@ -89,6 +92,9 @@ def publish(result: dict, run: dict, names: list[str], out: Path) -> None:
 @guarded
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.list_released:
+        print(format_released())
+        return {}
     device = setup()
     cfg = load_config(args.config, args.overrides)
     mode = args.mode or cfg.eval_mode or default_eval_mode(cfg.dataset)

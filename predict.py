@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from dataset.registry import default_eval_mode, get_palette
 from dataset.transforms import normalize
+from model.hub import format_released
 from util.config import EVAL_MODES, load_config
 from util.dist import setup
 from util.evaluation import build_eval_model, overlay, parse_scales, save_prediction
@@ -37,10 +38,12 @@ HIGH_BIT_DEPTH_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F')  # gray > 8
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--config', required=True)
-    p.add_argument('--checkpoint', required=True)
-    p.add_argument('--input', required=True, help='an image file or a directory of images')
-    p.add_argument('--output', required=True, help='directory for <stem>.png and <stem>_overlay.jpg')
+    listing = '--list-released' in (sys.argv[1:] if argv is None else argv)   # needs nothing else
+    p.add_argument('--list-released', action='store_true', help='print the released checkpoint names and exit')
+    p.add_argument('--config', required=not listing)
+    p.add_argument('--checkpoint', required=not listing, help='a file, or released:<name> (see --list-released)')
+    p.add_argument('--input', required=not listing, help='an image file or a directory of images')
+    p.add_argument('--output', required=not listing, help='directory for <stem>.png and <stem>_overlay.jpg')
     p.add_argument('--weights', choices=('ema', 'student'), default=None)
     p.add_argument('--mode', choices=EVAL_MODES, default=None)
     p.add_argument('--flip', action='store_true')
@@ -82,6 +85,9 @@ def output_stem(path: Path, taken: set[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.list_released:
+        print(format_released())
+        return 0
     device = setup()
     cfg = load_config(args.config, args.overrides)
     mode = args.mode or cfg.eval_mode or default_eval_mode(cfg.dataset)

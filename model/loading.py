@@ -1,6 +1,8 @@
 """Loading weights into a `DPTSegmentor` from every format users have.
 
-(a) public DINOv2 files `dinov2_vit{s,b,l,g}14_pretrain.pth`: the encoder's plain state dict;
+(a) public DINOv2 files `dinov2_vit{s,b,l,g}14_pretrain.pth`: the encoder's plain state dict, and
+    the same encoders as timm and Hugging Face transformers save them (renamed on load,
+    `model/convert.py`);
 (b) released UniMatch V2 checkpoints: {'model', 'model_ema', ...} with keys prefixed `module.`;
 (c) this project's checkpoints (same layout, unprefixed) and plain model state dicts (.pth or
     .safetensors).
@@ -15,6 +17,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from model.convert import to_dinov2_keys
 from util.checkpoint import safe_load
 
 DDP_PREFIX = 'module.'
@@ -84,10 +87,19 @@ def is_encoder_state(state: Mapping[str, torch.Tensor]) -> bool:
     return 'pos_embed' in state and not any(k.startswith('head.') for k in state)
 
 
+def encoder_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An encoder state dict in any supported format, under DINOv2's keys."""
+    try:
+        return to_dinov2_keys(strip_prefix(state, 'backbone.'))[0]
+    except KeyError as err:
+        raise WeightsMismatchError(err.args[0]) from None
+
+
 def load_pretrained_encoder(model: nn.Module, path: str | Path) -> None:
-    """Public DINOv2 weights into `model.backbone` (strict, apart from the unused mask_token)."""
+    """DINOv2 weights (DINOv2's, timm's or transformers' format) into `model.backbone` (strict after
+    conversion, apart from the unused mask_token)."""
     state, _ = model_state_from(safe_load(path))
-    state = strip_prefix(state, 'backbone.')
+    state = encoder_state(state)
     if not is_encoder_state(state):
         raise WeightsMismatchError(f'{path} is not a DINOv2 encoder state dict (no pos_embed, or it has head.* keys)')
     load_checked(model.backbone, state, str(path), optional=OPTIONAL_ENCODER_KEYS, prefix='backbone.')
@@ -98,7 +110,7 @@ def load_weights(model: nn.Module, path: str | Path, weights: str | None = None)
     An encoder-only file is loaded into the encoder."""
     obj = safe_load(path)
     state, which = model_state_from(obj, weights)
-    if is_encoder_state(strip_prefix(state, 'backbone.')) and not any(k.startswith('head.') for k in state):
+    if is_encoder_state(encoder_state(state)) and not any(k.startswith('head.') for k in state):
         load_pretrained_encoder(model, path)
         return 'encoder'
     load_checked(model, state, str(path))

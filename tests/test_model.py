@@ -27,7 +27,7 @@ from model.loading import CLASSIFIER_KEY, load_pretrained_encoder, load_weights
 from model.presets import NATIVE_IMG_SIZE, PATCH_SIZE
 from util.checkpoint import UnsafeCheckpointError, safe_load
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / 'shared/reference'
+REFERENCE_DIR = Path(__file__).resolve().parent / 'fixtures'   # outputs and key lists of the original release
 REFERENCE_FIXTURE = REFERENCE_DIR / 'tiny_dpt_dinov2_reference.pt'
 NATIVE_GRID = NATIVE_IMG_SIZE // PATCH_SIZE          # 37
 TINY_NCLASS = 5
@@ -79,9 +79,7 @@ def model() -> DPTSegmentor:
 
 @pytest.fixture(scope='module')
 def reference() -> dict:
-    if not REFERENCE_FIXTURE.is_file():
-        pytest.skip(f'reference fixture {REFERENCE_FIXTURE} is absent (it lives in the shared/ folder '
-                    'beside the project root)')
+    assert REFERENCE_FIXTURE.is_file(), f'reference fixture {REFERENCE_FIXTURE} is missing from the repository'
     return torch.load(REFERENCE_FIXTURE, weights_only=True)
 
 
@@ -204,8 +202,7 @@ def test_timm_pos_embed_resize_differs_from_dinov2(encoder, grid):
 
 def reference_keys(size: str) -> dict[str, tuple[int, ...]]:
     path = REFERENCE_DIR / f'dpt_dinov2_{size}_nclass21.keys.tsv'
-    if not path.is_file():
-        pytest.skip(f'reference key listing {path} is absent')
+    assert path.is_file(), f'reference key listing {path} is missing from the repository'
     rows = [line.split('\t') for line in path.read_text().splitlines()[1:] if line.strip()]
     return {key: tuple(ast.literal_eval(shape)) for key, shape in rows}
 

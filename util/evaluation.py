@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from dataset.registry import generated_palette
 from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD
+from model.hub import released_file
 from model.loading import WeightsMismatchError, load_checked, model_state_from
 from util.checkpoint import safe_load
 from util.dist import is_main, rank, world_size
@@ -50,11 +51,13 @@ def build_eval_model(path: str | Path, weights: str | None, cfg, config_path: st
     """The model of a checkpoint's method (its extra head or bottleneck, with that method's keys as
     the checkpoint's saved config has them, else as `cfg`) with its weights, and which weights those
     are ('ema', 'student' or 'plain'). Takes ours, released UniMatch V2 checkpoints (`module.` keys)
-    and plain state dicts; refuses one whose saved config names another class count or encoder.
+    and plain state dicts, or `released:<name>` for one of the original's published checkpoints;
+    refuses one whose saved config names another class count or encoder.
     Reads the file once."""
     import dataclasses
 
     import methods
+    path = released_file(path)   # `released:<name>`: fetched into the cache once
     ckpt = safe_load(path)
     check_checkpoint_config(ckpt, path, cfg.backbone, cfg.nclass, config_path)
     saved = ckpt.get('config') if isinstance(ckpt, dict) else None

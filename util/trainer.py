@@ -32,7 +32,8 @@ from dataset.semi import SemiDataset, split_paths
 import methods
 from methods.base import MethodSet
 from methods.step import SemiOptions, semi_step, supervised_step
-from model import WeightsMismatchError, load_pretrained_encoder, load_weights
+from model import WeightsMismatchError
+from model.hub import load_pretrained
 from util import dist
 from util.checkpoint import UnsafeCheckpointError, safe_load, save_atomic, write_text_atomic
 from util.config import Config, ConfigError, fused_attention, load_config, save_config, to_dict
@@ -257,15 +258,8 @@ def data_paths(cfg: Config, args: argparse.Namespace) -> tuple[Path, Path, Path]
 
 def build_student(cfg: Config, device: torch.device, log=None) -> nn.Module:
     model = methods.build_model(cfg)
-    path = cfg.pretrained
-    if path == 'auto':
-        path = f'pretrained/{cfg.backbone}.pth'
-    if path:
-        if not Path(path).is_file():
-            raise FileNotFoundError(
-                f'pretrained encoder {path} not found: put the DINOv2 weights there (see README), '
-                f'or set pretrained=null to start from random weights')
-        load_weights(model, path) if _is_full_model(path) else load_pretrained_encoder(model, path)
+    if cfg.pretrained:   # 'auto', released:<name> or a path; found, fetched or refused in model/hub.py
+        path = load_pretrained(model, cfg.pretrained, cfg.backbone, progress=dist.is_main())
         if log:
             log.info(f'loaded pretrained weights {path}')
     if cfg.lock_backbone:
@@ -278,11 +272,6 @@ def build_student(cfg: Config, device: torch.device, log=None) -> nn.Module:
         n = sum(p.numel() for p in model.parameters())
         log.info(f'model {cfg.backbone} + DPT: {n / 1e6:.1f}M parameters')
     return model.to(device)
-
-
-def _is_full_model(path: str) -> bool:
-    obj = safe_load(path)
-    return isinstance(obj, dict) and ('model' in obj or any(k.startswith('head.') for k in obj))
 
 
 def lr_scale(cfg: Config) -> float:
