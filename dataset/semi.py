@@ -1,13 +1,17 @@
 """The semi-supervised segmentation dataset: labeled crops, unlabeled weak/strong crops, and
 full-resolution validation images, read from a split file in the original on-disk layouts.
 
-Augmentations draw from the global `random` generator, which torch seeds per DataLoader worker
-(see dataset/transforms.py).
+Training samples are asked for by `SampleKey` (index, seed): each sample's augmentations (rescale,
+crop, flip, colours, blur, CutMix boxes) draw from a generator seeded with its own seed, which the
+training samplers derive from (seed, epoch, position in the epoch). A sample is then the same
+whichever worker or process draws it, with any number of workers, and after a resume. A plain
+index draws from the global `random` generator instead (see dataset/transforms.py).
 """
 from __future__ import annotations
 
 import math
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +30,13 @@ UNLABELED_PAD = 254
 RESIZE_RATIO = (0.5, 2.0)  # random rescale range of the long side
 CUTMIX_P = 0.5  # probability that a strong view gets a CutMix box
 MODES = ('train_l', 'train_u', 'val')
+
+
+@dataclass(frozen=True)
+class SampleKey:
+    """A training sample and the seed of its augmentations (module docstring)."""
+    index: int
+    seed: int
 
 
 def load_mask(path: str | os.PathLike, nclass: int | None = None) -> np.ndarray:
@@ -108,7 +119,8 @@ class SemiDataset(Dataset):
                              f'{sample.image} is {img.size} (width, height)')
         return img, mask
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+    def __getitem__(self, key: int | SampleKey) -> dict[str, torch.Tensor | str]:
+        index, rng = (key.index, random.Random(key.seed)) if isinstance(key, SampleKey) else (key, random)
         sample = self.samples[index]
         img, mask = self._load(sample)
         if self.mode == 'val':
@@ -116,17 +128,17 @@ class SemiDataset(Dataset):
             return {'image': img, 'mask': mask, 'name': Path(sample.image).stem}
 
         pad_value = UNLABELED_PAD if self.mode == 'train_u' else IGNORE_INDEX
-        img, mask = resize(img, mask, RESIZE_RATIO)
-        img, mask = pad_and_crop(img, mask, self.crop_size, mask_fill=pad_value)
-        img, mask = hflip(img, mask, p=0.5)
+        img, mask = resize(img, mask, RESIZE_RATIO, rng=rng)
+        img, mask = pad_and_crop(img, mask, self.crop_size, mask_fill=pad_value, rng=rng)
+        img, mask = hflip(img, mask, p=0.5, rng=rng)
         if self.mode == 'train_l':
             img, mask = normalize(img, mask)
             return {'image': img, 'mask': mask}
 
         strong, boxes = [], []
         for _ in range(self.num_strong):
-            strong.append(normalize(strong_color(img)))
-            boxes.append(cutmix_box(self.crop_size, p=CUTMIX_P))
+            strong.append(normalize(strong_color(img, rng=rng)))
+            boxes.append(cutmix_box(self.crop_size, p=CUTMIX_P, rng=rng))
         return {
             'image': normalize(img),
             'strong': torch.stack(strong),

@@ -2,8 +2,7 @@
 no feature dropout (the paper's Table 5 baseline)."""
 from __future__ import annotations
 
-from methods import register
-from methods.base import Method
+from methods.base import Method, register
 from methods.step import SemiOptions
 
 

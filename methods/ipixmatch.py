@@ -33,8 +33,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from methods import register
-from methods.base import LossMethod
+from methods.base import LossMethod, register
 from methods.step import StepContext, Term, mix_targets
 from model.presets import PATCH_SIZE
 

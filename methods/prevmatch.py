@@ -34,8 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods import register
-from methods.base import LossMethod
+from methods.base import LossMethod, register
 from methods.step import StepContext, Term
 from util import dist
 from util.losses import masked_unlabeled_loss

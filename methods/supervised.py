@@ -6,8 +6,7 @@ optimizer, schedule and evaluation, no EMA teacher.
 """
 from __future__ import annotations
 
-from methods import register
-from methods.base import Method
+from methods.base import Method, register
 
 
 @register

@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods import register
-from methods.base import Method
+from methods.base import Method, register
 from methods.step import StepContext, Term
 from model.dpt import DPTSegmentor, to_input_size
 from model.presets import PATCH_SIZE, ModelPreset

@@ -5,8 +5,7 @@ encoder features), L_u = 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp. No EMA teacher in the
 still kept and evaluated, as for every semi-supervised method here)."""
 from __future__ import annotations
 
-from methods import register
-from methods.base import Method
+from methods.base import Method, register
 from methods.step import SemiOptions
 
 

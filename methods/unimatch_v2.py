@@ -3,8 +3,7 @@ each CutMix-ed, are trained on its confident pixels with complementary channel d
 encoder features. The step itself is `methods.step.semi_step`; this module only names it."""
 from __future__ import annotations
 
-from methods import register
-from methods.base import Method
+from methods.base import Method, register
 from methods.step import SemiOptions
 
 

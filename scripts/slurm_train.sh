@@ -3,14 +3,20 @@
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=4
 #SBATCH --cpus-per-task=32
-#SBATCH --signal=B:TERM@120
+#SBATCH --signal=TERM@120
+#SBATCH --requeue
 # Multi-node training under SLURM: one torchrun per node, rendezvous on the first node.
 #
 #   sbatch --nodes 2 scripts/slurm_train.sh <dataset> <split> [method] [key=value ...]
 #   sbatch --nodes 2 --gpus-per-node 8 scripts/slurm_train.sh coco 1_512 <method> backbone=dinov2_base
 #
 # Each node runs GPUS_PER_NODE processes (default: SLURM_GPUS_ON_NODE, else 4). The learning rate
-# follows the global batch (see README). Requeued or resubmitted jobs resume from latest.pth.
+# follows the global batch (see README).
+#
+# Preemption and time limits: SLURM sends SIGTERM to every process of the job step (not only this
+# batch shell) 120 s before the limit, and on preemption. The trainers save latest.pth at the
+# current iteration on every rank and exit; the job then requeues itself, and the requeued job
+# resumes from latest.pth (so does any resubmission of the same command).
 set -e
 dataset=$1; split=$2; shift 2
 case "$1" in ''|*=*) ;; *) m=$1; shift; set -- "method=$m" "$@" ;; esac
@@ -23,7 +29,14 @@ method=$(python -m util.config "$config" method "$@")
 backbone=$(python -m util.config "$config" backbone "$@")
 save_path=exp/$dataset/$method/$backbone/$split
 mkdir -p "$save_path"
+code=0
 srun --kill-on-bad-exit=1 torchrun --nnodes="$SLURM_NNODES" --nproc_per_node="$gpus" \
     --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$master:$port" \
     unimatch_v2.py --config "$config" --split "$split" --save-path "$save_path" "$@" \
-    >> "$save_path/out.log" 2>&1
+    >> "$save_path/out.log" 2>&1 || code=$?
+if [ -f "$save_path/stopped" ]; then       # stopped on request, checkpoint saved: run again later
+    echo "stopped ($(cat "$save_path/stopped")); requeueing job $SLURM_JOB_ID" >> "$save_path/out.log"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+exit "$code"

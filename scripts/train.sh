@@ -40,10 +40,27 @@ backbone=$(python -m util.config "$config" backbone "$@")
 save_path=${EXP_DIR:-exp}/$dataset/$method/$backbone/$split
 mkdir -p "$save_path"
 echo "training $method on $dataset/$split with $gpus process(es) -> $save_path"
-status=$(mktemp)
-# set +e inside the group (a subshell of the pipeline): a failed run must still record its status.
-{ set +e; torchrun --nproc_per_node="$gpus" --master_addr=127.0.0.1 --master_port="$port" \
-    unimatch_v2.py --config "$config" --split "$split" --save-path "$save_path" "$@" 2>&1; echo $? > "$status"; } \
-    | tee -a "$save_path/out.log"
-code=$(cat "$status"); rm -f "$status"
+# A stop request -- SIGTERM or Ctrl-C to this shell's process group (a scheduler, a terminal), or
+# to this shell alone (`timeout`, `kill`) -- is for the trainers: they save latest.pth at the
+# current iteration and exit 0 (README, Robustness). The log writer ignores it; this shell passes
+# it on to torchrun and waits for the run to end.
+fifo=$(mktemp -u); mkfifo "$fifo"
+(trap '' TERM INT; exec tee -a "$save_path/out.log") < "$fifo" &
+tee_pid=$!
+torchrun --nproc_per_node="$gpus" --master_addr=127.0.0.1 --master_port="$port" \
+    unimatch_v2.py --config "$config" --split "$split" --save-path "$save_path" "$@" > "$fifo" 2>&1 &
+pid=$!
+trap 'kill -TERM "$pid" 2>/dev/null' TERM
+trap 'kill -INT "$pid" 2>/dev/null' INT
+set +e
+while :; do    # a trapped signal interrupts `wait`: wait again until torchrun has ended
+    wait "$pid"; code=$?
+    kill -0 "$pid" 2>/dev/null || break
+done
+wait "$tee_pid"; rm -f "$fifo"
+# torchrun exits non-zero when it was signalled itself; the trainers leave `stopped` after a stop.
+if [ "$code" -ne 0 ] && [ -f "$save_path/stopped" ]; then
+    echo "stopped on request ($(cat "$save_path/stopped")): checkpoint saved; rerun the same command to resume"
+    code=0
+fi
 exit "$code"

@@ -13,7 +13,7 @@ from PIL import Image
 
 from dataset import registry
 from dataset import semi as semi_module
-from dataset.semi import SemiDataset, build_semi_datasets, load_mask, split_paths
+from dataset.semi import SampleKey, SemiDataset, build_semi_datasets, load_mask, split_paths
 from dataset.splits import (SplitError, derive_unlabeled, make_custom_split, read_split)
 from dataset.transforms import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, cutmix_box
 
@@ -152,10 +152,25 @@ def test_train_u_sample(layout, monkeypatch):
         assert torch.equal(item['valid'], ~is_pad(item['image']))
         assert not item['valid'].all()
     # With the photometric augmentation switched off, every strong view is the weak crop.
-    monkeypatch.setattr(semi_module, 'strong_color', lambda img: img)
+    monkeypatch.setattr(semi_module, 'strong_color', lambda img, rng=None: img)
     item = ds[0]
     for view in item['strong']:
         assert torch.equal(view, item['image'])
+
+
+def test_a_sample_key_fixes_the_augmentations(layout):
+    """SampleKey(index, seed): the same crop, flip, colours and boxes whatever the global generators
+    hold (a worker's, a resumed run's); another seed gives another sample."""
+    root, _, unlabeled, _ = layout
+    ds = SemiDataset(root, unlabeled, 'train_u', CROP, num_strong=2)
+    random.seed(1)
+    first = ds[SampleKey(0, 123)]
+    random.seed(2)
+    torch.manual_seed(2)
+    again, other = ds[SampleKey(0, 123)], ds[SampleKey(0, 124)]
+    for k in first:
+        assert torch.equal(first[k], again[k]), k
+    assert any(not torch.equal(first[k], other[k]) for k in first)
 
 
 def test_val_sample_full_resolution(layout):

@@ -136,6 +136,7 @@ def import_graph() -> dict[str, set[str]]:
                 continue
             deps |= {t for t in targets if t in mods and t != name}
         graph[name] = deps
+    graph['methods'] |= {f'methods.{m}' for m in methods.MODULES}     # imported by name (importlib)
     return graph
 
 
@@ -321,7 +322,7 @@ def _two_process_worker(rank: int, out_dir: str) -> None:
     seen, real = [], SemiDataset.__getitem__
 
     def getitem(self, idx):
-        seen.append((self.mode, int(idx)))
+        seen.append((self.mode, getattr(idx, 'index', idx)))
         return real(self, idx)
 
     SemiDataset.__getitem__ = getitem

@@ -171,7 +171,7 @@ def test_sigterm_checkpoints_and_resumes_mid_epoch(interrupted):
     saved = re.findall(r'checkpoint at epoch 0 iteration (\d+) \(step (\d+)\)', log)
     assert len(saved) == 1 and saved[0][0] == saved[0][1], saved    # only the preemption checkpoint
     k = int(saved[0][0])
-    assert 'preempted (SIGTERM): checkpoint saved, exiting' in log
+    assert 'stopped on request: checkpoint saved, exiting' in log
     assert iterations(log) == [(0, i) for i in range(1, k + 1)]        # nothing after the checkpoint
     ckpt = safe_load(run_dir / 'latest.pth')
     assert (ckpt['epoch'], ckpt['iteration'], ckpt['global_step']) == (-1, k, k)

@@ -86,7 +86,7 @@ class RunConfig:
     drop_path: float = 0.0
     log_interval: int = 20
     max_iters_per_epoch: int = 0         # 0 = a full pass over the unlabeled set (tests use a few)
-    checkpoint_minutes: float = 0.0      # also write latest.pth mid-epoch this often (0 = per epoch)
+    checkpoint_minutes: float = 10.0     # also write latest.pth mid-epoch this often (0 = per epoch only)
     on_nonfinite: str = 'stop'           # a NaN/inf loss: 'stop' the run or 'skip' the step
     splits_root: str = 'splits'          # split lists live in <splits_root>/<dataset>/
     toy_seed: int = 0                    # toy dataset: generator seed and size (train, val images)

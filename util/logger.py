@@ -58,6 +58,13 @@ class Meter:
             self.sums[k] += float(v)
             self.counts[k] += 1
 
+    def state_dict(self) -> dict:
+        return {'sums': dict(self.sums), 'counts': dict(self.counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums.update(state['sums'])
+        self.counts.update(state['counts'])
+
     def means(self) -> dict[str, float]:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
 

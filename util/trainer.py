@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from dataset.checks import DataError, check_inputs, raise_on_errors
 from dataset.registry import default_eval_mode
-from dataset.semi import SemiDataset, split_paths
+from dataset.semi import SampleKey, SemiDataset, split_paths
 import methods
 from methods.base import MethodSet
 from methods.step import SemiOptions, semi_step, supervised_step
@@ -64,15 +64,18 @@ def train(args: argparse.Namespace, method: str | None = None) -> 'Training':
     resume(tr)
     iters = epoch_iterations(loaders[0], cfg)
     step = make_step(tr, options, iters)
-    preemption = Preemption()
 
     run.log.info(f'{" + ".join(m.name for m in tr.methods)}: '
                  + ', '.join(f'{len(loader.dataset)} {name} samples per epoch'
                              for name, loader in zip(('unlabeled', 'labeled') if options else ('labeled',), loaders))
                  + f', {iters} iterations per epoch')
-    for epoch in range(tr.state.epoch + 1, cfg.epochs):
-        stats = train_epoch(tr, epoch, loaders, step, preemption)
-        end_of_epoch(tr, epoch, valset, stats)
+    preemption = Preemption()
+    try:
+        for epoch in range(tr.state.epoch + 1, cfg.epochs):
+            stats = train_epoch(tr, epoch, loaders, step, preemption)
+            end_of_epoch(tr, epoch, valset, stats)
+    finally:
+        preemption.close()
     tr.tb.close()
     dist.cleanup()
     return tr
@@ -201,18 +204,27 @@ def size_cpu_threads(cfg: Config) -> None:
         torch.set_num_threads(max(1, cpus_per_process() - num_workers(cfg)))
 
 
+def derived_seed(*parts: int) -> int:
+    """A well-mixed 64-bit seed from integers (numpy's SeedSequence): (seed, epoch, position) for a
+    sample, (seed, rank, step, micro-batch) for a step."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
+
+
 class ResumableSampler(DistributedSampler):
     """DistributedSampler whose epoch can start part-way: `set_epoch(epoch, skip)` drops the first
-    `skip` indices of this process's (seeded, epoch-dependent) order, so a run resumed mid-epoch
-    sees exactly the samples it had not seen yet."""
+    `skip` samples of this process's (seeded, epoch-dependent) order, so a run resumed mid-epoch
+    sees exactly the samples it had not seen yet. It yields `SampleKey`s: each index with the seed
+    of its augmentations, derived from (seed, epoch, its position in the epoch's global order)."""
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         super().set_epoch(epoch)
         self.skip = skip
 
     def __iter__(self):
-        indices = list(super().__iter__())
-        return iter(indices[getattr(self, 'skip', 0):])
+        indices = list(super().__iter__())       # this process's: positions rank, rank + replicas, ...
+        keys = [SampleKey(i, derived_seed(self.seed, self.epoch, self.rank + j * self.num_replicas))
+                for j, i in enumerate(indices)]
+        return iter(keys[getattr(self, 'skip', 0):])
 
     def __len__(self) -> int:
         return self.num_samples - getattr(self, 'skip', 0)
@@ -226,10 +238,16 @@ def make_loader(dataset, cfg: Config, batch_size: int, seed_offset: int = 0) -> 
     workers = num_workers(cfg)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=torch.cuda.is_available(), drop_last=True,
-                      persistent_workers=workers > 0, worker_init_fn=_seed_worker)
+                      persistent_workers=workers > 0, worker_init_fn=_init_worker)
 
 
-def _seed_worker(worker_id: int) -> None:
+def _init_worker(worker_id: int) -> None:
+    """A stop request (SIGTERM, Ctrl-C: to the whole process group, as schedulers and terminals
+    send it) is the main process's to handle: workers ignore it and serve batches until the
+    checkpoint is saved; they exit with the main process. Augmentations are seeded per sample
+    (`SampleKey`); the global generators are seeded for anything else."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
@@ -315,6 +333,7 @@ class TrainState:
     iteration: int = 0                   # iterations already done in epoch + 1 (mid-epoch checkpoints)
     global_step: int = 0                 # optimizer steps taken over the whole run
     skipped_steps: int = 0               # steps skipped for a non-finite loss (on_nonfinite: skip)
+    epoch_stats: dict | None = None      # running sums of the epoch in progress (mid-epoch checkpoints)
     best_miou: float = 0.0
     best_miou_ema: float = 0.0
     best_epoch: int = -1
@@ -348,6 +367,7 @@ def checkpoint_dict(tr: Training) -> dict:
         'iteration': s.iteration,
         'global_step': s.global_step,
         'skipped_steps': s.skipped_steps,
+        'epoch_stats': s.epoch_stats,
         'previous_best': s.best_miou,
         'previous_best_ema': s.best_miou_ema,
         'best_epoch': s.best_epoch,
@@ -375,6 +395,7 @@ def resume(tr: Training) -> None:
         check_compatible(ckpt.get('config'), tr.run.cfg, path)
     if dist.is_main():     # written only once the config is known to fit the run's checkpoint
         save_config(tr.run.cfg, tr.run.run_dir / 'config.yaml')
+        (tr.run.run_dir / STOP_MARKER).unlink(missing_ok=True)
     if ckpt is None:
         return
     tr.student.load_state_dict(ckpt['model'])
@@ -384,7 +405,7 @@ def resume(tr: Training) -> None:
     tr.precision.load_state_dict(ckpt.get('scaler', {}))
     tr.methods.load_state_dicts(ckpt, tr.run.device)
     tr.state = TrainState(ckpt['epoch'], ckpt.get('iteration', 0), ckpt.get('global_step', 0),
-                          ckpt.get('skipped_steps', 0), ckpt['previous_best'],
+                          ckpt.get('skipped_steps', 0), ckpt.get('epoch_stats'), ckpt['previous_best'],
                           ckpt.get('previous_best_ema', 0.0), ckpt.get('best_epoch', -1),
                           ckpt.get('best_epoch_ema', -1), ckpt.get('history', []))
     where = f'epoch {tr.state.epoch + 1} iteration {tr.state.iteration}' if tr.state.iteration \
@@ -408,6 +429,7 @@ def save_results(tr: Training) -> None:
         'dataset': cfg.dataset, 'method': cfg.method, 'backbone': cfg.backbone, 'split': tr.run.split,
         'epochs': len(hist), 'epochs_total': cfg.epochs, 'global_step': s.global_step,
         'skipped_steps': s.skipped_steps,
+        'epoch_stats': s.epoch_stats,
         'miou': [h['miou'] for h in hist],
         'miou_ema': [h['miou_ema'] for h in hist] if semi else None,
         'best_miou': s.best_miou if hist else None,
@@ -424,28 +446,48 @@ def save_results(tr: Training) -> None:
 # ---- the training loop ----------------------------------------------------------------------------
 
 class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint at the current iteration has been saved."""
+    """A stop was requested; a checkpoint at the current iteration has been saved."""
 
 
 class NonFiniteLoss(RuntimeError):
     pass
 
 
+STOP_MARKER = 'stopped'     # in the run directory while the last run ended on a stop request
+SECOND_INTERRUPT_S = 1.0    # a SIGINT this soon after the first is the same request passed on (torchrun)
+
+
 class Preemption:
-    """Turns SIGTERM (SLURM preemption, `kill`) into a flag the loop checks after each step."""
+    """Turns a stop request into a flag the loop checks after each step: SIGTERM (a scheduler's
+    preemption or time limit, `kill`, `timeout`, torchrun passing on its own signal) or a first
+    SIGINT (Ctrl-C). A second SIGINT, a second or more after the first, stops at once
+    (KeyboardInterrupt). Installed in the main thread; `close` restores the previous handlers."""
 
     def __init__(self):
-        self.requested = False
+        self.requested: str | None = None      # the signal's name
+        self.first_interrupt = 0.0
+        self.previous = {}
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._handle)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self.first_interrupt and now - self.first_interrupt > SECOND_INTERRUPT_S:
+                raise KeyboardInterrupt
+            self.first_interrupt = self.first_interrupt or now
+        self.requested = self.requested or signal.Signals(signum).name
+
+    def close(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
     def poll(self, device: torch.device, checkpoint_due: bool) -> tuple[bool, bool]:
         """(stop, save) agreed by every process: stop when any process was signalled, save when
         stopping or when any process finds a timed checkpoint due. One all-reduce per step."""
-        flags = dist.all_reduce_sum(torch.tensor([float(self.requested), float(checkpoint_due)], device=device))
+        flags = dist.all_reduce_sum(torch.tensor([float(self.requested is not None), float(checkpoint_due)], device=device))
         stop = bool(flags[0] > 0)
         return stop, stop or bool(flags[1] > 0)
 
@@ -463,8 +505,11 @@ def train_epoch(tr: Training, epoch: int, loaders: list[DataLoader],
 
     step_fn(*batches) -> dict of losses/statistics with 'loss'. An iteration is one optimizer step
     over `grad_accum` batches. Non-finite losses stop the run (or skip the step, `on_nonfinite:
-    skip`) without writing a checkpoint. On SIGTERM, or every `checkpoint_minutes`, latest.pth is
-    written at the current iteration.
+    skip`) without writing a checkpoint. On a stop request (`Preemption`), or every
+    `checkpoint_minutes`, latest.pth is written at the current iteration, with the epoch's running
+    statistics; after a stop request, on every process, and the loop raises `Preempted`.
+    Each micro-batch's step runs from torch's generator seeded with (seed, rank, epoch, iteration,
+    micro-batch), so dropout masks and sampled anchors do not depend on where a run was resumed.
     """
     run, cfg, state = tr.run, tr.run.cfg, tr.state
     iters, accum = epoch_iterations(loaders[0], cfg), cfg.grad_accum
@@ -472,12 +517,12 @@ def train_epoch(tr: Training, epoch: int, loaders: list[DataLoader],
     for loader in loaders:
         loader.sampler.set_epoch(epoch, skip=start * accum * loader.batch_size)
     batches = zip(*loaders)
-    step_log = StepLog(run, tr.tb, epoch, iters, start)
+    step_log = StepLog(run, tr.tb, epoch, iters, start, state.epoch_stats if start else None)
     last_save = time.time()
     tr.ddp.train()
     for i in range(start, iters):
         it = epoch * iters + i
-        out = accumulate(tr, step_fn, batches, accum)
+        out = accumulate(tr, step_fn, batches, accum, seed=(cfg.seed, dist.rank(), epoch, i))
         if out is None:
             handle_nonfinite(tr, epoch, i)
             continue
@@ -490,21 +535,30 @@ def train_epoch(tr: Training, epoch: int, loaders: list[DataLoader],
         due = cfg.checkpoint_minutes > 0 and time.time() - last_save > 60 * cfg.checkpoint_minutes
         stop, save = preemption.poll(run.device, due)
         if save:
+            state.epoch_stats = step_log.meter.state_dict()
             save_checkpoint(tr)
             last_save = time.time()
             run.log.info(f'checkpoint at epoch {epoch} iteration {i + 1} (step {state.global_step})')
         if stop:
+            if dist.is_main():
+                write_text_atomic(f'{preemption.requested or "a stop request on another process"} at epoch '
+                                  f'{epoch} iteration {i + 1} (step {state.global_step})\n',
+                                  run.run_dir / STOP_MARKER)
             raise Preempted
-    state.iteration = 0
+    state.iteration, state.epoch_stats = 0, None
     return step_log.summary()
 
 
-def accumulate(tr: Training, step_fn: Callable, batches, accum: int) -> dict[str, torch.Tensor] | None:
+def accumulate(tr: Training, step_fn: Callable, batches, accum: int, seed: tuple[int, ...] | None = None
+               ) -> dict[str, torch.Tensor] | None:
     """Forward and backward `accum` batches (gradients summed, DDP synchronising on the last only);
     returns the averaged loss dict, or None (gradients cleared, the offending dict kept in
-    `tr.last_nonfinite`) when a loss is not finite on any process."""
+    `tr.last_nonfinite`) when a loss is not finite on any process. `seed`: torch's generator is
+    seeded with (*seed, k) before micro-batch k."""
     total: dict[str, torch.Tensor] = {}
     for k in range(accum):
+        if seed is not None:
+            torch.manual_seed(derived_seed(*seed, k))
         sync = k == accum - 1 or not hasattr(tr.ddp, 'no_sync')
         with (contextlib.nullcontext() if sync else tr.ddp.no_sync()), tr.precision.autocast():
             out = step_fn(*(to_device(b, tr.run.device) for b in next(batches)))
@@ -544,7 +598,7 @@ def guarded(main: Callable[[], None]) -> Callable[[], None]:
         try:
             return main(*args, **kwargs)
         except Preempted:
-            logging.getLogger('semiseg').info('preempted (SIGTERM): checkpoint saved, exiting')
+            logging.getLogger('semiseg').info('stopped on request: checkpoint saved, exiting')
             dist.cleanup()
             raise SystemExit(0)
         except (DataError, ConfigError, WeightsMismatchError, UnsafeCheckpointError, NonFiniteLoss,
@@ -601,10 +655,12 @@ class StepLog:
     """Per-step bookkeeping of a training epoch: process-averaged statistics, running means,
     TensorBoard scalars and a console line every `log_interval` steps with speed and ETA."""
 
-    def __init__(self, run: Run, tb, epoch: int, iters: int, start: int = 0):
+    def __init__(self, run: Run, tb, epoch: int, iters: int, start: int = 0, restored: dict | None = None):
         self.run, self.tb, self.epoch, self.iters, self.start = run, tb, epoch, iters, start
         self.total = iters * run.cfg.epochs
         self.meter, self.t0 = Meter(), time.time()
+        if restored:      # resumed mid-epoch: the epoch's means continue over the steps before the stop
+            self.meter.load_state_dict(restored)
 
     def __call__(self, i: int, out: dict[str, torch.Tensor], lr: float) -> None:
         it = self.epoch * self.iters + i
