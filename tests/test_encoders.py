@@ -320,7 +320,12 @@ def test_grad_checkpointing_gives_the_same_grads():
     for enable in (False, True):
         model = small_model('sam_base').train()
         model.set_grad_checkpointing(enable)
+        calls = []    # runs of block 0: with checkpointing it runs again during backward
+        block = model.backbone.model.blocks[0]
+        block_forward = block.forward
+        block.forward = lambda *args, **kwargs: (calls.append(1), block_forward(*args, **kwargs))[1]
         model(images(2, 3, SIDE, SIDE)).square().mean().backward()
+        assert len(calls) == (2 if enable else 1), (enable, len(calls))
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
