@@ -1,8 +1,13 @@
-"""DPT decoder and the full segmentation model (`DPTSegmentor`: DINOv2 encoder + DPT head).
+"""DPT decoder and the full segmentation model (`DPTSegmentor`: an encoder + DPT head).
 
 Module and parameter names follow the original release (`backbone.*`, `head.projects`,
 `head.resize_layers`, `head.scratch.layer{1..4}_rn`, `head.scratch.refinenet{1..4}`,
 `head.scratch.output_conv`), so its checkpoints load unchanged.
+
+The encoder is DINOv2 (`model/dinov2.py`: four token maps of one patch grid) or one a library
+builds (`model/encoders.py`: four NCHW maps, each with its own width and stride). The head takes
+per-tap widths and brings the taps to strides r, 2r, 4r, 8r (r = a quarter of the third tap's
+stride) by the original's resize layers, or none where a tap is already there.
 """
 from __future__ import annotations
 
@@ -13,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.dinov2 import DinoV2Encoder
-from model.presets import PATCH_SIZE, ModelPreset, preset
+from model.presets import PATCH_SIZE, LibraryPreset, ModelPreset, default_decoder, preset
+
+VIT_SCALES = (4, 2, 1, 0.5)    # one-stride taps (a ViT's) -> 4x, 2x, 1x and 1/2x the patch grid
 
 
 def upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -57,18 +64,37 @@ class FeatureFusionBlock(nn.Module):
         return self.out_conv(x)
 
 
+def resize_scales(reductions: Sequence[int]) -> tuple[float, ...]:
+    """How much each tap is resized so the four reach strides r, 2r, 4r, 8r with 4r the third tap's
+    stride: ViT taps (16, 16, 16, 16) -> (4, 2, 1, 0.5); ResNet's (4, 8, 16, 32) -> (1, 1, 1, 1)."""
+    base = reductions[2]
+    scales = tuple(r / (base * 2.0 ** (i - 2)) for i, r in enumerate(reductions))
+    if not all(s == 0.5 or (s >= 1 and s == int(s)) for s in scales):
+        raise ValueError(f'taps at strides {tuple(reductions)} need resizes {scales}; the DPT head '
+                         f'upsamples by whole factors or halves')
+    return scales
+
+
+def resize_layer(channels: int, scale: float) -> nn.Module:
+    """The original's resize of one tap: a transposed conv for upsampling, a strided 3x3 conv for
+    halving, none where the tap is already at its stride."""
+    if scale == 1:
+        return nn.Identity()
+    if scale == 0.5:
+        return nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1)
+    return nn.ConvTranspose2d(channels, channels, kernel_size=int(scale), stride=int(scale))
+
+
 class DPTHead(nn.Module):
-    def __init__(self, nclass: int, in_channels: int, features: int, out_channels: Sequence[int]):
+    def __init__(self, nclass: int, in_channels: int | Sequence[int], features: int,
+                 out_channels: Sequence[int], scales: Sequence[float] = VIT_SCALES):
+        """in_channels: one width for all four taps (a ViT) or one per tap; scales: how much each tap
+        is resized (VIT_SCALES, or `resize_scales` of the taps' strides)."""
         super().__init__()
         c = list(out_channels)
-        self.projects = nn.ModuleList([nn.Conv2d(in_channels, ch, 1) for ch in c])
-        # The four taps come out at 4x, 2x, 1x and 1/2x the patch grid.
-        self.resize_layers = nn.ModuleList([
-            nn.ConvTranspose2d(c[0], c[0], kernel_size=4, stride=4),
-            nn.ConvTranspose2d(c[1], c[1], kernel_size=2, stride=2),
-            nn.Identity(),
-            nn.Conv2d(c[3], c[3], kernel_size=3, stride=2, padding=1),
-        ])
+        widths = [in_channels] * len(c) if isinstance(in_channels, int) else list(in_channels)
+        self.projects = nn.ModuleList([nn.Conv2d(w, ch, 1) for w, ch in zip(widths, c)])
+        self.resize_layers = nn.ModuleList([resize_layer(ch, s) for ch, s in zip(c, scales)])
         self.scratch = nn.Module()
         for i, ch in enumerate(c, start=1):
             setattr(self.scratch, f'layer{i}_rn', nn.Conv2d(ch, features, 3, padding=1, bias=False))
@@ -82,11 +108,14 @@ class DPTHead(nn.Module):
         self.scratch.refinenet4.resConfUnit1.requires_grad_(False)
 
     def fuse(self, features: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
-        """Four (B, h*w, C) token maps -> fused (B, features, 8h, 8w) map before the classifier."""
+        """Four (B, h*w, C) token maps of an h x w grid, or four (B, C_i, h_i, w_i) maps -> the fused
+        (B, features, 2h_1, 2w_1) map before the classifier (h_1 x w_1: the first tap after its
+        resize; 8h x 8w for tokens)."""
         s = self.scratch
         layers = []
-        for i, tokens in enumerate(features):
-            x = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], *grid)
+        for i, x in enumerate(features):
+            if x.dim() == 3:    # tokens (B, N, C) -> (B, C, h, w)
+                x = x.transpose(1, 2).reshape(x.shape[0], x.shape[-1], *grid)
             x = self.resize_layers[i](self.projects[i](x))
             layers.append(getattr(s, f'layer{i + 1}_rn')(x))
         l1, l2, l3, l4 = layers
@@ -118,13 +147,30 @@ def channel_dropout_masks(n: int, channels: int, like: torch.Tensor, p: float = 
 
 
 class DPTSegmentor(nn.Module):
-    """DINOv2 encoder + DPT decoder. `forward(x)` -> logits (B, nclass, H // 14 * 14, W // 14 * 14)."""
+    """Encoder + DPT decoder. `forward(x)` -> logits (B, nclass, H // p * p, W // p * p), p the
+    encoder's patch size (DINOv2: 14; BEiT, SAM: 16; ResNet, MiT: 1, the input size)."""
 
-    def __init__(self, spec: ModelPreset, nclass: int, drop_path: float = 0.0):
+    def __init__(self, spec: ModelPreset | LibraryPreset, nclass: int, drop_path: float = 0.0):
         super().__init__()
+        if isinstance(spec, LibraryPreset):
+            from model.encoders import build_encoder
+            self.backbone = build_encoder(spec, drop_path)
+            self.taps = self.backbone.taps if hasattr(self.backbone, 'taps') else tuple(range(4))
+            self.patch_size = self.backbone.patch_size
+            widths, reductions = self.backbone.widths, self.backbone.reductions
+            features, out_channels = spec.features, spec.out_channels
+            if features is None or out_channels is None:
+                features, out_channels = default_decoder(widths, reductions)
+            self.head = DPTHead(nclass, widths, features, out_channels, resize_scales(reductions))
+            return
         self.taps = tuple(spec.taps)
+        self.patch_size = PATCH_SIZE
         self.backbone = DinoV2Encoder.from_preset(spec, drop_path)
         self.head = DPTHead(nclass, spec.embed_dim, spec.features, spec.out_channels)
+
+    @property
+    def is_dinov2(self) -> bool:
+        return isinstance(self.backbone, DinoV2Encoder)
 
     @property
     def nclass(self) -> int:
@@ -134,22 +180,34 @@ class DPTSegmentor(nn.Module):
         self.backbone.requires_grad_(False)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.backbone.grad_checkpointing = enable
+        if self.is_dinov2:
+            self.backbone.grad_checkpointing = enable
+        else:
+            self.backbone.set_grad_checkpointing(enable)
 
     def set_fused_attention(self, enable: bool = True) -> None:
         """Attention through F.scaled_dot_product_attention (True) or as matmul-softmax-matmul
         (False, the original's arithmetic); the outputs agree to rounding."""
+        if not self.is_dinov2:
+            self.backbone.set_fused_attention(enable)
+            return
         for block in self.backbone.blocks:
             block.attn.fused_attn = enable
 
     def set_layer_scale_folding(self, enable: bool = True) -> None:
         """LayerScale folded into the projections before it (True, the default) or applied as its
-        own multiply (False, the original's arithmetic); the outputs agree to rounding."""
+        own multiply (False, the original's arithmetic); the outputs agree to rounding. DINOv2 only
+        (other encoders run their library's forward)."""
+        if not self.is_dinov2:
+            return
         for block in self.backbone.blocks:
             block.fold_layer_scale = enable
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.backbone.get_intermediate_layers(x, self.taps)
+        """Four taps: (B, h*w, C) tokens for DINOv2, (B, C_i, h_i, w_i) maps for other encoders."""
+        if self.is_dinov2:
+            return self.backbone.get_intermediate_layers(x, self.taps)
+        return self.backbone(x)
 
     def forward(self, x: torch.Tensor, comp_drop: bool = False, n_clean: int = 0,
                 need_fp: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -161,8 +219,9 @@ class DPTSegmentor(nn.Module):
         need_fp: also return logits from channel-dropped features of every image (UniMatch V1's
             feature-perturbation stream), computed in the same decoder pass.
         """
-        grid = (x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE)
-        out_size = (grid[0] * PATCH_SIZE, grid[1] * PATCH_SIZE)
+        p = self.patch_size
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        out_size = (grid[0] * p, grid[1] * p)
         features = self.perturb(self.encode(x), comp_drop, n_clean, need_fp)
         logits = to_input_size(self.head(features, grid), out_size)
         if need_fp:
@@ -172,24 +231,43 @@ class DPTSegmentor(nn.Module):
     @staticmethod
     def perturb(features: list[torch.Tensor], comp_drop: bool, n_clean: int, need_fp: bool
                 ) -> list[torch.Tensor]:
-        """The encoder taps (B, N, C) after complementary dropout of the strong images (comp_drop)
-        and with the channel-dropped copy appended (need_fp); see `forward`."""
-        b, c = features[0].shape[0], features[0].shape[-1]
+        """The encoder taps ((B, N, C) tokens or (B, C, h, w) maps) after complementary dropout of the
+        strong images (comp_drop) and with the channel-dropped copy appended (need_fp); see `forward`.
+
+        One mask per distinct tap width: taps of equal width share it (the original's one mask for
+        a ViT's four taps), and all widths' masks come from one draw over their channels side by
+        side, so the undropped pairs are the same at every tap (and a ViT's draw is the original's)."""
+        b = features[0].shape[0]
+        widths = list(dict.fromkeys(channels(f) for f in features))   # distinct, in tap order
+        c = sum(widths)
         if comp_drop:
             pairs = (b - n_clean) // 2
             assert pairs * 2 == b - n_clean, 'comp_drop needs an even number of strong images'
             masks = complementary_masks(pairs, c, features[0])
             masks = torch.cat((masks.new_ones(n_clean, c), masks))
-            features = [f * masks[:, None, :] for f in features]
+            per_width = dict(zip(widths, masks.split(widths, dim=1)))
+            features = [apply_channel_mask(f, per_width[channels(f)]) for f in features]
         if need_fp:
             masks = channel_dropout_masks(b, c, features[0])
-            features = [torch.cat((f, f * masks[:, None, :])) for f in features]
+            per_width = dict(zip(widths, masks.split(widths, dim=1)))
+            features = [torch.cat((f, apply_channel_mask(f, per_width[channels(f)]))) for f in features]
         return features
+
+
+def channels(f: torch.Tensor) -> int:
+    """Channels of a tap: (B, N, C) tokens or (B, C, h, w) maps."""
+    return f.shape[-1] if f.dim() == 3 else f.shape[1]
+
+
+def apply_channel_mask(f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """f * mask per (image, channel); mask (B, C)."""
+    return f * (mask[:, None, :] if f.dim() == 3 else mask[:, :, None, None])
 
 
 def build_model(backbone: str, nclass: int, drop_path: float = 0.0) -> DPTSegmentor:
     """`build_model('dinov2_small', 21)`: random init; load weights with `model.loading`. Its state
-    dict is that of the original release. (A method's model, with its own head or bottleneck, is
+    dict is that of the original release. Other encoders by name ('resnet152', 'mit_b5', ...,
+    'timm:<name>'; `model.presets`). (A method's model, with its own head or bottleneck, is
     built by the method: `methods.build_model(cfg)`.)"""
     _, spec = preset(backbone)
     return DPTSegmentor(spec, nclass, drop_path)

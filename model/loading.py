@@ -5,7 +5,10 @@
     `model/convert.py`);
 (b) released UniMatch V2 checkpoints: {'model', 'model_ema', ...} with keys prefixed `module.`;
 (c) this project's checkpoints (same layout, unprefixed) and plain model state dicts (.pth or
-    .safetensors).
+    .safetensors);
+(d) for encoders a library builds (`model/encoders.py`: ResNet, BEiT, SAM, MiT, timm:<name>), the
+    library's own state dict of that model (timm's, or transformers' SegformerModel and its task
+    models), classifier and unused parts dropped by the encoder's `from_library`.
 Every file goes through `util.checkpoint.safe_load` (weights only, no code runs). A state dict that
 does not fit raises `WeightsMismatchError` naming missing and unexpected keys and shape mismatches.
 """
@@ -18,10 +21,12 @@ import torch
 from torch import nn
 
 from model.convert import to_dinov2_keys
+from model.encoders import LibraryEncoder
 from util.checkpoint import safe_load
 
 DDP_PREFIX = 'module.'
 CLASSIFIER_KEY = 'head.scratch.output_conv.2.weight'
+DECODER_PREFIX = 'head.scratch.'          # a whole segmentor's keys (a timm encoder's classifier is `head.*`)
 OPTIONAL_ENCODER_KEYS = {'mask_token'}   # unused by segmentation; absent from some encoder exports
 
 
@@ -97,8 +102,12 @@ def encoder_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load_pretrained_encoder(model: nn.Module, path: str | Path) -> None:
     """DINOv2 weights (DINOv2's, timm's or transformers' format) into `model.backbone` (strict after
-    conversion, apart from the unused mask_token)."""
+    conversion, apart from the unused mask_token); for another encoder, its library's weights
+    (strict after `from_library`)."""
     state, _ = model_state_from(safe_load(path))
+    if isinstance(model.backbone, LibraryEncoder):
+        load_checked(model.backbone, model.backbone.from_library(state), str(path), prefix='backbone.')
+        return
     state = encoder_state(state)
     if not is_encoder_state(state):
         raise WeightsMismatchError(f'{path} is not a DINOv2 encoder state dict (no pos_embed, or it has head.* keys)')
@@ -110,6 +119,9 @@ def load_weights(model: nn.Module, path: str | Path, weights: str | None = None)
     An encoder-only file is loaded into the encoder."""
     obj = safe_load(path)
     state, which = model_state_from(obj, weights)
+    if isinstance(model.backbone, LibraryEncoder) and not any(k.startswith(DECODER_PREFIX) for k in state):
+        load_pretrained_encoder(model, path)
+        return 'encoder'
     if is_encoder_state(encoder_state(state)) and not any(k.startswith('head.') for k in state):
         load_pretrained_encoder(model, path)
         return 'encoder'
