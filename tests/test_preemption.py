@@ -184,3 +184,15 @@ def test_a_run_stopped_twice_and_resumed_is_the_uninterrupted_run(toy, tmp_path,
             assert torch.equal(ckpt_b[part][k], v), (part, k)
     for a, b in zip(ckpt_a['optimizer']['state'].values(), ckpt_b['optimizer']['state'].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_directory_resumes_only_its_own_seed(toy, tmp_path, capsys):
+    """Rerunning with another seed= into the same directory is another run, not a resume: refused,
+    naming the key, before anything is written."""
+    unimatch_v2.main(argv(toy, tmp_path / 'run', ['epochs=1', 'max_iters_per_epoch=1']))
+    before = (tmp_path / 'run/latest.pth').read_bytes()
+    with pytest.raises(SystemExit) as info:
+        unimatch_v2.main(argv(toy, tmp_path / 'run', ['epochs=2', 'max_iters_per_epoch=1', 'seed=1']))
+    assert info.value.code == 1
+    assert "was trained with seed=0 but the config has seed=1" in capsys.readouterr().err
+    assert (tmp_path / 'run/latest.pth').read_bytes() == before

@@ -416,7 +416,7 @@ def resume(tr: Training) -> None:
 def check_compatible(saved: dict | None, cfg: Config, path: Path) -> None:
     if not saved:
         return
-    for key in ('nclass', 'backbone', 'dataset', 'method'):
+    for key in ('nclass', 'backbone', 'dataset', 'method', 'seed'):   # another seed is another run
         if key in saved and saved[key] != getattr(cfg, key):
             raise ConfigError(f'{path} was trained with {key}={saved[key]!r} but the config has '
                               f'{key}={getattr(cfg, key)!r}; use another --save-path or fix the config')
