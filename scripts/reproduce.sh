@@ -157,7 +157,7 @@ sys.exit(0 if done >= load_config(sys.argv[2], sys.argv[3:]).epochs else 1)' "$@
 cellfile=$(mktemp)
 trap 'rm -f "$cellfile"' EXIT
 echo "$cells" > "$cellfile"
-failed=0; config_backbone_of=
+failed=0
 while read -r dataset split method extra; do
     # tag=<dir>: the cell's run goes under <exp>/<dir>/ (an ablation beside the plain run)
     tag=; rest=
@@ -166,9 +166,10 @@ while read -r dataset split method extra; do
     cell_exp=$exp${tag:+/$tag}
     config=configs/$dataset.yaml
     # Once per dataset: load its config with the user's overrides, so that a wrong key stops the grid
-    # here (set -e) rather than failing every cell, and note the config's backbone.
-    if [ "$config_backbone_of" != "$dataset" ]; then
-        config_backbone=$(python -m util.config "$config" backbone "$@"); config_backbone_of=$dataset
+    # here (set -e) rather than failing every cell, and note the config's backbone (in cb_<dataset>).
+    eval "config_backbone=\${cb_$dataset-}"
+    if [ -z "$config_backbone" ]; then
+        config_backbone=$(python -m util.config "$config" backbone "$@"); eval "cb_$dataset=\$config_backbone"
     fi
     # The backbone train.sh will resolve (for the run directory): the last backbone= given, else the
     # config's.
