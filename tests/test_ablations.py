@@ -29,7 +29,7 @@ from tools import tables
 from util import trainer
 from util.config import Config, ConfigError, from_dict, load_config
 from util.ema import EMATeacher
-from util.losses import IGNORE_INDEX, build_criterion
+from util.losses import IGNORE_INDEX, build_criterion, cutmix
 
 ROOT = Path(__file__).resolve().parents[1]
 NCLASS = 3
@@ -92,7 +92,6 @@ def test_online_teacher_labels_with_the_student_without_gradient(teacher):
     pseudo = logits_w.argmax(1)
     assert float(out['mask_ratio']) == 1.0
     pred_s1 = student_calls[-1][1][len(x['image']):len(x['image']) + len(u['image'])]
-    from util.losses import cutmix
     target = cutmix(pseudo, u['boxes'][:, 0])
     expected = torch.nn.functional.cross_entropy(pred_s1.float(), target)
     assert torch.allclose(out['loss_s1'], expected, rtol=1e-5, atol=1e-6)
@@ -127,7 +126,6 @@ def test_comp_drop_at_classifier_leaves_the_encoder_features_untouched():
     seen = {}
     fuse = model.head.fuse
     model.head.fuse = lambda feats, grid: (seen.__setitem__('features', feats), fuse(feats, grid))[1]
-    model.output_conv_in = []
     model.head.scratch.output_conv[-1].register_forward_pre_hook(
         lambda m, args: seen.__setitem__('classifier_in', args[0]))
     with torch.no_grad():
