@@ -112,14 +112,17 @@ def _check_files(root: Path, split: Path, s: Sample, nclass: int, with_mask: boo
 
 
 def check_inputs(root: str | os.PathLike, splits: dict[str, str | os.PathLike], nclass: int,
-                 full: bool = False) -> list[Problem]:
-    """Problems of every split (role -> file), plus labeled/unlabeled overlap."""
+                 full: bool = False, roots: dict[str, str | os.PathLike] | None = None) -> list[Problem]:
+    """Problems of every split (role -> file), plus labeled/unlabeled overlap. A role's images live
+    under `roots[role]` when given (unlabeled images from another dataset), else under `root`."""
     problems, lists = [], {}
+    roots = roots or {}
     for role, path in splits.items():
-        found, samples = check_split(root, path, role, nclass, full)
+        found, samples = check_split(roots.get(role, root), path, role, nclass, full)
         problems += found
         lists[role] = samples
-    if 'labeled' in lists and 'unlabeled' in lists and splits['labeled'] != splits['unlabeled']:
+    same_root = Path(roots.get('unlabeled', root)).resolve() == Path(roots.get('labeled', root)).resolve()
+    if 'labeled' in lists and 'unlabeled' in lists and splits['labeled'] != splits['unlabeled'] and same_root:
         overlap = {s.image for s in lists['labeled']} & {s.image for s in lists['unlabeled']}
         if overlap:
             problems.append(Problem('warning', f'{splits["labeled"]} / {splits["unlabeled"]}',

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dataset.splits import Sample, derive_unlabeled, read_split
+from dataset.splits import Sample, derive_labeled_all, derive_unlabeled, read_split
 from dataset.transforms import (IGNORE_INDEX, cutmix_box, hflip, normalize, pad_and_crop, resize,
                                 strong_color)
 
@@ -154,30 +154,36 @@ class SplitPaths:
     val: Path
 
 
+def coco_root(data_root: str | os.PathLike | None) -> str | os.PathLike:
+    if data_root is None:
+        raise ValueError('COCO lists are derived from data_root/train2017; pass data_root')
+    return data_root
+
+
 def split_paths(dataset: str, split: str, splits_root: str | os.PathLike = 'splits',
                 data_root: str | os.PathLike | None = None) -> SplitPaths:
     """The split files of `dataset`/`split` under `splits_root`.
 
     labeled: `<split>/labeled.txt` (Cityscapes 'all': `train.txt`). unlabeled: `<split>/
     unlabeled.txt`; for COCO it is derived from `data_root/train2017` and cached there on first
-    use; for an 'all' split without one it is the labeled list. val: `<dataset>/val.txt`.
+    use (and so is COCO's 'all' labeled list: every train2017 image); for an 'all' split without
+    one it is the labeled list. val: `<dataset>/val.txt`.
     """
     base = Path(splits_root) / dataset
     split_dir = base / split
     labeled = split_dir / 'labeled.txt'
     if not labeled.exists() and (split_dir / 'train.txt').exists():
         labeled = split_dir / 'train.txt'
+    if not labeled.exists() and dataset == 'coco' and split == 'all':
+        derive_labeled_all(coco_root(data_root), labeled)
     if not labeled.exists():
         raise FileNotFoundError(f'no labeled list for {dataset}/{split}: {labeled} is missing')
     unlabeled = split_dir / 'unlabeled.txt'
     if not unlabeled.exists():
-        if dataset == 'coco':
-            if data_root is None:
-                raise ValueError('the COCO unlabeled list is derived from data_root/train2017; '
-                                 'pass data_root')
-            derive_unlabeled(data_root, labeled, unlabeled)
-        elif split == 'all':
+        if split == 'all':
             unlabeled = labeled
+        elif dataset == 'coco':
+            derive_unlabeled(coco_root(data_root), labeled, unlabeled)
         else:
             raise FileNotFoundError(f'no unlabeled list for {dataset}/{split}: {unlabeled}')
     return SplitPaths(labeled, unlabeled, base / 'val.txt')

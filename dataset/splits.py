@@ -8,11 +8,19 @@ from __future__ import annotations
 import os
 import random
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff')
 NO_MASK = 'None'  # the mask column of Cityscapes train_extra lines
+# Images in the official extra-image folders (facts sheet, sections 1-2): a derived list of another
+# size means a partial download or a different release.
+EXPECTED_IMAGES = {
+    'leftImg8bit/train_extra': 19998,    # Cityscapes leftImg8bit_trainextra (one folder per city)
+    'train2017': 118287,                 # COCO train2017
+    'unlabeled2017': 123403,             # COCO unlabeled2017
+}
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,15 @@ def list_images(directory: str | os.PathLike) -> list[Path]:
                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
+def read_cache(cache_path: str | os.PathLike, labeled: set[str]) -> list[Sample] | None:
+    """A derived unlabeled list cached at `cache_path`, or None when there is none or it overlaps
+    the labeled images (the labeled list changed: derive it again)."""
+    if not Path(cache_path).exists():
+        return None
+    cached = read_split(cache_path)
+    return None if labeled.intersection(s.image for s in cached) else cached
+
+
 def derive_unlabeled(data_root: str | os.PathLike, labeled_path: str | os.PathLike,
                      cache_path: str | os.PathLike, image_dir: str = 'train2017',
                      mask_dir: str = 'masks') -> list[Sample]:
@@ -86,17 +103,74 @@ def derive_unlabeled(data_root: str | os.PathLike, labeled_path: str | os.PathLi
     labeled list changed) is rebuilt.
     """
     labeled = {s.image for s in read_split(labeled_path)}
-    cache_path = Path(cache_path)
-    if cache_path.exists():
-        cached = read_split(cache_path)
-        if not labeled.intersection(s.image for s in cached):
-            return cached
+    cached = read_cache(cache_path, labeled)
+    if cached is not None:
+        return cached
     images = list_images(Path(data_root) / image_dir)
     samples = [Sample(f'{image_dir}/{p.name}', f'{mask_dir}/{p.stem}.png', i + 1)
                for i, p in enumerate(p for p in images if f'{image_dir}/{p.name}' not in labeled)]
     if not samples:
         raise SplitError(f'no unlabeled images left in {Path(data_root) / image_dir} after '
                          f'removing the {len(labeled)} labeled ones of {labeled_path}')
+    write_lines_atomic(cache_path, [format_line(s) for s in samples])
+    return samples
+
+
+class FolderCountWarning(UserWarning):
+    """An image folder holds another number of images than the paper's release of it."""
+
+
+def list_images_recursive(directory: str | os.PathLike) -> list[Path]:
+    """Image files anywhere under `directory` (Cityscapes keeps one sub-folder per city), sorted."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f'image directory {directory} does not exist')
+    return sorted(p for p in directory.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def folder_images(root: str | os.PathLike, folder: str) -> list[str]:
+    """Every image under `root/folder`, relative to `root`; a folder of `EXPECTED_IMAGES` holding
+    another count gives a `FolderCountWarning` naming it and the expected count."""
+    root = Path(root)
+    found = [p.relative_to(root).as_posix() for p in list_images_recursive(root / folder)]
+    expected = EXPECTED_IMAGES.get(folder.strip('/'))
+    if expected is not None and len(found) != expected:
+        warnings.warn(f'{root / folder}: {len(found)} images, the paper\'s release has {expected} '
+                      f'(partial download?)', FolderCountWarning, stacklevel=3)
+    return found
+
+
+def derive_labeled_all(data_root: str | os.PathLike, cache_path: str | os.PathLike, image_dir: str = 'train2017',
+                       mask_dir: str = 'masks') -> list[Sample]:
+    """COCO's 'all' labeled list (every train2017 image with its mask `mask_dir/<stem>.png`, the
+    labeled set of the paper's Table 13), derived on first use and cached at `cache_path`."""
+    cached = read_cache(cache_path, set())
+    if cached is not None:
+        return cached
+    images = folder_images(data_root, image_dir)
+    if not images:
+        raise SplitError(f'no images in {Path(data_root) / image_dir}')
+    samples = [Sample(image, f'{mask_dir}/{Path(image).stem}.png', i + 1) for i, image in enumerate(images)]
+    write_lines_atomic(cache_path, [format_line(s) for s in samples])
+    return samples
+
+
+def unlabeled_from_folders(root: str | os.PathLike, folders: list[str], cache_path: str | os.PathLike,
+                           exclude: set[str] = frozenset()) -> list[Sample]:
+    """Every image under `root/<folder>` for each folder (paths relative to `root`, no mask), less
+    the images in `exclude` (the labeled list, when it shares the root): the extra unlabeled images
+    of the paper's Table 13 (Cityscapes `leftImg8bit/train_extra`, COCO `train2017`,
+    `unlabeled2017`), which come with no lists.
+
+    Cached at `cache_path` like the COCO unlabeled list (a cache that overlaps `exclude` is rebuilt).
+    A folder of `EXPECTED_IMAGES` with another count gives a `FolderCountWarning` naming it."""
+    cached = read_cache(cache_path, exclude)
+    if cached is not None:
+        return cached
+    images = [image for folder in folders for image in folder_images(root, folder)]
+    samples = [Sample(image, None, i + 1) for i, image in enumerate(i for i in images if i not in exclude)]
+    if not samples:
+        raise SplitError(f'no unlabeled images in {", ".join(str(root / f) for f in folders)}')
     write_lines_atomic(cache_path, [format_line(s) for s in samples])
     return samples
 

@@ -11,6 +11,7 @@ if sys.argv[1:] == ['--names']:
 for name, cls in methods.REGISTRY.items():
     steps = 'labeled only' if cls.options is None else \
         f'{cls.options.views} strong view(s){", complementary dropout" if cls.options.comp_drop else ""}' \
+        f'{", feature dropout" if cls.options.feat_drop else ""}' \
         f'{", fp stream" if cls.options.fp_weight else ""}'
     keys = ', '.join(f.name for f in dataclasses.fields(cls.Keys)) if cls.Keys else '-'
     print(f'{name:12s} {cls.summary}\n{"":12s} step: {steps}; keys: {keys}'

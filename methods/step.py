@@ -32,6 +32,8 @@ class SemiOptions:
     lossu_weight: float = 1.0      # loss = (loss_x + w * loss_u) / (1 + w)
     views: int = 2                 # strong views per unlabeled image (FixMatch: 1)
     comp_drop: bool = True         # complementary channel dropout on the strong views' features
+    feat_drop: bool = False        # independent channel dropout on each strong view's features
+                                   # (FixMatch + feature perturbation, the paper's Table 6)
     fused: bool = True             # labeled and strong images in one student forward
     fp_weight: float = 0.0         # UniMatch V1: > 0 = the student labels its own weak view, and a
                                    # channel-dropped copy of that forward is a stream of this weight
@@ -111,6 +113,12 @@ def split_output(out) -> tuple[torch.Tensor, Any]:
     return (out, None) if torch.is_tensor(out) else (out[0], out[1])
 
 
+def perturbation(opt: SemiOptions) -> dict:
+    """The student's keywords for the strong views' feature perturbation (feat_drop only when on,
+    so that models with their own forward need not know it)."""
+    return {'comp_drop': opt.comp_drop, **({'feat_drop': True} if opt.feat_drop else {})}
+
+
 def merged(dicts) -> dict:
     out = {}
     for d in dicts:
@@ -127,7 +135,7 @@ def semi_step(student: nn.Module, teacher: Callable, batch_l: Batch, batch_u: Ba
               opt: SemiOptions, methods: Sequence = ()) -> dict[str, torch.Tensor]:
     """UniMatch V2 (views=2, comp_drop), FixMatch (views=1), UniMatch V1 (fp_weight=0.5).
 
-    The teacher labels the weak view; each strong view and its targets are CutMix-ed with the same
+    The teacher (the EMA model, or the student itself with `teacher: online`) labels the weak view; each strong view and its targets are CutMix-ed with the same
     box; the student sees labeled and strong images (one forward when `fused`), with complementary
     channel dropout on the strong pairs' features. `methods` (`methods.base.Method`, in registry
     order) add keywords to the teacher's and the student's forwards, may replace the strong views'
@@ -151,15 +159,15 @@ def semi_step(student: nn.Module, teacher: Callable, batch_l: Batch, batch_u: Ba
     strong, s.targets = mix_strong_views(batch_u, s.pseudo, s.conf, opt.views)
     extra = merged(m.student_kwargs(s) for m in methods)
     if s.pred_x is None and opt.fused:
-        out, s.student_aux = split_output(student(torch.cat([x, *strong]), comp_drop=opt.comp_drop,
-                                                  n_clean=len(x), **extra))
+        out, s.student_aux = split_output(student(torch.cat([x, *strong]), n_clean=len(x),
+                                                  **perturbation(opt), **extra))
         s.pred_x, *s.pred_s = out.split([len(x)] + [len(v) for v in strong])
     else:                     # the original release: labeled and strong images in two forwards
         if extra:
             raise ValueError(f'{sorted(extra)} need the fused student forward (fused=True)')
         if s.pred_x is None:
             s.pred_x = student(x)
-        s.pred_s = list(student(torch.cat(strong), comp_drop=opt.comp_drop).chunk(opt.views))
+        s.pred_s = list(student(torch.cat(strong), **perturbation(opt)).chunk(opt.views))
     share = (1 - opt.fp_weight) / opt.views
     s.streams = [(f'loss_s{v + 1}', pred, v, share) for v, pred in enumerate(s.pred_s)]
     if opt.fp_weight > 0:

@@ -149,6 +149,7 @@ def channel_dropout_masks(n: int, channels: int, like: torch.Tensor, p: float = 
 class DPTSegmentor(nn.Module):
     """Encoder + DPT decoder. `forward(x)` -> logits (B, nclass, H // p * p, W // p * p), p the
     encoder's patch size (DINOv2: 14; BEiT, SAM: 16; ResNet, MiT: 1, the input size)."""
+    comp_drop_at: str = 'features'     # where complementary dropout acts (`set_comp_drop_at`)
 
     def __init__(self, spec: ModelPreset | LibraryPreset, nclass: int, drop_path: float = 0.0):
         super().__init__()
@@ -175,6 +176,13 @@ class DPTSegmentor(nn.Module):
     @property
     def nclass(self) -> int:
         return self.head.scratch.output_conv[-1].out_channels
+
+    def set_comp_drop_at(self, site: str) -> None:
+        """Complementary dropout on the encoder's features ('features', the paper's method) or on
+        the input of the decoder's classifier ('classifier', the paper's Table 12)."""
+        if site not in COMP_DROP_SITES:
+            raise ValueError(f'comp_drop_at must be one of {COMP_DROP_SITES}, got {site!r}')
+        self.comp_drop_at = site
 
     def lock_backbone(self) -> None:
         self.backbone.requires_grad_(False)
@@ -210,29 +218,47 @@ class DPTSegmentor(nn.Module):
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor, comp_drop: bool = False, n_clean: int = 0,
-                need_fp: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                need_fp: bool = False, feat_drop: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """
         x: (B, 3, H, W) normalised images.
-        comp_drop: images x[n_clean:] are two strong views [s1; s2] of the same images; their
-            encoder features get complementary channel dropout (the first n_clean, e.g. labeled
-            images, are left untouched, so labeled and strong images can share one forward).
+        comp_drop: images x[n_clean:] are two strong views [s1; s2] of the same images; they get
+            complementary channel dropout (the first n_clean, e.g. labeled images, are left
+            untouched, so labeled and strong images can share one forward), on the encoder features
+            or, with `comp_drop_at = 'classifier'`, on the classifier's input.
+        feat_drop: independent channel dropout (p 0.5) on the encoder features of every image of
+            x[n_clean:] (single-stream feature perturbation, the paper's Table 6).
         need_fp: also return logits from channel-dropped features of every image (UniMatch V1's
             feature-perturbation stream), computed in the same decoder pass.
         """
         p = self.patch_size
         grid = (x.shape[-2] // p, x.shape[-1] // p)
         out_size = (grid[0] * p, grid[1] * p)
-        features = self.perturb(self.encode(x), comp_drop, n_clean, need_fp)
-        logits = to_input_size(self.head(features, grid), out_size)
+        at_features = comp_drop and self.comp_drop_at == 'features'
+        features = self.perturb(self.encode(x), at_features, n_clean, need_fp, feat_drop)
+        if comp_drop and not at_features:
+            logits = self.classify_with_comp_drop(self.head.fuse(features, grid), n_clean)
+        else:
+            logits = self.head(features, grid)
+        logits = to_input_size(logits, out_size)
         if need_fp:
             return logits.chunk(2)
         return logits
 
+    def classify_with_comp_drop(self, fused: torch.Tensor, n_clean: int) -> torch.Tensor:
+        """The head's output convolutions with complementary channel dropout on the strong pairs'
+        classifier input (the last 1x1 convolution's, (B, features, h, w)) instead of on the encoder
+        features (the paper's Table 12)."""
+        *body, classifier = self.head.scratch.output_conv
+        hidden = nn.Sequential(*body)(fused)
+        masks = strong_masks(hidden.shape[0], n_clean, hidden.shape[1], hidden, independent=False)
+        return classifier(apply_channel_mask(hidden, masks))
+
     @staticmethod
-    def perturb(features: list[torch.Tensor], comp_drop: bool, n_clean: int, need_fp: bool
-                ) -> list[torch.Tensor]:
+    def perturb(features: list[torch.Tensor], comp_drop: bool, n_clean: int, need_fp: bool,
+                feat_drop: bool = False) -> list[torch.Tensor]:
         """The encoder taps ((B, N, C) tokens or (B, C, h, w) maps) after complementary dropout of the
-        strong images (comp_drop) and with the channel-dropped copy appended (need_fp); see `forward`.
+        strong images (comp_drop) or independent dropout of each (feat_drop), and with the
+        channel-dropped copy appended (need_fp); see `forward`.
 
         One mask per distinct tap width: taps of equal width share it (the original's one mask for
         a ViT's four taps), and all widths' masks come from one draw over their channels side by
@@ -240,11 +266,8 @@ class DPTSegmentor(nn.Module):
         b = features[0].shape[0]
         widths = list(dict.fromkeys(channels(f) for f in features))   # distinct, in tap order
         c = sum(widths)
-        if comp_drop:
-            pairs = (b - n_clean) // 2
-            assert pairs * 2 == b - n_clean, 'comp_drop needs an even number of strong images'
-            masks = complementary_masks(pairs, c, features[0])
-            masks = torch.cat((masks.new_ones(n_clean, c), masks))
+        if comp_drop or feat_drop:
+            masks = strong_masks(b, n_clean, c, features[0], independent=not comp_drop)
             per_width = dict(zip(widths, masks.split(widths, dim=1)))
             features = [apply_channel_mask(f, per_width[channels(f)]) for f in features]
         if need_fp:
@@ -252,6 +275,21 @@ class DPTSegmentor(nn.Module):
             per_width = dict(zip(widths, masks.split(widths, dim=1)))
             features = [torch.cat((f, apply_channel_mask(f, per_width[channels(f)]))) for f in features]
         return features
+
+
+def strong_masks(b: int, n_clean: int, c: int, like: torch.Tensor, independent: bool) -> torch.Tensor:
+    """(b, c) channel masks: ones for the first n_clean images; for the strong images after them,
+    complementary masks over their [s1; s2] pairs, or (independent) plain dropout masks."""
+    if independent:
+        masks = channel_dropout_masks(b - n_clean, c, like)
+    else:
+        pairs = (b - n_clean) // 2
+        assert pairs * 2 == b - n_clean, 'comp_drop needs an even number of strong images'
+        masks = complementary_masks(pairs, c, like)
+    return torch.cat((masks.new_ones(n_clean, c), masks))
+
+
+COMP_DROP_SITES = ('features', 'classifier')
 
 
 def channels(f: torch.Tensor) -> int:

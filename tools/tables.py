@@ -15,7 +15,11 @@ per-run listing with the best mIoU, seconds per iteration and epochs completed. 
 run that way.
 
 Runs under a deeper prefix (`EXP_DIR=exp/frozen sh scripts/train.sh ...` puts them in
-`exp/frozen/<dataset>/...`) are shown as extra rows tagged `[frozen]`, never in a paper cell.
+`exp/frozen/<dataset>/...`) are shown as extra rows tagged `[frozen]`, never in a paper cell --
+except the ablations' tags (`scripts/reproduce.sh figure5 ... table13` writes them): `TAGS` says
+which table and paper variant each one is (`figure5/conf_thresh=0.7` is Figure 5's threshold 0.7),
+and `figure5`, `figure6`, `table06` ... `table13` lay those runs out beside the paper's values,
+with the plain runs they compare against (the paper's default setting) as rows of their own.
 """
 from __future__ import annotations
 
@@ -47,9 +51,61 @@ TITLES = {
 # Rows a paper table compares against although the csv files them under another table.
 COMPARISON_METHODS = {'table05': ('unimatch_v2',)}
 
+# ---- ablations (scripts/reproduce.sh figure5 ... table13) ----------------------------------------------
+ABLATION_TABLES = ('figure5', 'figure6', 'table06', 'table07', 'table08', 'table09', 'table10', 'table11',
+                   'table12', 'table13')
+ABLATION_TITLES = {
+    'figure5': 'Figure 5: confidence threshold',
+    'figure6': 'Figure 6: unlabeled loss weight',
+    'table06': 'Table 6: FixMatch + feature perturbation, + dual stream, + both',
+    'table07': 'Table 7: frozen encoder',
+    'table08': 'Table 8: DINOv2-L',
+    'table09': 'Table 9: other encoders (best mIoU of the model, not the EMA, as the paper)',
+    'table10': 'Table 10: pseudo-labels from the online model (best mIoU of the model, not the EMA)',
+    'table11': 'Table 11: FixMatch with twice the batch and the epochs',
+    'table12': 'Table 12: complementary dropout on the classifier input',
+    'table13': 'Table 13: all labels plus extra unlabeled images',
+}
+# Run directory tag (reproduce.sh's tag=) -> (table, the csv's variant).
+TAGS = {
+    **{f'figure5/conf_thresh={t}': ('figure5', f'conf_thresh={t}') for t in ('0', '0.7', '0.9', '0.98')},
+    **{f'figure6/lossu_weight={w}': ('figure6', f'unlabeled_loss_weight={float(w)}') for w in ('0.5', '2', '4')},
+    'table07/frozen': ('table07', 'frozen_encoder(lock_backbone=True)'),
+    'table09': ('table09', DEFAULT_VARIANT),
+    'table10/teacher=online': ('table10', 'noEMA(online_model_as_teacher)'),
+    'table11/doubled': ('table11', 'fixmatch_doubled_batch_and_epochs'),
+    'table12/comp_drop_at=classifier': ('table12', 'comp_dropout_at_decoder_classifier'),
+    'table13/train_extra': ('table13', 'extra_unlabeled_20K'),
+    # the csv's log name says 123K; the facts sheet (section 1) has ADE20K + COCO train2017 (118K)
+    'table13/coco_train2017': ('table13', 'extra_unlabeled_123K_COCO'),
+    'table13/coco_train2017+unlabeled2017': ('table13', 'extra_unlabeled_241K_COCO'),
+    'table13/unlabeled2017': ('table13', 'extra_unlabeled_123K'),
+}
+# Our methods that are a paper variant of another: method -> (table, csv method, csv variant).
+METHOD_VARIANTS = {
+    'fixmatch_addfeataug': ('table06', 'fixmatch', 'figure4a_fixmatch+feature_perturbation(addfeataug)'),
+    'fixmatch_dualstream': ('table06', 'fixmatch', 'figure4b_fixmatch+dual_stream'),
+    'fixmatch_addfeataug_dualstream': ('table06', 'fixmatch', 'figure4c_fixmatch+feature_perturbation+dual_stream'),
+}
+# The paper's default setting each ablation is compared with: (method, encoder) rows of plain runs.
+BASELINES = {
+    'figure5': (('unimatch_v2', 'dinov2_base'),),
+    'figure6': (('unimatch_v2', 'dinov2_base'),),
+    'table06': (('fixmatch', 'dinov2_base'), ('unimatch_v2', 'dinov2_base')),
+    'table07': (('unimatch_v2', 'dinov2_small'), ('unimatch_v2', 'dinov2_base')),
+    'table10': (('unimatch_v2', 'dinov2_base'),),
+    'table11': (('fixmatch', 'dinov2_base'), ('unimatch_v2', 'dinov2_base')),
+    'table12': (('unimatch_v2', 'dinov2_base'),),
+}
+# Tables whose paper value is another statistic than the method's usual one (facts sheet, section 6).
+TABLE_METRIC = {'table09': 'best_mIoU', 'table10': 'best_mIoU'}
+# The default setting's value of a swept key, for the baseline row's label.
+DEFAULT_LABEL = {'figure5': 'conf_thresh=0.95', 'figure6': 'unlabeled_loss_weight=1.0'}
+
 DATASET_ORDER = ('pascal', 'cityscapes', 'ade20k', 'coco')
 METHOD_ORDER = methods.names()      # registry order
 ENCODER_ORDER = ('dinov2_tiny', 'dinov2_small', 'dinov2_base', 'dinov2_large', 'dinov2_giant')
+CSV_ENCODERS = {'mit_b5': 'mitb5'}     # our backbone name -> the csv's where they differ
 
 # Marks, explained under every table.
 INCOMPLETE = '*'       # our run stopped before its planned epochs
@@ -65,7 +121,7 @@ Key = tuple  # (table, dataset, split, encoder, method, variant)
 def encoder_name(backbone: str) -> str:
     """Our `backbone` value as the csv writes encoders: 'small' or 'dinov2_small' -> 'dinov2_small'."""
     size = backbone.removeprefix('dinov2_')
-    return f'dinov2_{size}' if f'dinov2_{size}' in ENCODER_ORDER else backbone
+    return f'dinov2_{size}' if f'dinov2_{size}' in ENCODER_ORDER else CSV_ENCODERS.get(backbone, backbone)
 
 
 def split_name(split: str) -> str:
@@ -219,18 +275,26 @@ def paper_incomplete(entry: dict[str, float]) -> bool:
     return last is not None and planned is not None and last + 1 < planned  # epochs count from 0
 
 
-def cell(run: dict | None, entry: dict[str, float] | None, method: str, digits: int) -> str:
-    """`ours (paper, delta)`; `– (paper)` without a run; `ours (–)` without a paper value."""
+# Our statistic of each paper metric.
+OURS = {'best_mIoU': 'best_miou', 'best_mIoU_ema': 'best_miou_ema'}
+
+
+def cell(run: dict | None, entry: dict[str, float] | None, method: str, digits: int,
+         metric: str | None = None) -> str:
+    """`ours (paper, delta)`; `– (paper)` without a run; `ours (–)` without a paper value. `metric`:
+    the paper's statistic (default: the method's reported one)."""
     if run is None and entry is None:
         return ''
-    ours = NONE if run is None else fmt(run['reported'], digits) + run_marks(run, entry)
-    if entry is None:
+    metric = metric or reported_metric(method)
+    value = None if run is None else run[OURS[metric]]
+    ours = NONE if run is None else fmt(value, digits) + run_marks(run, entry)
+    if entry is None or metric not in entry:
         return f'{ours} ({NONE})'
-    theirs = entry[reported_metric(method)]
+    theirs = entry[metric]
     paper_txt = fmt(theirs, digits) + (PAPER_INCOMPLETE if paper_incomplete(entry) else '')
-    if run is None or run['reported'] is None:
+    if value is None:
         return f'{ours} ({paper_txt})'
-    return f'{ours} ({paper_txt}, {fmt(run["reported"] - theirs, digits, sign=True)})'
+    return f'{ours} ({paper_txt}, {fmt(value - theirs, digits, sign=True)})'
 
 
 LEGEND = (f'Cells: ours (paper, Δ = ours − paper); `{NONE}` no run or no paper value. Reported: '
@@ -253,6 +317,8 @@ def row_label(method: str, tag: str) -> str:
 
 def placed_in_paper(run: dict, paper: dict) -> bool:
     """Whether a run fills a paper row of some table (else it becomes an extra row)."""
+    if any(ablation_row(run, paper, t) for t in ABLATION_TABLES):
+        return True
     return run['tag'] == '' and any(
         (run['method'], run['encoder']) in paper_rows(paper, t, run['dataset'])
         for t in PAPER_TABLES if run['dataset'] in table_datasets(paper, t))
@@ -274,6 +340,67 @@ def paper_table_section(table: str, dataset: str, runs: list[dict], paper: dict,
                       method, digits) for s in splits]
         body.append([row_label(method, tag), encoder] + cells)
     return markdown(['method', 'encoder'] + [split_label(s) for s in splits], body)
+
+
+# ---- ablation tables -------------------------------------------------------------------------------------
+
+def run_variant(run: dict) -> tuple[str | None, str, str]:
+    """(table or None for a plain run, the csv's method, the csv's variant) of one of our runs."""
+    if run['tag']:
+        table, variant = TAGS.get(run['tag'], ('', ''))
+        return table, run['method'], variant
+    if run['method'] in METHOD_VARIANTS:
+        return METHOD_VARIANTS[run['method']]
+    return None, run['method'], DEFAULT_VARIANT
+
+
+def ablation_rows(paper: dict, table: str, dataset: str) -> set[tuple[str, str, str]]:
+    """(method, encoder, variant) rows of an ablation table for `dataset`: the paper's, and the
+    default setting it compares with."""
+    rows = {(k[4], k[3], k[5]) for k, v in paper.items() if k[0] == table and k[1] == dataset}
+    return rows | {(m, e, DEFAULT_VARIANT) for m, e in BASELINES.get(table, ())}
+
+
+def ablation_row(run: dict, paper: dict, table: str) -> tuple[str, str, str] | None:
+    """The row of `table` a run fills, or None: a run of the table's own tag or method, or a
+    plain run of one of its baseline rows."""
+    own, method, variant = run_variant(run)
+    row = (method, run['encoder'], variant)
+    if own == table or (own is None and run['tag'] == ''):
+        return row if row in ablation_rows(paper, table, run['dataset']) else None
+    return None
+
+
+def ablation_entry(paper: dict, table: str, dataset: str, split: str, row: tuple[str, str, str]
+                   ) -> dict[str, float] | None:
+    """The paper's metrics for a cell; a baseline row's from the table that has it (Table 5 for
+    FixMatch, the dataset's own table for UniMatch V2)."""
+    method, encoder, variant = row
+    for t in (table, 'table05', MAIN_TABLE.get(dataset)):
+        entry = paper.get((t, dataset, split, encoder, method, variant))
+        if entry:
+            return entry
+    return None
+
+
+def ablation_section(table: str, dataset: str, runs: list[dict], paper: dict, digits: int) -> str:
+    rows = ablation_rows(paper, table, dataset)
+    by_cell = {}
+    for r in runs:
+        row = ablation_row(r, paper, table) if r['dataset'] == dataset else None
+        if row:
+            by_cell[(*row, r['split'])] = r
+    splits = sorted({k[2] for k in paper if k[0] == table and k[1] == dataset}, key=split_sort_key)
+    body = []
+    for method, encoder, variant in sorted(rows, key=lambda r: (r[2] != DEFAULT_VARIANT, r[2], row_sort_key(r[:2] + ('',)))):
+        metric = TABLE_METRIC.get(table, reported_metric(method))
+        cells = [cell(by_cell.get((method, encoder, variant, s)),
+                      ablation_entry(paper, table, dataset, s, (method, encoder, variant)), method, digits, metric)
+                 for s in splits]
+        label = DEFAULT_LABEL.get(table, DEFAULT_VARIANT) if variant == DEFAULT_VARIANT else variant
+        ours = next((m for m, v in METHOD_VARIANTS.items() if v == (table, method, variant)), method)
+        body.append([ours, encoder, label] + cells)
+    return markdown(['method', 'encoder', 'variant'] + [split_label(s) for s in splits], body)
 
 
 def run_listing(runs: list[dict], digits: int, with_dataset: bool = False) -> str:
@@ -306,12 +433,13 @@ LISTING_LEGEND = ('Reported: best-epoch EMA mIoU for semi-supervised methods, be
 def make_table(table: str, runs: list[dict], paper: dict, digits: int = 1) -> str:
     """Markdown for one table: a paper table (`table01`..`table05`), `runs` (every run listed), or a
     dataset name (its runs listed, e.g. `toy`)."""
-    if table in PAPER_TABLES:
-        parts = [f'## {TITLES[table]}']
+    if table in PAPER_TABLES or table in ABLATION_TABLES:
+        section = paper_table_section if table in PAPER_TABLES else ablation_section
+        parts = [f'## {TITLES.get(table) or ABLATION_TITLES[table]}']
         for dataset in table_datasets(paper, table):
             if len(table_datasets(paper, table)) > 1:
                 parts.append(f'### {dataset}')
-            parts.append(paper_table_section(table, dataset, runs, paper, digits))
+            parts.append(section(table, dataset, runs, paper, digits))
         parts.append(LEGEND)
         return '\n\n'.join(parts) + '\n'
     chosen = runs if table == 'runs' else [r for r in runs if r['dataset'] == table]
@@ -326,7 +454,9 @@ def default_tables(runs: list[dict], paper: dict) -> list[str]:
     """Every paper table, `toy`, and a listing for each other dataset with runs but no paper table."""
     covered = {d for t in PAPER_TABLES for d in table_datasets(paper, t)}
     others = sorted({r['dataset'] for r in runs} - covered - {'toy'})
-    return list(PAPER_TABLES) + ['toy'] + others
+    ablations = [t for t in ABLATION_TABLES if any(
+        run_variant(r)[0] == t and ablation_row(r, paper, t) for r in runs)]
+    return list(PAPER_TABLES) + ablations + ['toy'] + others
 
 
 def make_report(runs: list[dict], paper: dict, tables: list[str] | None = None, digits: int = 1) -> str:
@@ -340,8 +470,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument('--exp', default='exp', help='experiment root to search for results.json')
     p.add_argument('--paper', default=str(repo / 'reference' / 'paper_tables.csv'))
     p.add_argument('--out', help='also write the markdown here')
-    p.add_argument('--tables', help='comma-separated: table01..table05, toy, runs, or a dataset '
-                                    '(default: every paper table, toy, other datasets with runs)')
+    p.add_argument('--tables', help='comma-separated: table01..table05, figure5, figure6, table06..table13, '
+                                    'toy, runs, or a dataset (default: every main paper table, the '
+                                    'ablations with runs, toy, other datasets with runs)')
     p.add_argument('--digits', type=int, default=1, help='decimals (the paper prints 1)')
     args = p.parse_args(argv)
     runs = collect_runs(args.exp) if Path(args.exp).is_dir() else []

@@ -19,11 +19,13 @@ from typing import Any
 import yaml
 
 import methods
+from model.dpt import COMP_DROP_SITES
 
 EVAL_MODES = ('original', 'center_crop', 'sliding_window')
 PRECISIONS = ('fp32', 'bf16', 'fp16')
 ATTENTIONS = ('auto', 'sdpa', 'math')
 CRITERIA = ('CELoss', 'OHEM')
+TEACHERS = ('ema', 'online')
 
 
 class _Loader(yaml.SafeLoader):
@@ -67,6 +69,14 @@ class RunConfig:
     pretrained: str | None = 'auto'      # 'auto' = pretrained/<backbone>.pth; null = random init
     class_names: list | None = None      # for custom datasets
     lossu_weight: float = 1.0            # loss = (loss_x + w * loss_u) / (1 + w)
+    teacher: str = 'ema'                 # who labels the weak view: 'ema' (the paper) or 'online' (the
+                                         # student, under no_grad; the EMA is still kept and evaluated)
+    comp_drop_at: str = 'features'       # complementary dropout on the encoder 'features' (the paper) or
+                                         # on the decoder's 'classifier' input (Table 12)
+    unlabeled_root: str | None = None    # data root of the unlabeled images (null: data_root), e.g.
+                                         # COCO's for ADE20K labels + COCO images (Table 13)
+    unlabeled_dirs: list | None = None   # image folders under it that make the unlabeled set, listed on
+                                         # first use and cached (null: the split's unlabeled list)
     ema_decay: float = 0.996
     weight_decay: float = 0.01
     eval_mode: str | None = None         # None = the dataset's default (see dataset.registry)
@@ -175,6 +185,13 @@ def _check(cfg: Config, source: str) -> None:
          f'must be one of {EVAL_MODES}, got {cfg.eval_mode!r}')
     need(cfg.criterion.name in CRITERIA, 'criterion.name',
          f'must be one of {CRITERIA}, got {cfg.criterion.name!r}')
+    need(cfg.teacher in TEACHERS, 'teacher', f'must be one of {TEACHERS}, got {cfg.teacher!r}')
+    need(cfg.comp_drop_at in COMP_DROP_SITES, 'comp_drop_at',
+         f'must be one of {COMP_DROP_SITES}, got {cfg.comp_drop_at!r}')
+    need(cfg.unlabeled_dirs is None or (len(cfg.unlabeled_dirs) > 0 and all(
+        isinstance(d, str) and d and not Path(d).is_absolute() and '..' not in Path(d).parts
+        for d in cfg.unlabeled_dirs)), 'unlabeled_dirs',
+         f'must be a non-empty list of folders relative to the unlabeled root, got {cfg.unlabeled_dirs!r}')
     need(cfg.nclass >= 2, 'nclass', f'must be >= 2, got {cfg.nclass}')
     need(cfg.crop_size >= 14, 'crop_size', f'must be >= 14, got {cfg.crop_size}')
     need(cfg.epochs >= 1, 'epochs', f'must be >= 1, got {cfg.epochs}')

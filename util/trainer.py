@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from typing import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,10 +30,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 from dataset.checks import DataError, check_inputs, raise_on_errors
 from dataset.registry import default_eval_mode
 from dataset.semi import SampleKey, SemiDataset, split_paths
+from dataset.splits import read_split, unlabeled_from_folders
 import methods
 from methods.base import MethodSet
 from methods.step import SemiOptions, semi_step, supervised_step
 from model import WeightsMismatchError
+from model.dpt import DPTSegmentor
 from model.hub import load_pretrained
 from util import dist
 from util.checkpoint import UnsafeCheckpointError, safe_load, save_atomic, write_text_atomic
@@ -91,7 +94,7 @@ def train_loaders(run: 'Run', options: SemiOptions | None) -> list[DataLoader]:
         trainset = SemiDataset(cfg.data_root, run.labeled, 'train_l', cfg.crop_size,
                                nsample=max(n_labeled, cfg.labeled_upsample), nclass=cfg.nclass)
         return [make_loader(trainset, cfg, cfg.batch_size * 2)]
-    trainset_u = SemiDataset(cfg.data_root, run.unlabeled, 'train_u', cfg.crop_size, num_strong=options.views,
+    trainset_u = SemiDataset(unlabeled_root(cfg), run.unlabeled, 'train_u', cfg.crop_size, num_strong=options.views,
                              nclass=cfg.nclass)
     trainset_l = SemiDataset(cfg.data_root, run.labeled, 'train_l', cfg.crop_size, nsample=len(trainset_u),
                              nclass=cfg.nclass)
@@ -107,10 +110,13 @@ def make_step(tr: 'Training', options: SemiOptions | None, iters_per_epoch: int)
         return lambda batch_l: supervised_step(tr.ddp, batch_l, criterion)
     options = replace(options, conf_thresh=cfg.conf_thresh, lossu_weight=cfg.lossu_weight)
     hooks = list(tr.methods)
+    # teacher: online (Table 10) labels with the student as it is (train mode, as the original's
+    # remote-sensing code), under the step's no_grad; the EMA is still updated and evaluated.
+    labeler = tr.teacher if cfg.teacher == 'ema' else tr.student
 
     def step(batch_u: dict, batch_l: dict) -> dict[str, torch.Tensor]:
         tr.methods.begin_step(tr.state.epoch + 1, tr.state.iteration, iters_per_epoch)
-        return semi_step(tr.ddp, tr.teacher, batch_l, batch_u, criterion, options, hooks)
+        return semi_step(tr.ddp, labeler, batch_l, batch_u, criterion, options, hooks)
     return step
 
 
@@ -159,7 +165,8 @@ def setup_run(args: argparse.Namespace, method: str | None = None) -> Run:
     splits = {'labeled': labeled, 'val': val}
     if methods.get(cfg.method).options is not None:     # semi-supervised
         splits['unlabeled'] = unlabeled
-    problems = check_inputs(cfg.data_root, splits, cfg.nclass, full=args.check_data)
+    problems = check_inputs(cfg.data_root, splits, cfg.nclass, full=args.check_data,
+                            roots={'unlabeled': unlabeled_root(cfg)})
     raise_on_errors(problems, log=lambda m: print(m, flush=True) if dist.is_main() else None)
     if args.check_data:
         print(f'checked every file of {", ".join(str(p) for p in splits.values())}: no errors')
@@ -263,13 +270,36 @@ def data_paths(cfg: Config, args: argparse.Namespace) -> tuple[Path, Path, Path]
             ensure_toy(cfg.data_root, splits_root / 'toy', seed=cfg.toy_seed, n_train=cfg.toy_train,
                        n_val=cfg.toy_val)
         dist.barrier()
-    val = splits_root / cfg.dataset / 'val.txt'
     if args.labeled_id_path:
         labeled = Path(args.labeled_id_path)
         unlabeled = Path(args.unlabeled_id_path) if args.unlabeled_id_path else labeled
-        return labeled, unlabeled, val
-    paths = split_paths(cfg.dataset, args.split, splits_root, cfg.data_root)
-    return paths.labeled, paths.unlabeled, paths.val
+        val = splits_root / cfg.dataset / 'val.txt'
+    else:
+        paths = split_paths(cfg.dataset, args.split, splits_root, cfg.data_root)
+        labeled, unlabeled, val = paths.labeled, paths.unlabeled, paths.val
+    if cfg.unlabeled_dirs:
+        unlabeled = extra_unlabeled(cfg, labeled)
+    return labeled, unlabeled, val
+
+
+def unlabeled_root(cfg: Config) -> str:
+    return cfg.unlabeled_root or cfg.data_root
+
+
+def extra_unlabeled(cfg: Config, labeled: Path) -> Path:
+    """The unlabeled list made of every image in `cfg.unlabeled_dirs` under the unlabeled root
+    (Table 13), derived by the main process on first use and cached beside the labeled list."""
+    cache = labeled.parent / f'unlabeled+{"+".join(d.strip("/").replace("/", "_") for d in cfg.unlabeled_dirs)}.txt'
+    if dist.is_main():
+        same_root = Path(unlabeled_root(cfg)).resolve() == Path(cfg.data_root).resolve()
+        exclude = {s.image for s in read_split(labeled)} if same_root else set()
+        with warnings.catch_warnings(record=True) as caught:      # shown before the run's log exists
+            warnings.simplefilter('always')
+            unlabeled_from_folders(unlabeled_root(cfg), cfg.unlabeled_dirs, cache, exclude)
+        for w in caught:
+            print(f'warning: {w.message}', flush=True)
+    dist.barrier()
+    return cache
 
 
 # ---- model and optimizer ------------------------------------------------------------------------------
@@ -280,6 +310,11 @@ def build_student(cfg: Config, device: torch.device, log=None) -> nn.Module:
         path = load_pretrained(model, cfg.pretrained, cfg.backbone, progress=dist.is_main())
         if log:
             log.info(f'loaded pretrained weights {path}')
+    if cfg.comp_drop_at != 'features':
+        if type(model) is not DPTSegmentor:
+            raise ConfigError(f"config key 'comp_drop_at': {cfg.comp_drop_at!r} needs the plain DPT model; "
+                              f'method {cfg.method} builds its own ({type(model).__name__})')
+        model.set_comp_drop_at(cfg.comp_drop_at)
     if cfg.lock_backbone:
         model.lock_backbone()
     model.set_grad_checkpointing(cfg.grad_checkpointing)
