@@ -135,8 +135,9 @@ def semi_step(student: nn.Module, teacher: Callable, batch_l: Batch, batch_u: Ba
               opt: SemiOptions, methods: Sequence = ()) -> dict[str, torch.Tensor]:
     """UniMatch V2 (views=2, comp_drop), FixMatch (views=1), UniMatch V1 (fp_weight=0.5).
 
-    The teacher (the EMA model, or the student itself with `teacher: online`) labels the weak view; each strong view and its targets are CutMix-ed with the same
-    box; the student sees labeled and strong images (one forward when `fused`), with complementary
+    The teacher (the EMA model, or the student itself with `teacher: online`) labels the weak
+    view; each strong view and its targets are CutMix-ed with the same box; the student sees
+    labeled and strong images (one forward when `fused`), with complementary
     channel dropout on the strong pairs' features. `methods` (`methods.base.Method`, in registry
     order) add keywords to the teacher's and the student's forwards, may replace the strong views'
     losses, and add terms to the total.
