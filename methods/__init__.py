@@ -13,6 +13,7 @@ from methods.base import REGISTRY, Method, MethodSet, register
 DEFAULT = 'unimatch_v2'      # the method of a config that names none
 MODULES = ('supervised', 'fixmatch', 'fixmatch_addfeataug', 'fixmatch_dualstream', 'fixmatch_addfeataug_dualstream', 'unimatch_v1', 'unimatch_v2', 'prevmatch', 'ipixmatch', 'u2pl', 'allspark')
 
+
 def names() -> tuple[str, ...]:
     return tuple(REGISTRY)
 

@@ -6,8 +6,9 @@ A method says, in one place:
   * `options`: the core step it runs (`methods.step.SemiOptions`: views, complementary dropout, ...;
     None = labeled-only training);
   * `build_model`: what it adds to the model (None = the plain DINOv2 + DPT segmentor);
-  * the state it carries between steps (`state_key`, `state_dict`, `load_state_dict`: queues,
-    memories, snapshot banks), saved in the checkpoint under `state_key`;
+  * the state it carries between steps (`self.state`: queues, memories, snapshot banks; anything
+    with `state_dict()` and `load_state_dict(state, device)`), saved in the checkpoint under
+    `state_key`;
   * what it adds to the step (the hooks below, called by `methods.step.semi_step`), with per-step
     settings (warm-ups, schedules) set in `begin_step`, and what it does after each evaluation;
   * its benchmark recipe (`for_benchmark`: the method in its steady state).
