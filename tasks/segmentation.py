@@ -37,10 +37,12 @@ class Segmentation(Task):
     def split_paths(self, split: str) -> tuple[Path, Path, Path]:
         from dataset.semi import split_paths
         paths = split_paths(self.cfg.dataset, split, self.cfg.splits_root, self.cfg.data_root)
-        return paths.labeled, paths.unlabeled, paths.val
+        return paths.labeled, paths.unlabeled, self.eval_split_path()
 
     def eval_split_path(self) -> Path:
-        return Path(self.cfg.splits_root) / self.cfg.dataset / 'val.txt'
+        from dataset.registry import get_spec
+        name = self.cfg.eval_split or get_spec(self.cfg.dataset).eval_split
+        return Path(self.cfg.splits_root) / self.cfg.dataset / f'{name}.txt'
 
     def check_inputs(self, splits: dict[str, Path], full: bool = False,
                      roots: dict[str, str] | None = None) -> list:

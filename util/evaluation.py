@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -83,14 +83,15 @@ def _single(batch: list) -> dict:
 def evaluate(model: nn.Module, dataset: Dataset, nclass: int, mode: str, crop_size: int,
              flip: bool = False, scales: Sequence[float] = (1.0,), device: torch.device | None = None,
              save_dir: str | Path | None = None, palette: list[int] | None = None,
-             progress: bool = True, num_workers: int = 0) -> dict:
+             progress: bool = True, num_workers: int = 0, writer: Callable | None = None) -> dict:
     """mIoU of `model` on `dataset` (items {'image' [3, H, W] normalised, 'mask' int [H, W],
     'name' str}), over all processes.
 
     Returns {'miou', 'iou' (per class, percent), 'pixel_acc' (percent), 'n_images' (all
     processes), 'confusion' (nclass x nclass counts, rows = ground truth)}.
     save_dir: also write `<name>.png` (palette PNG of class ids; 255 where nothing was predicted)
-    and `side_by_side/<name>.jpg` (image | ground truth | prediction).
+    and `side_by_side/<name>.jpg` (image | ground truth | prediction), or what
+    `writer(item, prediction [H, W], save_dir)` writes.
     """
     if device is None:
         device = next(model.parameters(), torch.empty(0)).device
@@ -114,6 +115,9 @@ def evaluate(model: nn.Module, dataset: Dataset, nclass: int, mode: str, crop_si
         cm.update(pred, mask.masked_fill(~valid, IGNORE_INDEX))
         if save_dir is not None:
             pred_ids = pred[0].masked_fill(~valid[0], IGNORE_INDEX)
+            if writer is not None:
+                writer(item, pred_ids, save_dir)
+                continue
             save_prediction(pred_ids, palette, save_dir / f'{item["name"]}.png')
             save_side_by_side(item['image'], item['mask'], pred_ids, palette,
                               save_dir / 'side_by_side' / f'{item["name"]}.jpg')
@@ -179,12 +183,16 @@ def denormalize(image: torch.Tensor) -> Image.Image:
 def save_side_by_side(image: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor,
                       palette: list[int], path: str | Path) -> None:
     """image [3, H, W] normalised | ground truth [H, W] | prediction [H, W], as one JPEG."""
-    panels = [denormalize(image), palette_image(mask.clamp(0, 255), palette).convert('RGB'),
-              palette_image(pred, palette).convert('RGB')]
+    save_panels([denormalize(image), palette_image(mask.clamp(0, 255), palette).convert('RGB'),
+                 palette_image(pred, palette).convert('RGB')], path)
+
+
+def save_panels(panels: Sequence[Image.Image], path: str | Path) -> None:
+    """Images of one size side by side, left to right, as one JPEG."""
     w, h = panels[0].size
-    canvas = Image.new('RGB', (3 * w, h))
+    canvas = Image.new('RGB', (len(panels) * w, h))
     for k, panel in enumerate(panels):
-        canvas.paste(panel, (k * w, 0))
+        canvas.paste(panel.convert('RGB'), (k * w, 0))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, quality=90)
