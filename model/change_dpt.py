@@ -43,12 +43,14 @@ class ChangeDPT(DPTSegmentor):
         features = self.encode(torch.cat((a, b)))
         return [(fa - fb).abs() for fa, fb in (f.chunk(2) for f in features)]
 
+    decoder_inputs = differences
+
     def forward(self, x: torch.Tensor, comp_drop: bool = False, n_clean: int = 0,
                 need_fp: bool = False, feat_drop: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """As `DPTSegmentor.forward`, on pairs: the perturbations act on the difference features."""
         p = self.patch_size
         grid = (x.shape[-2] // p, x.shape[-1] // p)
-        features = self.perturb(self.differences(x), comp_drop, n_clean, need_fp, feat_drop)
+        features = self.perturb(self.decoder_inputs(x), comp_drop, n_clean, need_fp, feat_drop)
         logits = self.head(features, grid).float().contiguous()
         logits = F.interpolate(logits, size=x.shape[-2:], mode='bilinear', align_corners=True)
         return logits.chunk(2) if need_fp else logits

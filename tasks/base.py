@@ -68,6 +68,16 @@ class Task:
         dict layout), the list repeated to `nsample`; under `root` (default: the data root)."""
         raise NotImplementedError
 
+    def demo_dataset(self, root: Path) -> Dataset:
+        """A few generated unlabeled training samples under `root` (benchmark.py times the data
+        pipeline on them)."""
+        raise NotImplementedError
+
+    @classmethod
+    def supports(cls, method: str) -> bool:
+        """Whether the registered method `method` runs on this task (benchmark.py's recipes)."""
+        return True
+
     # ---- model -----------------------------------------------------------------------------------
 
     def build_model(self, cfg=None) -> nn.Module:

@@ -52,6 +52,13 @@ class ChangeDetection(Task):
              f'change detection runs on a DINOv2 encoder (dinov2_<size>), got {cfg.backbone!r}')
         need(cfg.comp_drop_at == 'features', 'comp_drop_at',
              'change detection drops channels of the difference features only (features)')
+        need(cls.supports(cfg.method), 'method', f'{cfg.method} brings its own segmentation model; change '
+             'detection runs the methods of the plain bi-temporal model (supervised, fixmatch, unimatch_v1/v2, ...)')
+
+    @classmethod
+    def supports(cls, method: str) -> bool:
+        import methods
+        return not methods.get(method).has_own_model()
 
     # ---- data ------------------------------------------------------------------------------------
 
@@ -95,15 +102,15 @@ class ChangeDetection(Task):
     # ---- model -----------------------------------------------------------------------------------
 
     def build_model(self, cfg=None) -> nn.Module:
-        import methods
         from model.change_dpt import build_change_model
-        from model.presets import preset
-        from util.config import ConfigError
         cfg = cfg or self.cfg
-        if methods.get(cfg.method).build_model(preset(cfg.backbone)[1], cfg.nclass, cfg.drop_path, cfg) is not None:
-            raise ConfigError(f'method {cfg.method} brings its own segmentation model; change detection runs the '
-                              'methods on the plain bi-temporal model (supervised, fixmatch, unimatch_v1/v2, ...)')
         return build_change_model(cfg.backbone, cfg.nclass, cfg.drop_path)
+
+    def demo_dataset(self, root: Path) -> Dataset:
+        from dataset.change import ChangeDataset
+        from dataset.toy_cd import ensure_toy_cd
+        ensure_toy_cd(root / 'data', root / 'splits', n_train=20, n_val=1, n_test=1)
+        return ChangeDataset(root / 'data', root / 'splits/train.txt', 'train_u', self.cfg.crop_size)
 
     # ---- evaluation ------------------------------------------------------------------------------
 

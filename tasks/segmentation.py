@@ -55,6 +55,12 @@ class Segmentation(Task):
         return SemiDataset(root or self.cfg.data_root, split_file, mode, self.cfg.crop_size, nsample=nsample,
                            num_strong=num_strong, nclass=self.cfg.nclass)
 
+    def demo_dataset(self, root: Path) -> Dataset:
+        from dataset.semi import SemiDataset
+        from dataset.toy import ensure_toy
+        ensure_toy(root / 'data', root / 'splits', n_train=32, n_val=1, workers=1)
+        return SemiDataset(root / 'data', root / 'splits/all/labeled.txt', 'train_u', self.cfg.crop_size)
+
     # ---- model -----------------------------------------------------------------------------------
 
     def build_model(self, cfg=None) -> nn.Module:
