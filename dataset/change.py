@@ -12,7 +12,6 @@ Samples asked for by `SampleKey` draw every augmentation from their own seeded g
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 from pathlib import Path
@@ -20,10 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from dataset.checks import Problem
-from dataset.semi import CUTMIX_P, MODES, UNLABELED_PAD, SampleKey
+from dataset.semi import CUTMIX_P, UNLABELED_PAD, SampleKey, SplitDataset
 from dataset.splits import Sample, SplitError, read_split
 from dataset.transforms import (IGNORE_INDEX, crop_box, cutmix_box, normalize, pad_to, rescaled_size,
                                 strong_color)
@@ -52,30 +50,15 @@ def load_label(path: str | os.PathLike) -> np.ndarray:
     return label_to_classes(arr, path)
 
 
-class ChangeDataset(Dataset):
+class ChangeDataset(SplitDataset):
     """Pairs of one split file under `root`.
 
     mode 'train_l': {'image': float [6, S, S] ([A; B]), 'mask': int64 [S, S] (0/1, IGNORE_INDEX on padding)}
     mode 'train_u': {'image': weak pair [6, S, S], 'strong': [V, 6, S, S], 'boxes': bool [V, S, S]
                      (one CutMix box per strong view, for A and B), 'valid': bool [S, S]}
     mode 'val':     {'image': [6, H, W] full resolution, 'mask': int64 [H, W] 0/1, 'name': tile stem}
-    `nsample` repeats the list to exactly that many entries (as `SemiDataset`).
+    `nsample` repeats the list to exactly that many entries (`SplitDataset`).
     """
-
-    def __init__(self, root: str | os.PathLike, split_file: str | os.PathLike, mode: str, crop_size: int,
-                 nsample: int | None = None, num_strong: int = 2):
-        if mode not in MODES:
-            raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
-        self.root, self.split_file = Path(root), Path(split_file)
-        self.mode, self.crop_size, self.num_strong = mode, crop_size, num_strong
-        self.samples: list[Sample] = read_split(split_file)
-        if nsample is not None:
-            if mode == 'val':
-                raise ValueError('nsample does not apply to the val mode')
-            self.samples = (self.samples * math.ceil(nsample / len(self.samples)))[:nsample]
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def _load(self, sample: Sample) -> tuple[Image.Image, Image.Image, Image.Image]:
         """A, B and the label (0/1 'L'; for unlabeled pairs a zero canvas that tracks padding)."""
