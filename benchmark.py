@@ -2,12 +2,14 @@
 
     python benchmark.py --config configs/pascal.yaml backbone=dinov2_small crop_size=238 batch_size=2
     python benchmark.py --config configs/toy.yaml --steps 20
+    python benchmark.py --config configs/levir.yaml --steps 5     # change detection (pairs)
 
 Recipes, on the same generated batches:
   original  fp32, attention as explicit matmul-softmax-matmul (no fused kernel), LayerScale as its
             own multiply, labeled and strong images in two student forwards, torch's default AdamW
             (a Python loop over tensors on the CPU), EMA in a Python loop over tensors, DDP with
-            find_unused_parameters=True (the original release's step)
+            find_unused_parameters=True (the original release's step; for change detection its
+            remote-sensing step: pseudo-labels from the online model, as the config's `teacher`)
   default   the config's precision (bf16 by default), one fused student forward, LayerScale folded
             into the projections, fused AdamW, foreach EMA, DDP without find_unused_parameters and
             with gradients as bucket views, plus the config's attention (auto: fused SDPA, except
@@ -18,7 +20,8 @@ Recipes, on the same generated batches:
 `--recipes original,default` times a subset; `--profile` prints only where the default step's
 time goes (teacher, encoder, decoder, losses, optimizer, EMA); `--op-ratios` prints only the
 original and default steps' time per class of operation (matrix products, convolutions, casts, ...)
-side by side: the speedup is the mean of these ratios weighted by the default step's times. Steps
+side by side: the speedup is the mean of these ratios weighted by the default step's times. The
+config's dataset names the task: its model, its input channels (pairs: 6) and its data. Steps
 of the recipes alternate after warm-up, so machine noise hits all alike. Peak memory is measured in
 a fresh child process per recipe (max RSS on CPU, max allocated on CUDA). The data pipeline
 (unlabeled samples with their strong views, from generated images) is timed alone.
@@ -40,8 +43,8 @@ import torch.distributed as tdist
 from torch.profiler import ProfilerActivity, profile
 
 import methods
+import tasks
 from methods.step import SemiOptions, mix_strong_views, pseudo_label, semi_step, strong_losses
-from model import build_model
 from model.dpt import to_input_size
 from model.presets import PATCH_SIZE
 from util.config import Config, fused_attention, load_config
@@ -54,6 +57,13 @@ from util.trainer import build_optimizer
 
 METHOD_RECIPES = tuple(name for name, cls in methods.REGISTRY.items() if cls.benchmark_recipe)
 RECIPES = ('original', 'default') + METHOD_RECIPES
+
+
+def task_recipes(cfg: Config) -> tuple[str, ...]:
+    """The recipes that run on the config's task (methods with a segmentation head of their own do
+    not run on pairs)."""
+    task = tasks.of_dataset(cfg.dataset)
+    return tuple(r for r in RECIPES if r not in METHOD_RECIPES or task.supports(r))
 
 # `--op-ratios`: aten operations by class (every other aten operation counts as 'other').
 OP_CLASSES = {
@@ -86,15 +96,16 @@ def recipe(name: str, cfg: Config) -> Recipe:
 
 
 def make_batch(cfg: Config, device: torch.device, seed: int) -> tuple[dict, dict]:
-    """Random normalised images, labels, CutMix boxes and valid masks of the training shapes."""
+    """Random normalised images (the task's channels), labels, CutMix boxes and valid masks of the
+    training shapes."""
     g = torch.Generator().manual_seed(seed)
-    b, s = cfg.batch_size, cfg.crop_size
+    b, s, c = cfg.batch_size, cfg.crop_size, tasks.of_dataset(cfg.dataset).in_channels
     boxes = torch.zeros(b, 2, s, s, dtype=torch.bool)
     boxes[:, :, s // 4: s // 2, s // 4: s // 2] = torch.rand(b, 2, 1, 1, generator=g) < 0.5
-    batch_l = {'image': torch.randn(b, 3, s, s, generator=g),
+    batch_l = {'image': torch.randn(b, c, s, s, generator=g),
                'mask': torch.randint(0, cfg.nclass, (b, s, s), generator=g)}
-    batch_u = {'image': torch.randn(b, 3, s, s, generator=g),
-               'strong': torch.randn(b, 2, 3, s, s, generator=g),
+    batch_u = {'image': torch.randn(b, c, s, s, generator=g),
+               'strong': torch.randn(b, 2, c, s, s, generator=g),
                'boxes': boxes, 'valid': torch.ones(b, s, s, dtype=torch.bool)}
     move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
     return move(batch_l), move(batch_u)
@@ -107,8 +118,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.r, self.cfg, self.device = r, cfg, device
         method = methods.get(r.name) if r.name in METHOD_RECIPES else None    # None: the core step alone
-        self.student = (methods.build_model(replace(cfg, method=r.name)) if method else
-                        build_model(cfg.backbone, cfg.nclass)).to(device)
+        task = tasks.for_config(cfg)
+        self.student = (task.build_model(replace(cfg, method=r.name)) if method else
+                        task.build_model(replace(cfg, method=methods.DEFAULT))).to(device)
         if cfg.lock_backbone:
             self.student.lock_backbone()
         self.student.set_fused_attention(not r.original and fused_attention(cfg, device.type))
@@ -127,6 +139,8 @@ class Trainer:
         self.opt = replace(method.options if method else SemiOptions(), conf_thresh=cfg.conf_thresh,
                            lossu_weight=cfg.lossu_weight, fused=not r.original)
         self.methods = [method.for_benchmark(replace(cfg, method=r.name), self.student, device)] if method else []
+        # who labels the weak view: the EMA teacher, or the online student (`teacher: online`)
+        self.labeler = self.teacher if cfg.teacher == 'ema' else self.forward
         self.it = 0
 
     def step(self, batch_l: dict, batch_u: dict) -> float:
@@ -134,7 +148,7 @@ class Trainer:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with self.precision.autocast():
-            out = semi_step(self.forward, self.teacher, batch_l, batch_u, self.criterion, self.opt, self.methods)
+            out = semi_step(self.forward, self.labeler, batch_l, batch_u, self.criterion, self.opt, self.methods)
         self.precision.backward_step(out['loss'], self.optimizer)
         (self.teacher.update_loop if self.r.original else self.teacher.update)(self.student, self.it)
         self.it += 1
@@ -182,12 +196,10 @@ def peak_memory(cfg: Config, steps: int, recipes: tuple[str, ...] = RECIPES) -> 
 
 def data_pipeline_rate(cfg: Config, n: int = 64) -> float:
     """Unlabeled samples per second (decode, rescale, crop, flip, two strong views, boxes) on
-    generated toy images, in this process."""
-    from dataset.semi import SemiDataset
-    from dataset.toy import ensure_toy
+    the task's generated samples, in this process."""
+    from pathlib import Path
     with tempfile.TemporaryDirectory() as tmp:
-        ensure_toy(f'{tmp}/data', f'{tmp}/splits', n_train=32, n_val=1, workers=1)
-        ds = SemiDataset(f'{tmp}/data', f'{tmp}/splits/all/labeled.txt', 'train_u', cfg.crop_size)
+        ds = tasks.for_config(cfg).demo_dataset(Path(tmp))
         ds[0]
         t0 = time.perf_counter()
         for i in range(n):
@@ -226,7 +238,7 @@ def profile_default(cfg: Config, device: torch.device, steps: int) -> dict[str, 
             strong, targets = mix_strong_views(batch_u, pseudo, conf, views)
             x = torch.cat([batch_l['image'], *strong])
             t2 = now()
-            features = student.perturb(student.encode(x), True, n, False)
+            features = student.perturb(student.decoder_inputs(x), True, n, False)
             t3 = now()
             grid = (x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE)
             logits = decode(features, grid)
@@ -297,7 +309,8 @@ def main() -> None:
     p.add_argument('--steps', type=int, default=10, help='timed steps per recipe')
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--memory-steps', type=int, default=3)
-    p.add_argument('--recipes', default=','.join(RECIPES), help=f'comma-separated subset of {RECIPES}')
+    p.add_argument('--recipes', default=None, help=f'comma-separated subset of {RECIPES} (default: all that run '
+                   "on the config's task)")
     p.add_argument('--profile', action='store_true',
                    help="only print where the default step's time goes (its parts, median of --steps steps)")
     p.add_argument('--op-ratios', action='store_true',
@@ -305,10 +318,11 @@ def main() -> None:
                         "(torch.profiler over --steps steps)")
     p.add_argument('overrides', nargs='*')
     args = p.parse_args()
-    recipes = tuple(r.strip() for r in args.recipes.split(',') if r.strip())
-    if not recipes or set(recipes) - set(RECIPES):
-        p.error(f'--recipes: choose from {RECIPES}, got {args.recipes!r}')
     cfg = load_config(args.config, ['pretrained=null'] + args.overrides)
+    available = task_recipes(cfg)
+    recipes = tuple(r.strip() for r in (args.recipes or ','.join(available)).split(',') if r.strip())
+    if not recipes or set(recipes) - set(available):
+        p.error(f'--recipes: choose from {available}, got {args.recipes!r}')
     device = device_for_run()
     init_single_process_group()
     print(f'{cfg.backbone}, crop {cfg.crop_size}, batch {cfg.batch_size}+{cfg.batch_size} per step, '

@@ -1,4 +1,4 @@
-"""Table of dataset specs: class count, class names, palette and default evaluation mode.
+"""Table of dataset specs: task, class count, class names, palette and default evaluation mode.
 
 `custom` datasets are not in the table's class lists: their class count and (optional) names come
 from the config, and they get the generated palette.
@@ -69,6 +69,9 @@ COCO_CLASSES = (
 # The built-in generated dataset (dataset/toy.py): classes differ by texture, never by colour.
 TOY_CLASSES = ('background', 'h-stripes', 'v-stripes', 'diagonal', 'checker', 'dots')
 
+# Change detection: the two classes of every change map.
+CHANGE_CLASSES = ('unchanged', 'changed')
+
 
 def voc_palette() -> list[int]:
     """The PASCAL VOC colour map: bits of the label index spread over the high bits of R, G, B."""
@@ -107,6 +110,9 @@ class DatasetSpec:
     class_names: tuple[str, ...] | None
     palette: str  # 'voc' | 'cityscapes' | 'generated'
     eval_mode: str  # 'original' (whole image) | 'sliding_window'
+    task: str = 'segmentation'  # the task of its runs (`tasks/`, a registered name)
+    generated: bool = False  # made on first use by its task (the toys)
+    eval_split: str = 'val'  # the list evaluated by default (splits/<dataset>/<eval_split>.txt)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -116,8 +122,16 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec('cityscapes', 19, CITYSCAPES_CLASSES, 'cityscapes', 'sliding_window'),
         DatasetSpec('ade20k', 150, ADE20K_CLASSES, 'generated', 'original'),
         DatasetSpec('coco', 81, COCO_CLASSES, 'generated', 'original'),
-        DatasetSpec('toy', 6, TOY_CLASSES, 'generated', 'original'),
+        DatasetSpec('toy', 6, TOY_CLASSES, 'generated', 'original', generated=True),
         DatasetSpec('custom', None, None, 'generated', 'original'),
+        # Change detection (tasks/change_detection.py): tiles of two dates, evaluated on test.txt as the
+        # original; `custom_cd` is any data in the same layout.
+        DatasetSpec('levir', 2, CHANGE_CLASSES, 'generated', 'original', task='change_detection', eval_split='test'),
+        DatasetSpec('whu', 2, CHANGE_CLASSES, 'generated', 'original', task='change_detection', eval_split='test'),
+        DatasetSpec('toy_cd', 2, CHANGE_CLASSES, 'generated', 'original', task='change_detection', generated=True,
+                    eval_split='test'),
+        DatasetSpec('custom_cd', 2, CHANGE_CLASSES, 'generated', 'original', task='change_detection',
+                    eval_split='test'),
     )
 }
 

@@ -60,7 +60,33 @@ def load_mask(path: str | os.PathLike, nclass: int | None = None) -> np.ndarray:
     return arr
 
 
-class SemiDataset(Dataset):
+class SplitDataset(Dataset):
+    """The samples of one split file under `root` in one of MODES; `nsample` repeats the list and
+    truncates it to exactly `nsample` entries, as the original does to match the labeled list to the
+    unlabeled one (a longer list is cut short). Subclasses say what a sample is."""
+
+    def __init__(self, root: str | os.PathLike, split_file: str | os.PathLike, mode: str,
+                 crop_size: int, nsample: int | None = None, num_strong: int = 2):
+        if mode not in MODES:
+            raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+        if num_strong < 1:
+            raise ValueError(f'num_strong must be >= 1, got {num_strong}')
+        self.root = Path(root)
+        self.split_file = Path(split_file)
+        self.mode = mode
+        self.crop_size = crop_size
+        self.num_strong = num_strong
+        self.samples: list[Sample] = read_split(split_file)
+        if nsample is not None:
+            if mode == 'val':
+                raise ValueError('nsample does not apply to the val mode')
+            self.samples = (self.samples * math.ceil(nsample / len(self.samples)))[:nsample]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+class SemiDataset(SplitDataset):
     """Samples of one split file under `root`.
 
     mode 'train_l': {'image': float [3, S, S], 'mask': int64 [S, S] (IGNORE_INDEX on padding)}
@@ -71,31 +97,14 @@ class SemiDataset(Dataset):
                      'valid': bool [S, S] (False on padding)}
     mode 'val':     {'image': float [3, H, W] full resolution, 'mask': int64 [H, W],
                      'name': image file stem}
-    `nsample` repeats the list and truncates it to exactly `nsample` entries, as the original does
-    to match the labeled list to the unlabeled one (a longer list is cut short).
+    `nsample`: as `SplitDataset`.
     """
 
     def __init__(self, root: str | os.PathLike, split_file: str | os.PathLike, mode: str,
                  crop_size: int, nsample: int | None = None, num_strong: int = 2,
                  nclass: int | None = None):
-        if mode not in MODES:
-            raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
-        if num_strong < 1:
-            raise ValueError(f'num_strong must be >= 1, got {num_strong}')
-        self.root = Path(root)
-        self.split_file = Path(split_file)
-        self.mode = mode
-        self.crop_size = crop_size
-        self.num_strong = num_strong
+        super().__init__(root, split_file, mode, crop_size, nsample, num_strong)
         self.nclass = nclass
-        self.samples: list[Sample] = read_split(split_file)
-        if nsample is not None:
-            if mode == 'val':
-                raise ValueError('nsample does not apply to the val mode')
-            self.samples = (self.samples * math.ceil(nsample / len(self.samples)))[:nsample]
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def image_path(self, index: int) -> Path:
         return self.root / self.samples[index].image

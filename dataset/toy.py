@@ -210,6 +210,15 @@ def _write_splits(splits_root: Path, lists: dict[str, list[str]]) -> None:
             write_lines_atomic(path, lines)
 
 
+def needs_generation(marker: Path, params: dict) -> bool:
+    """Whether the tree whose completion `marker` records must be (re)made: no marker, an unreadable
+    one, or one written for other generation parameters."""
+    try:
+        return json.loads(marker.read_text()) != json.loads(json.dumps(params))
+    except (OSError, ValueError):
+        return True
+
+
 def ensure_toy(data_root: str | os.PathLike = 'data/toy',
                splits_root: str | os.PathLike = 'splits/toy', seed: int = 0,
                n_train: int = N_TRAIN, n_val: int = N_VAL, force: bool = False,
@@ -227,13 +236,7 @@ def ensure_toy(data_root: str | os.PathLike = 'data/toy',
                          f'got {n_train}, {n_val}')
     params = dict(_PARAMS, seed=seed, n_train=n_train, n_val=n_val)
     marker = data_root / MARKER
-    current = None
-    if marker.exists():
-        try:
-            current = json.loads(marker.read_text())
-        except ValueError:
-            current = None
-    generate = force or current != json.loads(json.dumps(params))
+    generate = force or needs_generation(marker, params)
     if generate:
         marker.unlink(missing_ok=True)
         (data_root / 'images').mkdir(parents=True, exist_ok=True)

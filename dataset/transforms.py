@@ -33,31 +33,46 @@ class RNG(Protocol):
     def sample(self, population, k: int) -> list: ...
 
 
+def rescaled_size(size: tuple[int, int], ratio_range: tuple[float, float] = (0.5, 2.0),
+                  rng: RNG = random) -> tuple[int, int]:
+    """(w, h) with the long side L rescaled to randint[ratio_lo*L, ratio_hi*L], aspect kept."""
+    w, h = size
+    long_side = rng.randint(int(max(w, h) * ratio_range[0]), int(max(w, h) * ratio_range[1]))
+    if h > w:
+        return int(w * long_side / h + 0.5), long_side
+    return long_side, int(h * long_side / w + 0.5)
+
+
 def resize(img: Image.Image, mask: Image.Image, ratio_range: tuple[float, float] = (0.5, 2.0),
            rng: RNG = random) -> tuple[Image.Image, Image.Image]:
     """Rescale so the long side L becomes randint[ratio_lo*L, ratio_hi*L], keeping the aspect
     ratio (bilinear image, nearest mask)."""
+    size = rescaled_size(img.size, ratio_range, rng)
+    return img.resize(size, Image.BILINEAR), mask.resize(size, Image.NEAREST)
+
+
+def pad_to(img: Image.Image, size: int, fill: int = 0) -> Image.Image:
+    """Pad right/bottom with `fill` up to `size` per side (unchanged when large enough)."""
     w, h = img.size
-    long_side = rng.randint(int(max(w, h) * ratio_range[0]), int(max(w, h) * ratio_range[1]))
-    if h > w:
-        oh, ow = long_side, int(w * long_side / h + 0.5)
-    else:
-        ow, oh = long_side, int(h * long_side / w + 0.5)
-    return img.resize((ow, oh), Image.BILINEAR), mask.resize((ow, oh), Image.NEAREST)
+    pad_w, pad_h = max(size - w, 0), max(size - h, 0)
+    if pad_w or pad_h:
+        img = ImageOps.expand(img, border=(0, 0, pad_w, pad_h), fill=fill)
+    return img
+
+
+def crop_box(img_size: tuple[int, int], size: int, rng: RNG = random) -> tuple[int, int, int, int]:
+    """A random size x size box (left, top, right, bottom) inside an image of `img_size` (w, h)."""
+    w, h = img_size
+    x, y = rng.randint(0, w - size), rng.randint(0, h - size)
+    return x, y, x + size, y + size
 
 
 def pad_and_crop(img: Image.Image, mask: Image.Image, size: int, mask_fill: int = IGNORE_INDEX,
                  rng: RNG = random) -> tuple[Image.Image, Image.Image]:
     """Pad right/bottom up to `size` (image 0, mask `mask_fill`), then take a random size x size
     crop."""
-    w, h = img.size
-    pad_w, pad_h = max(size - w, 0), max(size - h, 0)
-    if pad_w or pad_h:
-        img = ImageOps.expand(img, border=(0, 0, pad_w, pad_h), fill=0)
-        mask = ImageOps.expand(mask, border=(0, 0, pad_w, pad_h), fill=mask_fill)
-    w, h = img.size
-    x, y = rng.randint(0, w - size), rng.randint(0, h - size)
-    box = (x, y, x + size, y + size)
+    img, mask = pad_to(img, size, 0), pad_to(mask, size, mask_fill)
+    box = crop_box(img.size, size, rng)
     return img.crop(box), mask.crop(box)
 
 
@@ -99,12 +114,13 @@ def blur(img: Image.Image, p: float = 0.5, sigma: tuple[float, float] = (0.1, 2.
     return img
 
 
-def strong_color(img: Image.Image, rng: RNG = random) -> Image.Image:
+def strong_color(img: Image.Image, rng: RNG = random, grayscale: bool = True) -> Image.Image:
     """The strong view's photometric augmentation: ColorJitter(0.5, 0.5, 0.5, 0.25) p 0.8,
-    grayscale p 0.2, Gaussian blur sigma in [0.1, 2] p 0.5."""
+    grayscale p 0.2 (not drawn at all with grayscale=False, change detection's), Gaussian blur
+    sigma in [0.1, 2] p 0.5."""
     if rng.random() < 0.8:
         img = color_jitter(img, 0.5, 0.5, 0.5, 0.25, rng=rng)
-    if rng.random() < 0.2:
+    if grayscale and rng.random() < 0.2:
         img = TF.rgb_to_grayscale(img, num_output_channels=3)
     return blur(img, p=0.5, rng=rng)
 

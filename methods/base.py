@@ -52,6 +52,11 @@ class Method:
         """The method's model (`spec`: a model.presets.ModelPreset), or None for the plain one."""
         return None
 
+    @classmethod
+    def has_own_model(cls) -> bool:
+        """Whether the method builds its own model (a head or bottleneck of its own)."""
+        return cls.build_model.__func__ is not Method.build_model.__func__
+
     # ---- a run ---------------------------------------------------------------------------------------
 
     def __init__(self, cfg, student: nn.Module, device: torch.device):

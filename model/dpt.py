@@ -217,6 +217,11 @@ class DPTSegmentor(nn.Module):
             return self.backbone.get_intermediate_layers(x, self.taps)
         return self.backbone(x)
 
+    def decoder_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The four feature maps the head decodes: the encoder's taps (a subclass may combine them,
+        e.g. the two dates' differences)."""
+        return self.encode(x)
+
     def forward(self, x: torch.Tensor, comp_drop: bool = False, n_clean: int = 0,
                 need_fp: bool = False, feat_drop: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """
@@ -234,7 +239,7 @@ class DPTSegmentor(nn.Module):
         grid = (x.shape[-2] // p, x.shape[-1] // p)
         out_size = (grid[0] * p, grid[1] * p)
         at_features = comp_drop and self.comp_drop_at == 'features'
-        features = self.perturb(self.encode(x), at_features, n_clean, need_fp, feat_drop)
+        features = self.perturb(self.decoder_inputs(x), at_features, n_clean, need_fp, feat_drop)
         if comp_drop and not at_features:
             logits = self.classify_with_comp_drop(self.head.fuse(features, grid), n_clean)
         else:

@@ -22,6 +22,9 @@
 #   ade20k 1/64 1/16 1/4, pascal 183. table10 teacher=online. table11 FixMatch, batch and epochs
 #   doubled. table12 comp_drop_at=classifier. table13 all labels + extra unlabeled images:
 #   cityscapes + train_extra, ade20k + COCO train2017 (+ unlabeled2017), coco + unlabeled2017.
+# table14 change detection: levir 5% 10% 20% 40%, whu 20% 40% x {supervised, unimatch_v2} x
+#   {dinov2_small, dinov2_base}, with configs/levir.yaml and whu.yaml (one GPU, online teacher).
+# toy_cd: the change-detection toy, 5% 10% 20% 40% x {supervised, unimatch_v2}.
 # Cells whose results.json shows every planned epoch done are skipped; partial ones resume. key=value
 # overrides follow each cell's own (backbone=, epochs=), so they win. EXP_DIR as for train.sh. Ends
 # with python tools/tables.py, written to <exp>/tables.md.
@@ -138,6 +141,11 @@ case "$table" in
                     batch_size=4 "unlabeled_root=$coco_root" "unlabeled_dirs=[train2017,unlabeled2017]"
                 grid coco all unimatch_v2 dinov2_base tag=table13/unlabeled2017 epochs=40 \
                     "unlabeled_dirs=[unlabeled2017]") ;;
+    table14) tables=table14
+        cells=$(grid levir "5% 10% 20% 40%" "supervised unimatch_v2" "dinov2_small dinov2_base"
+                grid whu "20% 40%" "supervised unimatch_v2" "dinov2_small dinov2_base") ;;
+    toy_cd) tables=toy_cd
+        cells=$(grid toy_cd "5% 10% 20% 40%" "supervised unimatch_v2" -) ;;
     toy) tables=toy
         cells=$(grid toy "1_16 1_8 1_4" "$(python -m methods --names)" -
                 grid toy all supervised -) ;;

@@ -87,3 +87,23 @@ def test_op_ratios_print_each_class_of_operation_for_both_recipes():
         assert original_ms > 0 and default_ms > 0 and ratio > 0, (name, rows[name])
     classes = sum(float(rows[name][0]) for name in (*benchmark.OP_CLASSES, 'other'))
     assert abs(classes - float(rows['all operations'][0])) <= len(benchmark.OP_CLASSES) + 1   # rounding
+
+
+def test_change_detection_recipes_run_on_pairs():
+    """configs/levir.yaml: pairs (6 channels) through the task's model; the original recipe labels
+    with the online model, as the config's teacher; methods with a head of their own are left out."""
+    cfg = benchmark.load_config(ROOT / 'configs/levir.yaml', ['pretrained=null', 'backbone=dinov2_tiny',
+                                                               'crop_size=28', 'batch_size=2'])
+    recipes = benchmark.task_recipes(cfg)
+    assert {'original', 'default'} <= set(recipes) and 'u2pl' not in recipes and 'allspark' not in recipes
+    batch_l, batch_u = benchmark.make_batch(cfg, torch.device('cpu'), 0)
+    assert batch_l['image'].shape[1] == 6 and batch_u['strong'].shape[2] == 6
+    started = not tdist.is_initialized()      # the module's trainers may hold a group already
+    benchmark.init_single_process_group()
+    try:
+        t = benchmark.Trainer(benchmark.recipe('original', cfg), cfg, torch.device('cpu'))
+        assert t.labeler is t.forward and type(t.student).__name__ == 'ChangeDPT'
+        assert t.step(batch_l, batch_u) > 0
+    finally:
+        if started:
+            tdist.destroy_process_group()

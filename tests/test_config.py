@@ -190,3 +190,18 @@ def test_save_config_round_trips(tmp_path, path):
     again = load_config(out)
     assert again == cfg
     assert not (tmp_path / 'config.yaml.tmp').exists()
+
+
+@pytest.mark.parametrize('dataset', ['levir', 'whu'])
+def test_change_detection_configs_hold_the_originals_values(dataset):
+    """FACTS §7: crop 252, batch 8 on one GPU, 60 epochs, lr 5e-6 x 40, threshold 0.95, pseudo-labels
+    from the online model; 2 classes; the segmentation configs keep the EMA teacher."""
+    cfg = load_config(CONFIGS / f'{dataset}.yaml')
+    assert (cfg.dataset, cfg.nclass, cfg.crop_size, cfg.epochs, cfg.batch_size) == (dataset, 2, 252, 60, 8)
+    assert cfg.lr == pytest.approx(5e-6) and cfg.lr_multi == 40.0 and cfg.conf_thresh == 0.95
+    assert cfg.teacher == 'online' and cfg.reference_gpus == 1
+    assert load_config(CONFIGS / 'pascal.yaml').teacher == 'ema'
+    with pytest.raises(ConfigError, match="'nclass'"):
+        load_config(CONFIGS / f'{dataset}.yaml', ['nclass=3'])
+    with pytest.raises(ConfigError, match="'method'"):
+        load_config(CONFIGS / f'{dataset}.yaml', ['method=u2pl'])

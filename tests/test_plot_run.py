@@ -48,3 +48,17 @@ def test_supervised_run_pictures_via_main(tmp_path):
     width, height = png_size(run / 'curves.png')  # written beside results.json by default
     assert width < 3 * height  # two panels: mIoU and losses, no mask ratio for labeled-only runs
     png_size(run / 'per_class_iou.png')
+
+
+def test_change_detection_run_plots_changed_iou(tmp_path, monkeypatch):
+    from tests.test_tables import write_cd_run
+    write_cd_run(tmp_path / 'exp', 'toy_cd', 'unimatch_v2', '5%', iou=[40.0, 50.0], oa=[90.0, 92.0],
+                 iou_ema=[30.0, 45.0], backbone='dinov2_tiny')
+    run = tmp_path / 'exp/toy_cd/unimatch_v2/dinov2_tiny/5%'
+    (run / 'config.yaml').write_text('dataset: toy_cd\nnclass: 2\nclass_names: null\n')
+    plotted = []
+    real = plot_run.series
+    monkeypatch.setattr(plot_run, 'series', lambda history, key: plotted.append(key) or real(history, key))
+    written = plot_run.plot_run(run, tmp_path / 'figs')
+    assert [p.name for p in written] == ['curves.png']      # no per-class IoU in a change run's history
+    assert plotted[:2] == ['changed_iou', 'changed_iou_ema']

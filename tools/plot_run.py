@@ -55,13 +55,15 @@ def plot_curves(results: dict, path: Path, title: str = '') -> Path:
     if any(h.get('mask_ratio') is not None for h in history):
         panels.append('mask_ratio')
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    # the run's headline metric: mIoU, or changed IoU for a change-detection run
+    metric, name = ('changed_iou', 'changed IoU') if 'best_changed_iou' in results else ('miou', 'mIoU')
     for ax, panel in zip(axes[0], panels):
         if panel == 'miou':
-            for key, label in (('miou', 'student'), ('miou_ema', 'EMA')):
+            for key, label in ((metric, 'student'), (f'{metric}_ema', 'EMA')):
                 x, y = series(history, key)
                 if y:
                     ax.plot(x, y, marker='o', ms=3, label=label)
-            ax.set(title='mIoU', ylabel='mIoU (%)')
+            ax.set(title=name, ylabel=f'{name} (%)')
         elif panel == 'loss':
             for key in loss_keys(history):
                 x, y = series(history, key)

@@ -14,6 +14,11 @@ extra rows of their dataset's table, or, for datasets with no paper table (`toy`
 per-run listing with the best mIoU, seconds per iteration and epochs completed. `runs` lists every
 run that way.
 
+`table14` is the change-detection table (LEVIR-CD, WHU-CD; `scripts/reproduce.sh table14`): each cell
+reads `ours IoU/OA (paper IoU/OA, delta IoU)`, the paper's figure being the best changed IoU of the
+online model (not the EMA) with the OA of that epoch (facts sheet, section 9), as `results.json`'s
+`reported` holds it. Runs of other change-detection datasets (`toy_cd`) are listed with changed IoU.
+
 Runs under a deeper prefix (`EXP_DIR=exp/frozen sh scripts/train.sh ...` puts them in
 `exp/frozen/<dataset>/...`) are shown as extra rows tagged `[frozen]`, never in a paper cell --
 except the ablations' tags (`scripts/reproduce.sh figure5 ... table13` writes them): `TAGS` says
@@ -48,6 +53,12 @@ TITLES = {
     'table04': 'Table 4: COCO',
     'table05': 'Table 5: FixMatch and UniMatch V1 vs UniMatch V2',
 }
+# Change detection (Table 14): our dataset name -> the csv's, and the csv's metrics.
+CD_TABLE = 'table14'
+CD_TITLE = 'Table 14: change detection (changed IoU / OA, best non-EMA epoch as the paper)'
+CD_DATASETS = {'levir': 'levir_cd', 'whu': 'whu_cd'}
+CD_METRIC, CD_OA = 'best_changed_IoU', 'OA_at_best_changed_IoU'
+
 # Rows a paper table compares against although the csv files them under another table.
 COMPARISON_METHODS = {'table05': ('unimatch_v2',)}
 
@@ -173,15 +184,20 @@ def read_run(path: Path, exp_root: Path) -> dict:
     tag = ''
     if len(parts) >= 4 and tuple(parts[-4:-1]) == (dataset, method, backbone):
         tag = '/'.join(parts[:-4])
-    semi = res.get('miou_ema') is not None
+    change = 'best_changed_iou' in res        # a change-detection run (tasks/change_detection.py)
+    m = 'changed_iou' if change else 'miou'
+    semi = res.get(f'{m}_ema') is not None
     history = res.get('history') or []
     epochs, total = res.get('epochs', len(history)), res.get('epochs_total')
+    reported = (res.get('reported') or {}) if change else {}
     return {
         'dataset': dataset, 'method': method, 'backbone': backbone, 'encoder': encoder_name(backbone),
         'split': split_name(str(res.get('split') or run_dir.name)), 'tag': tag, 'semi': semi,
-        'reported': res.get('best_miou_ema') if semi else res.get('best_miou'),
-        'best_miou': res.get('best_miou'), 'best_miou_ema': res.get('best_miou_ema'),
-        'final_miou': res.get('final_miou'), 'final_miou_ema': res.get('final_miou_ema'),
+        'metric': m,
+        'reported': reported.get('changed_iou') if change else res.get('best_miou_ema') if semi else res.get('best_miou'),
+        'reported_oa': reported.get('oa'),
+        'best_miou': res.get(f'best_{m}'), 'best_miou_ema': res.get(f'best_{m}_ema'),
+        'final_miou': res.get(f'final_{m}'), 'final_miou_ema': res.get(f'final_{m}_ema'),
         'epochs': epochs, 'epochs_total': total,
         'complete': total is not None and epochs >= total,
         'sec_per_iter': _mean([h.get('sec_per_iter') for h in history]),
@@ -404,9 +420,12 @@ def ablation_section(table: str, dataset: str, runs: list[dict], paper: dict, di
 
 
 def run_listing(runs: list[dict], digits: int, with_dataset: bool = False) -> str:
-    """One row per run: reported, best, best EMA and final mIoU, seconds/iteration, epochs."""
+    """One row per run: reported, best, best EMA and final mIoU (changed IoU for change detection),
+    seconds/iteration, epochs."""
+    labels = {{'miou': 'mIoU', 'changed_iou': 'changed IoU'}[r['metric']] for r in runs}
+    label = labels.pop() if len(labels) == 1 else 'mIoU or changed IoU'
     header = (['dataset'] if with_dataset else []) + [
-        'method', 'encoder', 'split', 'reported', 'best mIoU', 'best EMA mIoU', 'final mIoU',
+        'method', 'encoder', 'split', 'reported', f'best {label}', f'best EMA {label}', f'final {label}',
         's/iter', 'peak MiB', 'epochs']
     order = sorted(runs, key=lambda r: (_order(r['dataset'], DATASET_ORDER),
                                         row_sort_key((r['method'], r['encoder'], r['tag'])),
@@ -425,14 +444,49 @@ def run_listing(runs: list[dict], digits: int, with_dataset: bool = False) -> st
 
 
 LISTING_LEGEND = ('Reported: best-epoch EMA mIoU for semi-supervised methods, best mIoU for '
-                  f'supervised. s/iter: mean over epochs of the training seconds per iteration. '
+                  'supervised; change detection: best changed IoU of the model (not the EMA). s/iter: mean over epochs of the training seconds per iteration. '
                   f'peak MiB: the training process\'s peak memory (RSS on CPU, max allocated on CUDA). '
                   f'`{INCOMPLETE}` run not finished.')
 
 
+def cd_cell(run: dict | None, entry: dict[str, float] | None, digits: int) -> str:
+    """`IoU/OA (paper IoU/OA, delta IoU)` of a change-detection cell."""
+    if run is None and entry is None:
+        return ''
+    ours = NONE if run is None else f'{fmt(run["reported"], digits)}/{fmt(run["reported_oa"], digits + 1)}' \
+        + run_marks(run, entry)
+    if not entry or CD_METRIC not in entry:
+        return f'{ours} ({NONE})'
+    paper_txt = f'{fmt(entry[CD_METRIC], digits)}/{fmt(entry.get(CD_OA), digits + 1)}'
+    if run is None or run['reported'] is None:
+        return f'{ours} ({paper_txt})'
+    return f'{ours} ({paper_txt}, {fmt(run["reported"] - entry[CD_METRIC], digits, sign=True)})'
+
+
+def change_table(runs: list[dict], paper: dict, digits: int) -> str:
+    """Table 14: per dataset, rows method x encoder, columns splits; our plain runs of levir / whu."""
+    parts = [f'## {CD_TITLE}']
+    for ours, theirs in CD_DATASETS.items():
+        keys = [k for k in paper if k[0] == CD_TABLE and k[1] == theirs and k[5] == DEFAULT_VARIANT]
+        mine = [r for r in runs if r['dataset'] == ours and r['tag'] == '']
+        rows = {(k[4], k[3]) for k in keys} | {(r['method'], r['encoder']) for r in mine}
+        splits = sorted({k[2] for k in keys} | {r['split'] for r in mine}, key=split_sort_key)
+        by_cell = {(r['method'], r['encoder'], r['split']): r for r in mine}
+        body = [[method, encoder] + [cd_cell(by_cell.get((method, encoder, s)),
+                                             paper.get((CD_TABLE, theirs, s, encoder, method, DEFAULT_VARIANT)), digits)
+                                     for s in splits]
+                for method, encoder in sorted(rows, key=lambda r: row_sort_key(r + ('',)))]
+        parts += [f'### {ours} ({theirs})', markdown(['method', 'encoder'] + splits, body)]
+    parts.append(f'Cells: ours changed IoU/OA (paper, Δ changed IoU = ours − paper); `{NONE}` no run or no paper '
+                 f'value; `{INCOMPLETE}` run not finished, `{OTHER_BUDGET}` other epochs than the paper\'s.')
+    return '\n\n'.join(parts) + '\n'
+
+
 def make_table(table: str, runs: list[dict], paper: dict, digits: int = 1) -> str:
-    """Markdown for one table: a paper table (`table01`..`table05`), `runs` (every run listed), or a
-    dataset name (its runs listed, e.g. `toy`)."""
+    """Markdown for one table: a paper table (`table01`..`table05`, `table14`), `runs` (every run
+    listed), or a dataset name (its runs listed, e.g. `toy`, `toy_cd`)."""
+    if table == CD_TABLE:
+        return change_table(runs, paper, digits)
     if table in PAPER_TABLES or table in ABLATION_TABLES:
         section = paper_table_section if table in PAPER_TABLES else ablation_section
         parts = [f'## {TITLES.get(table) or ABLATION_TITLES[table]}']
@@ -451,12 +505,14 @@ def make_table(table: str, runs: list[dict], paper: dict, digits: int = 1) -> st
 
 
 def default_tables(runs: list[dict], paper: dict) -> list[str]:
-    """Every paper table, `toy`, and a listing for each other dataset with runs but no paper table."""
-    covered = {d for t in PAPER_TABLES for d in table_datasets(paper, t)}
+    """Every paper table, `toy`, and a listing for each other dataset with runs but no paper table
+    (Table 14 when there are LEVIR or WHU runs)."""
+    covered = {d for t in PAPER_TABLES for d in table_datasets(paper, t)} | set(CD_DATASETS)
     others = sorted({r['dataset'] for r in runs} - covered - {'toy'})
     ablations = [t for t in ABLATION_TABLES if any(
         run_variant(r)[0] == t and ablation_row(r, paper, t) for r in runs)]
-    return list(PAPER_TABLES) + ablations + ['toy'] + others
+    change = [CD_TABLE] if any(r['dataset'] in CD_DATASETS for r in runs) else []
+    return list(PAPER_TABLES) + ablations + change + ['toy'] + others
 
 
 def make_report(runs: list[dict], paper: dict, tables: list[str] | None = None, digits: int = 1) -> str:
@@ -470,7 +526,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument('--exp', default='exp', help='experiment root to search for results.json')
     p.add_argument('--paper', default=str(repo / 'reference' / 'paper_tables.csv'))
     p.add_argument('--out', help='also write the markdown here')
-    p.add_argument('--tables', help='comma-separated: table01..table05, figure5, figure6, table06..table13, '
+    p.add_argument('--tables', help='comma-separated: table01..table05, figure5, figure6, table06..table14, '
                                     'toy, runs, or a dataset (default: every main paper table, the '
                                     'ablations with runs, toy, other datasets with runs)')
     p.add_argument('--digits', type=int, default=1, help='decimals (the paper prints 1)')

@@ -80,6 +80,8 @@ class RunConfig:
     ema_decay: float = 0.996
     weight_decay: float = 0.01
     eval_mode: str | None = None         # None = the dataset's default (see dataset.registry)
+    eval_split: str | None = None        # list evaluated, splits/<dataset>/<eval_split>.txt (None = the
+                                         # dataset's: val, test for change detection)
     eval_batch_size: int = 1
     labeled_upsample: int = 0            # supervised.py: repeat the labeled list to this length
     reference_gpus: int = 4              # the paper's process count; lr follows the global batch
@@ -202,6 +204,10 @@ def _check(cfg: Config, source: str) -> None:
          f'has {len(cfg.class_names or [])} names but nclass is {cfg.nclass}')
     for method in methods.REGISTRY.values():
         method.check(cfg, need)
+    import tasks
+    from dataset.registry import DATASETS
+    need(cfg.dataset in DATASETS, 'dataset', f'must be one of {sorted(DATASETS)}, got {cfg.dataset!r}')
+    tasks.of_dataset(cfg.dataset).check(cfg, need)
 
 
 def fused_attention(cfg: Config, device_type: str) -> bool:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
@@ -28,6 +28,7 @@ from util.metrics import IGNORE_INDEX, ConfusionMatrix
 
 OVERLAY_ALPHA = 0.5  # weight of the class colours over the image in overlays
 MAX_PALETTE_CLASSES = 255  # class ids must fit a palette PNG next to IGNORE_INDEX
+HIGH_BIT_DEPTH_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F')  # gray > 8 bit
 
 
 # ---- loading a model for evaluation --------------------------------------------------------
@@ -48,24 +49,26 @@ def check_checkpoint_config(ckpt: dict, path: str | Path, backbone: str, nclass:
 
 def build_eval_model(path: str | Path, weights: str | None, cfg, config_path: str | Path = 'the config'
                      ) -> tuple[nn.Module, str]:
-    """The model of a checkpoint's method (its extra head or bottleneck, with that method's keys as
-    the checkpoint's saved config has them, else as `cfg`) with its weights, and which weights those
-    are ('ema', 'student' or 'plain'). Takes ours, released UniMatch V2 checkpoints (`module.` keys)
+    """The model of a checkpoint's task and method (its extra head or bottleneck, with that method's
+    keys as the checkpoint's saved config has them, else as `cfg`) with its weights, and which weights
+    those are ('ema', 'student' or 'plain'; by default the task's `default_weights`, else EMA where
+    there is one). Takes ours, released UniMatch V2 checkpoints (`module.` keys)
     and plain state dicts, or `released:<name>` for one of the original's published checkpoints;
     refuses one whose saved config names another class count or encoder.
     Reads the file once."""
     import dataclasses
 
-    import methods
+    import tasks
     path = released_file(path)   # `released:<name>`: fetched into the cache once
     ckpt = safe_load(path)
     check_checkpoint_config(ckpt, path, cfg.backbone, cfg.nclass, config_path)
+    task = tasks.for_config(cfg)
     saved = ckpt.get('config') if isinstance(ckpt, dict) else None
     if isinstance(saved, dict):
         fields = {f.name for f in dataclasses.fields(cfg)}
         cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k in fields and k != 'criterion'})
-    model = methods.build_model(cfg)
-    state, which = model_state_from(ckpt, weights)
+    model = task.build_model(cfg)
+    state, which = model_state_from(ckpt, weights or task.default_weights)
     load_checked(model, state, str(path))
     return model, which
 
@@ -80,14 +83,15 @@ def _single(batch: list) -> dict:
 def evaluate(model: nn.Module, dataset: Dataset, nclass: int, mode: str, crop_size: int,
              flip: bool = False, scales: Sequence[float] = (1.0,), device: torch.device | None = None,
              save_dir: str | Path | None = None, palette: list[int] | None = None,
-             progress: bool = True, num_workers: int = 0) -> dict:
+             progress: bool = True, num_workers: int = 0, writer: Callable | None = None) -> dict:
     """mIoU of `model` on `dataset` (items {'image' [3, H, W] normalised, 'mask' int [H, W],
     'name' str}), over all processes.
 
     Returns {'miou', 'iou' (per class, percent), 'pixel_acc' (percent), 'n_images' (all
     processes), 'confusion' (nclass x nclass counts, rows = ground truth)}.
     save_dir: also write `<name>.png` (palette PNG of class ids; 255 where nothing was predicted)
-    and `side_by_side/<name>.jpg` (image | ground truth | prediction).
+    and `side_by_side/<name>.jpg` (image | ground truth | prediction), or what
+    `writer(item, prediction [H, W], save_dir)` writes.
     """
     if device is None:
         device = next(model.parameters(), torch.empty(0)).device
@@ -111,6 +115,9 @@ def evaluate(model: nn.Module, dataset: Dataset, nclass: int, mode: str, crop_si
         cm.update(pred, mask.masked_fill(~valid, IGNORE_INDEX))
         if save_dir is not None:
             pred_ids = pred[0].masked_fill(~valid[0], IGNORE_INDEX)
+            if writer is not None:
+                writer(item, pred_ids, save_dir)
+                continue
             save_prediction(pred_ids, palette, save_dir / f'{item["name"]}.png')
             save_side_by_side(item['image'], item['mask'], pred_ids, palette,
                               save_dir / 'side_by_side' / f'{item["name"]}.jpg')
@@ -176,12 +183,16 @@ def denormalize(image: torch.Tensor) -> Image.Image:
 def save_side_by_side(image: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor,
                       palette: list[int], path: str | Path) -> None:
     """image [3, H, W] normalised | ground truth [H, W] | prediction [H, W], as one JPEG."""
-    panels = [denormalize(image), palette_image(mask.clamp(0, 255), palette).convert('RGB'),
-              palette_image(pred, palette).convert('RGB')]
+    save_panels([denormalize(image), palette_image(mask.clamp(0, 255), palette).convert('RGB'),
+                 palette_image(pred, palette).convert('RGB')], path)
+
+
+def save_panels(panels: Sequence[Image.Image], path: str | Path) -> None:
+    """Images of one size side by side, left to right, as one JPEG."""
     w, h = panels[0].size
-    canvas = Image.new('RGB', (3 * w, h))
+    canvas = Image.new('RGB', (len(panels) * w, h))
     for k, panel in enumerate(panels):
-        canvas.paste(panel, (k * w, 0))
+        canvas.paste(panel.convert('RGB'), (k * w, 0))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, quality=90)
@@ -196,3 +207,37 @@ def overlay(image: Image.Image, ids: torch.Tensor | np.ndarray, palette: list[in
     if unpredicted.any():
         blended.paste(image, mask=Image.fromarray(unpredicted.astype(np.uint8) * 255))
     return blended
+
+
+# ---- reading arbitrary images (predict.py) ---------------------------------------------------
+
+def load_rgb(path: Path) -> Image.Image:
+    """Any image PIL reads, upright (EXIF orientation) and as 8-bit RGB; raises
+    UnidentifiedImageError or OSError for files that are not readable images."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        img.load()
+    if img.mode in HIGH_BIT_DEPTH_MODES:  # stretch to 8 bit; convert('RGB') would clip at 255
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = arr.min(), arr.max()
+        arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(arr.round().astype(np.uint8))
+    if img.mode in ('P', 'LA', 'PA') or 'transparency' in img.info:
+        img = img.convert('RGBA')  # resolve palette transparency before dropping alpha
+    return img.convert('RGB')
+
+
+def list_inputs(path: Path) -> list[Path]:
+    """One file, or the files of a folder (not searched recursively), sorted."""
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file())
+    raise SystemExit(f'error: input {path} does not exist')
+
+
+def output_stem(path: Path, taken: set[str]) -> str:
+    """The file stem, or stem_<ext> when another input (a.jpg next to a.png) already has it."""
+    stem = path.stem if path.stem not in taken else f'{path.stem}_{path.suffix.lstrip(".")}'
+    taken.add(stem)
+    return stem

@@ -1,4 +1,4 @@
-"""Segmentation metrics from a confusion matrix accumulated on the device.
+"""Segmentation and change-detection metrics from a confusion matrix accumulated on the device.
 
 Counts are summed over the whole evaluation set and, once at the end, over processes; per-class
 IoU follows the original UniMatch V2 formula `I / (U + 1e-10) * 100`. A class that appears in
@@ -29,6 +29,14 @@ class ConfusionMatrix:
         self.mat = torch.zeros(nclass, nclass, dtype=torch.int64, device=device)
         self.n_images = 0
         self._reduced = False
+
+    @classmethod
+    def from_counts(cls, counts) -> 'ConfusionMatrix':
+        """A (reduced) matrix from nclass x nclass counts, e.g. a saved 'confusion' list."""
+        mat = torch.as_tensor(counts, dtype=torch.int64)
+        cm = cls(mat.shape[0], mat.device)
+        cm.mat, cm._reduced = mat.clone(), True
+        return cm
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """pred, target: int [B, H, W] or [H, W] of the same shape."""
@@ -65,3 +73,31 @@ class ConfusionMatrix:
         """Correct / scored pixels, in percent (0 when nothing was scored)."""
         total = self.mat.sum().item()
         return self.mat.diag().sum().item() / total * 100 if total else 0.0
+
+    def precision(self) -> torch.Tensor:
+        """Per-class precision TP / (TP + FP) in percent, float64 [nclass] (0 where nothing was
+        predicted as the class)."""
+        mat = self.mat.double()
+        return mat.diag() / (mat.sum(0) + EPS) * 100
+
+    def recall(self) -> torch.Tensor:
+        """Per-class recall TP / (TP + FN) in percent (0 for a class absent from the targets)."""
+        mat = self.mat.double()
+        return mat.diag() / (mat.sum(1) + EPS) * 100
+
+    def f1(self) -> torch.Tensor:
+        """Per-class F1 = 2PR / (P + R), in percent (= 2TP / (2TP + FP + FN))."""
+        mat = self.mat.double()
+        tp = mat.diag()
+        return 2 * tp / (mat.sum(0) + mat.sum(1) + EPS) * 100
+
+    def kappa(self) -> float:
+        """Cohen's kappa (p_o - p_e) / (1 - p_e) over every scored pixel, in percent: agreement
+        beyond what the two marginals give by chance."""
+        mat = self.mat.double()
+        total = mat.sum()
+        if total == 0:
+            return 0.0
+        p_o = mat.diag().sum() / total
+        p_e = (mat.sum(0) * mat.sum(1)).sum() / total ** 2
+        return float((p_o - p_e) / (1 - p_e + EPS) * 100)

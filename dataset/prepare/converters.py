@@ -31,7 +31,6 @@ from dataset.checks import Problem
 from dataset.prepare.core import (Job, PrepareError, copy_file, find_dir, lookup_mask, read_mask,
                                   save_mask)
 from dataset.registry import COCO_CLASSES, voc_palette
-from dataset.splits import read_split
 
 IGNORE = 255
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
@@ -246,27 +245,9 @@ def change_detection(roots: Sequence[Path]) -> list[Job]:
 
 def check_change_detection(root: Path, split: Path) -> list[Problem]:
     """`--check-data` for a change-detection list (one tile name a line): the A, B and label
-    tiles open, have one size, and labels are single-channel 0 / 255."""
-    problems = []
-    for sample in read_split(split):
-        where = f'{split}:{sample.line}'
-        sizes = set()
-        for folder in CD_FOLDERS:
-            try:
-                with Image.open(root / folder / sample.image) as img:
-                    img.load()
-                    sizes.add(img.size)
-                    mode, values = img.mode, np.unique(np.asarray(img.convert('L')))
-            except Exception as err:   # PIL raises many types for corrupt files
-                problems.append(Problem('error', where, f'{root / folder / sample.image} cannot be read: {err}'))
-                continue
-            if folder == 'label' and mode not in ('L', 'P', '1'):
-                problems.append(Problem('error', where, f'label/{sample.image} has mode {mode}'))
-            elif folder == 'label' and (bad := sorted(set(values.tolist()) - {0, 255})):
-                problems.append(Problem('error', where, f'label/{sample.image} has values {bad[:10]} besides 0 and 255'))
-        if len(sizes) > 1:
-            problems.append(Problem('error', where, f'{sample.image}: A, B and label sizes differ {sorted(sizes)}'))
-    return problems
+    tiles open, have one size, and labels are single-channel 0 / 255 (dataset/change.py)."""
+    from dataset.change import check_pairs
+    return check_pairs(root, split, 'labeled', full=True)
 
 
 def find_dir_with(roots: Sequence[Path], contains: Sequence[str]) -> Path:
