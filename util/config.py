@@ -26,6 +26,8 @@ PRECISIONS = ('fp32', 'bf16', 'fp16')
 ATTENTIONS = ('auto', 'sdpa', 'math')
 CRITERIA = ('CELoss', 'OHEM')
 TEACHERS = ('ema', 'online')
+OPTIMIZERS = ('adamw', 'sgd')
+LR_SCHEDULES = ('poly', 'cosine')
 
 
 class _Loader(yaml.SafeLoader):
@@ -79,6 +81,14 @@ class RunConfig:
                                          # first use and cached (null: the split's unlabeled list)
     ema_decay: float = 0.996
     weight_decay: float = 0.01
+    optimizer: str = 'adamw'             # 'adamw' (the paper's segmentation) or 'sgd' (its classification,
+                                         # FixMatch's and USB's: momentum, nesterov below)
+    momentum: float = 0.9                # SGD only
+    nesterov: bool = True                # SGD only
+    lr_schedule: str = 'poly'            # 'poly' (lr (1 - t/T)^0.9, segmentation) or 'cosine'
+                                         # (lr cos(7 pi t / 16 T), FixMatch / USB classification)
+    unlabeled_ratio: int = 1             # unlabeled batch = batch_size x this (FixMatch's mu = 7)
+    download: bool = False               # classification: torchvision downloads missing dataset files
     eval_mode: str | None = None         # None = the dataset's default (see dataset.registry)
     eval_batch_size: int = 1
     labeled_upsample: int = 0            # supervised.py: repeat the labeled list to this length
@@ -185,6 +195,9 @@ def _check(cfg: Config, source: str) -> None:
          f'must be one of {EVAL_MODES}, got {cfg.eval_mode!r}')
     need(cfg.criterion.name in CRITERIA, 'criterion.name',
          f'must be one of {CRITERIA}, got {cfg.criterion.name!r}')
+    need(cfg.optimizer in OPTIMIZERS, 'optimizer', f'must be one of {OPTIMIZERS}, got {cfg.optimizer!r}')
+    need(cfg.lr_schedule in LR_SCHEDULES, 'lr_schedule', f'must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}')
+    need(cfg.unlabeled_ratio >= 1, 'unlabeled_ratio', f'must be >= 1, got {cfg.unlabeled_ratio}')
     need(cfg.teacher in TEACHERS, 'teacher', f'must be one of {TEACHERS}, got {cfg.teacher!r}')
     need(cfg.comp_drop_at in COMP_DROP_SITES, 'comp_drop_at',
          f'must be one of {COMP_DROP_SITES}, got {cfg.comp_drop_at!r}')
