@@ -1,0 +1,206 @@
+"""Semi-supervised classification (the paper's Tables 15-18): networks, data in each official
+format, the step on one-pixel maps, top-k accuracy.
+
+    python -m pytest tests/test_classification.py -q
+
+CPU, seconds: tiny files written here in CIFAR-10's, STL-10's and SVHN's own formats.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+import torch.nn.functional as F
+
+from dataset.checks import DataError
+from dataset.classification import (ClassificationDataset, get_spec, labeled_indices, load_classification,
+                                    parse_split, read_images)
+from dataset.semi import SampleKey
+from methods.step import SemiOptions, semi_step
+from model.classifiers import PAPER_PARAMS_M, build_classifier
+from util.losses import CrossEntropy
+from util.metrics import TopKAccuracy
+
+
+# ---- files in each official format ----------------------------------------------------------------
+
+def images_of(labels: list[int], side: int, seed: int = 0) -> np.ndarray:
+    """(N, side, side, 3) uint8: a plain colour per class plus noise, so labels can be read back."""
+    rng = np.random.default_rng(seed)
+    base = np.array(labels)[:, None, None, None] * 20
+    return np.clip(base + rng.integers(0, 10, (len(labels), side, side, 3)), 0, 255).astype(np.uint8)
+
+
+def write_cifar(root: Path, train: list[int], test: list[int]) -> None:
+    folder = root / 'cifar-10-batches-py'
+    folder.mkdir(parents=True)
+    chunks = np.array_split(np.arange(len(train)), 5)
+    data = images_of(train, 32).transpose(0, 3, 1, 2).reshape(len(train), -1)
+    for b, rows in enumerate(chunks, start=1):
+        with open(folder / f'data_batch_{b}', 'wb') as f:
+            pickle.dump({'data': data[rows], 'labels': [train[i] for i in rows]}, f)
+    with open(folder / 'test_batch', 'wb') as f:
+        pickle.dump({'data': images_of(test, 32).transpose(0, 3, 1, 2).reshape(len(test), -1), 'labels': test}, f)
+    with open(folder / 'batches.meta', 'wb') as f:
+        pickle.dump({'label_names': [f'c{k}' for k in range(10)]}, f)
+
+
+def write_stl(root: Path, train: list[int], test: list[int], n_unlabeled: int) -> None:
+    """STL-10's binaries: images as (N, 3, 96, 96) stored column-major, labels 1..10 as uint8."""
+    folder = root / 'stl10_binary'
+    folder.mkdir(parents=True)
+    for name, labels in (('train', train), ('test', test), ('unlabeled', [0] * n_unlabeled)):
+        images = images_of(labels, 96).transpose(0, 3, 2, 1)         # (N, 3, W, H)
+        images.tofile(folder / f'{name}_X.bin')
+        if name != 'unlabeled':
+            (np.array(labels, np.uint8) + 1).tofile(folder / f'{name}_y.bin')
+
+
+def write_svhn(root: Path, train: list[int], test: list[int]) -> None:
+    """SVHN's .mat: X (32, 32, 3, N), y (N, 1) with 10 standing for the digit 0."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, labels in (('train', train), ('test', test)):
+        y = np.array([10 if c == 0 else c for c in labels], np.uint8)[:, None]
+        scipy.io.savemat(root / f'{name}_32x32.mat', {'X': images_of(labels, 32).transpose(1, 2, 3, 0), 'y': y})
+
+
+TRAIN = [k % 10 for k in range(60)]          # 6 images per class
+TEST = [k % 10 for k in range(20)]
+
+
+@pytest.mark.parametrize('dataset', ['cifar10', 'stl10', 'svhn'])
+def test_reads_each_official_format(tmp_path, dataset):
+    {'cifar10': lambda: write_cifar(tmp_path, TRAIN, TEST),
+     'stl10': lambda: write_stl(tmp_path, TRAIN, TEST, 7),
+     'svhn': lambda: write_svhn(tmp_path, TRAIN, TEST)}[dataset]()
+    data = load_classification(dataset, tmp_path, '4_labels_per_class', seed=0)
+    assert data.train.labels.tolist() == TRAIN and data.test.labels.tolist() == TEST
+    side = get_spec(dataset).size
+    for i in (0, 13):       # pixels come back where they were written: class k is about 20 k
+        img = np.asarray(data.train.image(i))
+        assert img.shape == (side, side, 3) and abs(img.mean() - 20 * TRAIN[i] - 4.5) < 1
+    assert len(data.labeled) == 40 and np.bincount(data.train.labels[data.labeled]).tolist() == [4] * 10
+    assert len(data.unlabeled) == 60 + (7 if dataset == 'stl10' else 0)      # STL-10's unlabeled images join
+
+
+def test_labeled_subsets_are_seeded_and_nested_in_classes():
+    labels = np.array(TRAIN)
+    a, b = labeled_indices(labels, 10, '2_labels_per_class', 0), labeled_indices(labels, 10, '2_labels_per_class', 0)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, labeled_indices(labels, 10, '2_labels_per_class', 1))
+    assert len(labeled_indices(labels, 10, '50%', 0)) == 30
+    assert len(labeled_indices(labels, 10, 'all', 0)) == 60
+    assert parse_split('25_labels_per_class') == ('per_class', 25) and parse_split('10%') == ('percent', 10.0)
+
+
+@pytest.mark.parametrize('split', ['7_labels_per_class', '0_labels_per_class', '250', '0%'])
+def test_bad_label_counts_are_refused(split):
+    with pytest.raises(DataError, match=split if split != '7_labels_per_class' else 'class 0, which has only 6'):
+        labeled_indices(np.array(TRAIN), 10, split, 0, 'cifar10')
+
+
+def test_wrong_root_or_format_names_it(tmp_path):
+    with pytest.raises(DataError, match=f'cifar10: cannot read its train images from {tmp_path}.*cifar-10-batches-py'):
+        read_images('cifar10', tmp_path, 'train')
+    (tmp_path / 'train_32x32.mat').write_bytes(b'not a mat file')
+    with pytest.raises(DataError, match='svhn: cannot read its train images'):
+        read_images('svhn', tmp_path, 'train')
+    with pytest.raises(KeyError, match="unknown classification dataset 'cifar100'"):
+        get_spec('cifar100')
+
+
+def test_samples_are_seeded_per_sample_and_in_the_steps_layout(tmp_path):
+    write_cifar(tmp_path, TRAIN, TEST)
+    data = load_classification('cifar10', tmp_path, '2_labels_per_class', seed=0)
+    u = ClassificationDataset(data.spec, data.unlabeled, range(60), 'train_u', nsample=100)
+    assert len(u) == 100
+    torch.manual_seed(0)
+    first = u[SampleKey(5, 123)]
+    torch.manual_seed(1)      # the global generators do not matter
+    again = u[SampleKey(5, 123)]
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    other = u[SampleKey(5, 124)]
+    assert not torch.equal(first['strong'], other['strong'])
+    assert first['strong'].shape == (2, 3, 32, 32) and not first['boxes'].any() and first['valid'].all()
+    assert not torch.equal(first['strong'][0], first['strong'][1])     # two different strong views
+    lab = ClassificationDataset(data.spec, data.train, data.labeled, 'train_l')[SampleKey(3, 9)]
+    assert lab['mask'].shape == (1, 1) and lab['mask'].item() == TRAIN[int(data.labeled[3])]
+
+
+# ---- networks --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name, count', [('wrn_28_2', 1_469_642), ('wrn_var_37_2', 5_933_770)])
+def test_parameter_counts_match_the_paper(name, count):
+    """FACTS §8's 1.47M and 5.93M; the exact counts pin the definition (biased convolutions, as USB)."""
+    n = sum(p.numel() for p in build_classifier(name, 10).parameters())
+    assert n == count and round(n / 1e6, 2) == PAPER_PARAMS_M[name]
+
+
+def test_complementary_dropout_on_pooled_features():
+    """Labeled images pass clean; a strong pair's masks sum to 2 per channel, so through the linear
+    head the pair's mean logit equals the undropped one, while each view alone differs."""
+    torch.manual_seed(0)
+    model = build_classifier('wrn_28_2', 10).eval()
+    x, s = torch.randn(2, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        clean = model.classify(torch.cat((x, s, s)))
+        out = model(torch.cat((x, s, s)), comp_drop=True, n_clean=2)
+    assert out.shape == (10, 10, 1, 1)
+    out = out.flatten(1)
+    assert torch.allclose(out[:2], clean[:2], atol=1e-5)
+    assert torch.allclose((out[2:6] + out[6:]) / 2, clean[2:6], atol=1e-4)
+    assert not torch.allclose(out[2:6], clean[2:6], atol=1e-3)
+
+
+def test_dinov2_linear_head_resizes_and_gets_every_gradient():
+    model = build_classifier('dinov2_tiny', 4)
+    out = model(torch.randn(4, 3, 32, 32), comp_drop=True, n_clean=2)
+    assert out.shape == (4, 4, 1, 1)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# ---- the step on one-pixel maps ---------------------------------------------------------------------
+
+def test_semi_step_on_classifier_logits_is_fixmatchs_loss():
+    """The unchanged segmentation step, given (B, K, 1, 1) logits and (B, 1, 1) labels with empty
+    CutMix boxes, computes FixMatch's per-image losses: CE over labeled images, and the mean over
+    unlabeled images of CE against confident pseudo-labels."""
+    torch.manual_seed(0)
+    model = build_classifier('wrn_28_2', 10)
+    teacher = build_classifier('wrn_28_2', 10).eval()
+    bl, bu = 3, 4
+    batch_l = {'image': torch.randn(bl, 3, 32, 32), 'mask': torch.randint(0, 10, (bl, 1, 1))}
+    batch_u = {'image': torch.randn(bu, 3, 32, 32), 'strong': torch.randn(bu, 1, 3, 32, 32),
+               'boxes': torch.zeros(bu, 1, 1, 1, dtype=torch.bool), 'valid': torch.ones(bu, 1, 1, dtype=torch.bool)}
+    with torch.no_grad():
+        conf, pseudo = teacher.classify(batch_u['image']).softmax(1).max(1)
+    thresh = conf.sort().values[1:3].mean().item()        # two images confident, two not
+    torch.manual_seed(1)
+    out = semi_step(model, teacher, batch_l, batch_u, CrossEntropy(), SemiOptions(views=1, comp_drop=False,
+                                                                                   conf_thresh=thresh))
+    torch.manual_seed(1)
+    logits = model.classify(torch.cat((batch_l['image'], batch_u['strong'][:, 0])))
+    loss_x = F.cross_entropy(logits[:bl], batch_l['mask'].flatten())
+    loss_u = (F.cross_entropy(logits[bl:], pseudo, reduction='none') * (conf >= thresh)).mean()
+    assert (conf >= thresh).sum() == 2
+    assert torch.allclose(out['loss_x'], loss_x, atol=1e-5) and torch.allclose(out['loss_u'], loss_u, atol=1e-5)
+    assert torch.allclose(out['loss'], (loss_x + loss_u) / 2, atol=1e-5)
+    assert out['mask_ratio'] == pytest.approx((conf >= thresh).float().mean().item())
+
+
+# ---- metrics ----------------------------------------------------------------------------------------
+
+def test_top_k_accuracy_by_hand():
+    logits = torch.tensor([[0.9, 0.05, 0.03, 0.02],     # true 0: top-1
+                           [0.1, 0.2, 0.3, 0.4],        # true 1: rank 3 -> top-3 only
+                           [0.5, 0.4, 0.05, 0.05]])     # true 1: rank 2
+    acc = TopKAccuracy((1, 2, 3, 5))
+    acc.update(logits, torch.tensor([0, 1, 1]))
+    got = acc.reduce().accuracy()
+    assert got == pytest.approx({'top1': 100 / 3, 'top2': 200 / 3, 'top3': 100.0, 'top5': 100.0})
+    assert acc.n_images == 3
