@@ -48,6 +48,8 @@ WRN_PRESETS: dict[str, WRNPreset] = {
     'wrn_28_2': WRNPreset((32, 64, 128), 4, 1),
     # USB's WideResNetVar ("wrn_var_37_2"): one more group, 256 wide
     'wrn_var_37_2': WRNPreset((32, 64, 128, 256), 4, 2),
+    # the classification toy's (configs/toy_cls.yaml): depth 16, widening factor 1, 0.18M parameters
+    'wrn_16_1': WRNPreset((16, 32, 64), 2, 1),
 }
 # Parameters (millions) the paper's logs give for these networks with 10 classes (FACTS §8).
 PAPER_PARAMS_M = {'wrn_28_2': 1.47, 'wrn_var_37_2': 5.93}
