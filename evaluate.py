@@ -1,20 +1,23 @@
-"""Evaluate a checkpoint on a labeled split and report per-class IoU and mIoU.
+"""Evaluate a checkpoint on a labeled split: per-class IoU and mIoU for segmentation; changed IoU,
+OA, precision, recall, F1 and kappa for change detection (the config's dataset names the task).
 
     python evaluate.py --config configs/pascal.yaml --checkpoint exp/pascal/92/best.pth
+    python evaluate.py --config configs/levir.yaml --checkpoint released/levir_5.pth --save-dir exp/vis
     python evaluate.py --config configs/cityscapes.yaml --checkpoint released/cityscapes_1_16.pth \
         --weights student --mode sliding_window --flip --scales 0.75,1.0,1.25 \
         --save-dir exp/vis data_root=/data/cityscapes
     torchrun --nproc_per_node 4 evaluate.py --config configs/ade20k.yaml --checkpoint best.pth
 
 Checkpoints: this project's, the released UniMatch V2 ones (`model` / `model_ema` with `module.`
-keys) and plain state dicts. Defaults: EMA weights where there are any; mode = the config's
-`eval_mode` or the dataset's (sliding window for Cityscapes, whole image elsewhere); split =
-`splits/<dataset>/val.txt`, whose paths are relative to `data_root`. Trailing `key=value` words
-override the config.
+keys; change detection's too) and plain state dicts. Defaults: the weights the task reports (EMA
+where there is one for segmentation, the student for change detection, as the paper); mode = the
+config's `eval_mode` or the dataset's (sliding window for Cityscapes, whole image elsewhere); split =
+the dataset's evaluation list (`splits/<dataset>/val.txt`; change detection: `test.txt`), whose
+paths are relative to `data_root`. Trailing `key=value` words override the config.
 
-Prints the per-class IoU table and, as its last line, `mIoU: NN.NN`; writes the same as JSON
-(default: next to the checkpoint, `eval_<mode>[_flip][_ms].json`, `_student` added with
-`--weights student`).
+Prints the task's table and, as its last line, its headline figure (`mIoU: NN.NN`, `changed IoU:
+NN.NN`); writes the same as JSON (default: next to the checkpoint, `eval_<mode>[_flip][_ms].json`,
+`_student` added with `--weights student`).
 """
 from __future__ import annotations
 
@@ -24,18 +27,15 @@ import os
 import sys
 from pathlib import Path
 
-from dataset.checks import check_inputs, raise_on_errors
-from dataset.registry import class_names, default_eval_mode, get_palette
-from dataset.semi import SemiDataset
+import tasks
+from dataset.checks import raise_on_errors
 from model.hub import format_released
 
 from util.checkpoint import write_text_atomic
 from util.config import EVAL_MODES, load_config
 from util.dist import cleanup, is_main, setup
 from util.trainer import guarded
-from util.evaluation import build_eval_model, evaluate, format_iou_table, parse_scales
-
-SPLITS_ROOT = Path(__file__).resolve().parent / 'splits'
+from util.evaluation import build_eval_model, parse_scales
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,8 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--mode', choices=EVAL_MODES, default=None)
     p.add_argument('--flip', action='store_true', help='average with the horizontally flipped image')
     p.add_argument('--scales', default='1.0', help='comma-separated test scales, e.g. 0.75,1.0,1.25')
-    p.add_argument('--split', default=None, help='split file (default: splits/<dataset>/val.txt)')
-    p.add_argument('--save-dir', default=None, help='write palette PNGs and side-by-side JPEGs here')
+    p.add_argument('--split', default=None, help="split file (default: the dataset's evaluation list)")
+    p.add_argument('--save-dir', default=None, help='write prediction PNGs and side-by-side JPEGs here')
     p.add_argument('--output-json', default=None)
     p.add_argument('--check-data', action='store_true', help='check every image and mask of the split, then exit')
     p.add_argument('overrides', nargs='*', help='config overrides, key=value')
@@ -72,21 +72,19 @@ def report_json(report: dict) -> str:
     return text[:-2] + f',\n "confusion": [\n  {rows}\n ]\n}}\n'
 
 
-def publish(result: dict, run: dict, names: list[str], out: Path) -> None:
-    """Print the IoU table and, last, `mIoU: NN.NN`; write the JSON report (a failed write only
-    warns: the numbers are on screen)."""
-    report = {**run, 'miou': result['miou'], 'pixel_acc': result['pixel_acc'],
-              'n_images': result['n_images'], 'iou': dict(zip(names, result['iou'])),
-              'confusion': result['confusion']}
+def publish(task, result: dict, run: dict, out: Path) -> None:
+    """Print the task's table and, last, its headline (`mIoU: NN.NN`); write the JSON report (a
+    failed write only warns: the numbers are on screen)."""
+    report = {**run, **task.report(result)}
     print(f'{run["dataset"]} {Path(run["split"]).name}: {result["n_images"]} images, '
           f'mode {run["mode"]}, flip {run["flip"]}, scales {run["scales"]}, {run["weights"]} weights')
-    print(format_iou_table(result['iou'], names))
+    print(task.format_result(result))
     try:
         write_text_atomic(report_json(report), out)
         print(f'wrote {out}')
     except OSError as err:
         print(f'warning: could not write {out}: {err}', file=sys.stderr)
-    print(f'mIoU: {result["miou"]:.2f}', flush=True)
+    print(task.headline(result), flush=True)
 
 
 @guarded
@@ -97,10 +95,11 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     device = setup()
     cfg = load_config(args.config, args.overrides)
-    mode = args.mode or cfg.eval_mode or default_eval_mode(cfg.dataset)
+    task = tasks.for_config(cfg)
+    mode = task.eval_mode(args.mode)
     scales = parse_scales(args.scales)
-    split = Path(args.split) if args.split else SPLITS_ROOT / cfg.dataset / 'val.txt'
-    raise_on_errors(check_inputs(cfg.data_root, {'val': split}, cfg.nclass, full=args.check_data),
+    split = Path(args.split) if args.split else task.eval_split_path()
+    raise_on_errors(task.check_inputs({'val': split}, full=args.check_data),
                     log=lambda m: print(m) if is_main() else None)
     if args.check_data:
         print(f'checked every file of {split}: no errors')
@@ -108,20 +107,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, which = build_eval_model(args.checkpoint, args.weights, cfg, args.config)
     model.to(device).eval()
-    valset = SemiDataset(cfg.data_root, split, 'val', cfg.crop_size, nclass=cfg.nclass)
-    names = class_names(cfg.dataset, cfg.nclass, cfg.class_names)
     workers = cfg.num_workers if cfg.num_workers >= 0 else min(4, os.cpu_count() or 1)
-
-    result = evaluate(model, valset, cfg.nclass, mode, cfg.crop_size, args.flip, scales, device,
-                      save_dir=args.save_dir, palette=get_palette(cfg.dataset, cfg.nclass),
-                      num_workers=workers)
+    result = task.evaluate(model, task.dataset(split, 'val'), device, mode=mode, flip=args.flip, scales=scales,
+                           save_dir=args.save_dir, progress=True, num_workers=workers)
     if is_main():
         run = {'checkpoint': str(args.checkpoint), 'weights': which, 'config_file': str(args.config),
                'dataset': cfg.dataset, 'split': str(split), 'mode': mode, 'flip': args.flip,
                'scales': list(scales)}
         out = Path(args.output_json) if args.output_json else default_json_path(
             args.checkpoint, mode, args.flip, scales, args.weights)
-        publish(result, run, names, out)
+        publish(task, result, run, out)
     cleanup()
     return result
 

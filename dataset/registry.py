@@ -1,4 +1,4 @@
-"""Table of dataset specs: class count, class names, palette and default evaluation mode.
+"""Table of dataset specs: task, class count, class names, palette and default evaluation mode.
 
 `custom` datasets are not in the table's class lists: their class count and (optional) names come
 from the config, and they get the generated palette.
@@ -107,6 +107,8 @@ class DatasetSpec:
     class_names: tuple[str, ...] | None
     palette: str  # 'voc' | 'cityscapes' | 'generated'
     eval_mode: str  # 'original' (whole image) | 'sliding_window'
+    task: str = 'segmentation'  # the task of its runs (`tasks/`, a registered name)
+    generated: bool = False  # made on first use by its task (the toys)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -116,7 +118,7 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec('cityscapes', 19, CITYSCAPES_CLASSES, 'cityscapes', 'sliding_window'),
         DatasetSpec('ade20k', 150, ADE20K_CLASSES, 'generated', 'original'),
         DatasetSpec('coco', 81, COCO_CLASSES, 'generated', 'original'),
-        DatasetSpec('toy', 6, TOY_CLASSES, 'generated', 'original'),
+        DatasetSpec('toy', 6, TOY_CLASSES, 'generated', 'original', generated=True),
         DatasetSpec('custom', None, None, 'generated', 'original'),
     )
 }

@@ -109,7 +109,7 @@ def test_u2pl_step_changed_only_in_its_contrastive_term(before, case):
 
 # ---- the import graph and where methods are named -------------------------------------------------
 
-PACKAGES = ('model', 'methods', 'util', 'dataset')
+PACKAGES = ('model', 'methods', 'tasks', 'util', 'dataset')
 ENTRY_SCRIPTS = ('unimatch_v2.py', 'supervised.py', 'benchmark.py', 'evaluate.py', 'predict.py')
 
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
@@ -28,6 +28,7 @@ from util.metrics import IGNORE_INDEX, ConfusionMatrix
 
 OVERLAY_ALPHA = 0.5  # weight of the class colours over the image in overlays
 MAX_PALETTE_CLASSES = 255  # class ids must fit a palette PNG next to IGNORE_INDEX
+HIGH_BIT_DEPTH_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F')  # gray > 8 bit
 
 
 # ---- loading a model for evaluation --------------------------------------------------------
@@ -48,24 +49,26 @@ def check_checkpoint_config(ckpt: dict, path: str | Path, backbone: str, nclass:
 
 def build_eval_model(path: str | Path, weights: str | None, cfg, config_path: str | Path = 'the config'
                      ) -> tuple[nn.Module, str]:
-    """The model of a checkpoint's method (its extra head or bottleneck, with that method's keys as
-    the checkpoint's saved config has them, else as `cfg`) with its weights, and which weights those
-    are ('ema', 'student' or 'plain'). Takes ours, released UniMatch V2 checkpoints (`module.` keys)
+    """The model of a checkpoint's task and method (its extra head or bottleneck, with that method's
+    keys as the checkpoint's saved config has them, else as `cfg`) with its weights, and which weights
+    those are ('ema', 'student' or 'plain'; by default the task's `default_weights`, else EMA where
+    there is one). Takes ours, released UniMatch V2 checkpoints (`module.` keys)
     and plain state dicts, or `released:<name>` for one of the original's published checkpoints;
     refuses one whose saved config names another class count or encoder.
     Reads the file once."""
     import dataclasses
 
-    import methods
+    import tasks
     path = released_file(path)   # `released:<name>`: fetched into the cache once
     ckpt = safe_load(path)
     check_checkpoint_config(ckpt, path, cfg.backbone, cfg.nclass, config_path)
+    task = tasks.for_config(cfg)
     saved = ckpt.get('config') if isinstance(ckpt, dict) else None
     if isinstance(saved, dict):
         fields = {f.name for f in dataclasses.fields(cfg)}
         cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k in fields and k != 'criterion'})
-    model = methods.build_model(cfg)
-    state, which = model_state_from(ckpt, weights)
+    model = task.build_model(cfg)
+    state, which = model_state_from(ckpt, weights or task.default_weights)
     load_checked(model, state, str(path))
     return model, which
 
@@ -196,3 +199,37 @@ def overlay(image: Image.Image, ids: torch.Tensor | np.ndarray, palette: list[in
     if unpredicted.any():
         blended.paste(image, mask=Image.fromarray(unpredicted.astype(np.uint8) * 255))
     return blended
+
+
+# ---- reading arbitrary images (predict.py) ---------------------------------------------------
+
+def load_rgb(path: Path) -> Image.Image:
+    """Any image PIL reads, upright (EXIF orientation) and as 8-bit RGB; raises
+    UnidentifiedImageError or OSError for files that are not readable images."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        img.load()
+    if img.mode in HIGH_BIT_DEPTH_MODES:  # stretch to 8 bit; convert('RGB') would clip at 255
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = arr.min(), arr.max()
+        arr = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(arr.round().astype(np.uint8))
+    if img.mode in ('P', 'LA', 'PA') or 'transparency' in img.info:
+        img = img.convert('RGBA')  # resolve palette transparency before dropping alpha
+    return img.convert('RGB')
+
+
+def list_inputs(path: Path) -> list[Path]:
+    """One file, or the files of a folder (not searched recursively), sorted."""
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file())
+    raise SystemExit(f'error: input {path} does not exist')
+
+
+def output_stem(path: Path, taken: set[str]) -> str:
+    """The file stem, or stem_<ext> when another input (a.jpg next to a.png) already has it."""
+    stem = path.stem if path.stem not in taken else f'{path.stem}_{path.suffix.lstrip(".")}'
+    taken.add(stem)
+    return stem

@@ -2,8 +2,9 @@
 construction, the learning-rate schedule, checkpoints and `results.json`, per-epoch evaluation.
 
 `train` reads top-down (build, loop, evaluate and save); the entry scripts (`unimatch_v2.py`,
-`supervised.py`) call it. It names no method: `methods.get(cfg.method)` says which step runs, and
-the run's methods (`methods.create`) add to the model, the step, the checkpoint and the epoch end.
+`supervised.py`) call it. It names no method and no task: `methods.get(cfg.method)` says which step
+runs, and the run's methods (`methods.create`) add to the model, the step, the checkpoint and the
+epoch end; the dataset's task (`tasks.for_config`) gives the data, the model and the evaluation.
 """
 from __future__ import annotations
 
@@ -28,16 +29,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dataset.checks import DataError, check_inputs, raise_on_errors
-from dataset.registry import default_eval_mode
-from dataset.semi import SampleKey, SemiDataset, split_paths
+from dataset.checks import DataError, raise_on_errors
+from dataset.semi import SampleKey
 from dataset.splits import read_split, unlabeled_from_folders
 import methods
+import tasks
 from methods.base import MethodSet
 from methods.step import SemiOptions, semi_step, supervised_step
 from model import WeightsMismatchError
 from model.dpt import DPTSegmentor
 from model.hub import load_pretrained
+from tasks.base import Task
 from util import dist
 from util.checkpoint import UnsafeCheckpointError, safe_load, save_atomic, write_text_atomic
 from util.config import Config, ConfigError, fused_attention, load_config, save_config, to_dict
@@ -60,7 +62,7 @@ def train(args: argparse.Namespace, method: str | None = None) -> 'Training':
     loaders = train_loaders(run, options)
     valset = val_dataset(run)
 
-    student = build_student(cfg, run.device, run.log)
+    student = build_student(cfg, run.device, run.log, run.task)
     teacher = EMATeacher(student, cfg.ema_decay) if options else None    # from the unwrapped student, before DDP
     tr = Training(run, student, wrap_ddp(student, run.device, cfg.compile), teacher, build_optimizer(student, cfg),
                   Precision(cfg.precision, run.device), TrainState(), TensorBoard(run.run_dir),
@@ -89,16 +91,13 @@ def train_loaders(run: 'Run', options: SemiOptions | None) -> list[DataLoader]:
     """[unlabeled, labeled] loaders: an epoch is one pass over the unlabeled set, with the labeled
     list repeated to its length. Labeled only (options None), as the original: one loader at twice
     the batch size, the labeled list repeated to `labeled_upsample` samples when it is shorter."""
-    cfg = run.cfg
+    cfg, task = run.cfg, run.task
     if options is None:
-        n_labeled = len(SemiDataset(cfg.data_root, run.labeled, 'train_l', cfg.crop_size).samples)
-        trainset = SemiDataset(cfg.data_root, run.labeled, 'train_l', cfg.crop_size,
-                               nsample=max(n_labeled, cfg.labeled_upsample), nclass=cfg.nclass)
+        n_labeled = len(task.dataset(run.labeled, 'train_l'))
+        trainset = task.dataset(run.labeled, 'train_l', nsample=max(n_labeled, cfg.labeled_upsample))
         return [make_loader(trainset, cfg, cfg.batch_size * 2)]
-    trainset_u = SemiDataset(unlabeled_root(cfg), run.unlabeled, 'train_u', cfg.crop_size, num_strong=options.views,
-                             nclass=cfg.nclass)
-    trainset_l = SemiDataset(cfg.data_root, run.labeled, 'train_l', cfg.crop_size, nsample=len(trainset_u),
-                             nclass=cfg.nclass)
+    trainset_u = task.dataset(run.unlabeled, 'train_u', num_strong=options.views, root=unlabeled_root(cfg))
+    trainset_l = task.dataset(run.labeled, 'train_l', nsample=len(trainset_u))
     return [make_loader(trainset_u, cfg, cfg.batch_size), make_loader(trainset_l, cfg, cfg.batch_size, seed_offset=1)]
 
 
@@ -148,6 +147,11 @@ class Run:
     labeled: Path
     unlabeled: Path
     val: Path
+    task: Task | None = None             # the dataset's task (None: found from cfg)
+
+    def __post_init__(self):
+        if self.task is None:
+            self.task = tasks.for_config(self.cfg)
 
 
 def setup_run(args: argparse.Namespace, method: str | None = None) -> Run:
@@ -161,13 +165,13 @@ def setup_run(args: argparse.Namespace, method: str | None = None) -> Run:
     cfg = load_config(args.config, overrides)
     if device.type == 'cpu':
         size_cpu_threads(cfg)
+    task = tasks.for_config(cfg)
     split = args.split or Path(args.labeled_id_path).parent.name
-    labeled, unlabeled, val = data_paths(cfg, args)
+    labeled, unlabeled, val = data_paths(cfg, args, task)
     splits = {'labeled': labeled, 'val': val}
     if methods.get(cfg.method).options is not None:     # semi-supervised
         splits['unlabeled'] = unlabeled
-    problems = check_inputs(cfg.data_root, splits, cfg.nclass, full=args.check_data,
-                            roots={'unlabeled': unlabeled_root(cfg)})
+    problems = task.check_inputs(splits, full=args.check_data, roots={'unlabeled': unlabeled_root(cfg)})
     raise_on_errors(problems, log=lambda m: print(m, flush=True) if dist.is_main() else None)
     if args.check_data:
         print(f'checked every file of {", ".join(str(p) for p in splits.values())}: no errors')
@@ -183,7 +187,7 @@ def setup_run(args: argparse.Namespace, method: str | None = None) -> Run:
     log = get_logger(run_dir)
     log.info(f'config {args.config} ({" ".join(overrides) or "no overrides"}) -> {run_dir}, '
              f'{dist.world_size()} process(es) on {device.type}')
-    return Run(cfg, run_dir, device, log, split, labeled, unlabeled, val)
+    return Run(cfg, run_dir, device, log, split, labeled, unlabeled, val, task)
 
 
 def seed_everything(seed: int) -> None:
@@ -261,23 +265,19 @@ def _init_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
-def data_paths(cfg: Config, args: argparse.Namespace) -> tuple[Path, Path, Path]:
-    """(labeled, unlabeled, val) split files: the original flags win over --split. The toy dataset
-    is generated here on first use."""
-    splits_root = Path(cfg.splits_root)
-    if cfg.dataset == 'toy':
-        from dataset.toy import ensure_toy
-        if dist.is_main():
-            ensure_toy(cfg.data_root, splits_root / 'toy', seed=cfg.toy_seed, n_train=cfg.toy_train,
-                       n_val=cfg.toy_val)
-        dist.barrier()
+def data_paths(cfg: Config, args: argparse.Namespace, task: Task | None = None) -> tuple[Path, Path, Path]:
+    """(labeled, unlabeled, val) split files: the original flags win over --split. A generated
+    dataset (the toys) is made here on first use."""
+    task = task or tasks.for_config(cfg)
+    if dist.is_main():
+        task.prepare()
+    dist.barrier()
     if args.labeled_id_path:
         labeled = Path(args.labeled_id_path)
         unlabeled = Path(args.unlabeled_id_path) if args.unlabeled_id_path else labeled
-        val = splits_root / cfg.dataset / 'val.txt'
+        val = task.eval_split_path()
     else:
-        paths = split_paths(cfg.dataset, args.split, splits_root, cfg.data_root)
-        labeled, unlabeled, val = paths.labeled, paths.unlabeled, paths.val
+        labeled, unlabeled, val = task.split_paths(args.split)
     if cfg.unlabeled_dirs:
         unlabeled = extra_unlabeled(cfg, labeled)
     return labeled, unlabeled, val
@@ -305,8 +305,8 @@ def extra_unlabeled(cfg: Config, labeled: Path) -> Path:
 
 # ---- model and optimizer ------------------------------------------------------------------------------
 
-def build_student(cfg: Config, device: torch.device, log=None) -> nn.Module:
-    model = methods.build_model(cfg)
+def build_student(cfg: Config, device: torch.device, log=None, task: Task | None = None) -> nn.Module:
+    model = (task or tasks.for_config(cfg)).build_model()
     if cfg.pretrained:   # 'auto', released:<name> or a path; found, fetched or refused in model/hub.py
         path = load_pretrained(model, cfg.pretrained, cfg.backbone, progress=dist.is_main())
         if log:
@@ -383,11 +383,11 @@ class TrainState:
     global_step: int = 0                 # optimizer steps taken over the whole run
     skipped_steps: int = 0               # steps skipped for a non-finite loss (on_nonfinite: skip)
     epoch_stats: dict | None = None      # running sums of the epoch in progress (mid-epoch checkpoints)
-    best_miou: float = 0.0
-    best_miou_ema: float = 0.0
+    best: float = 0.0                    # best of the task's metric (mIoU, changed IoU, ...), student
+    best_ema: float = 0.0                # ... and EMA teacher
     best_epoch: int = -1
     best_epoch_ema: int = -1
-    history: list = field(default_factory=list)    # per epoch: {'epoch', 'miou', 'miou_ema', ...}
+    history: list = field(default_factory=list)    # per epoch: {'epoch', <score>, <score>_ema, ...}
 
 
 @dataclass
@@ -417,8 +417,8 @@ def checkpoint_dict(tr: Training) -> dict:
         'global_step': s.global_step,
         'skipped_steps': s.skipped_steps,
         'epoch_stats': s.epoch_stats,
-        'previous_best': s.best_miou,
-        'previous_best_ema': s.best_miou_ema,
+        'previous_best': s.best,
+        'previous_best_ema': s.best_ema,
         'best_epoch': s.best_epoch,
         'best_epoch_ema': s.best_epoch_ema,
         'history': s.history,
@@ -472,20 +472,23 @@ def check_compatible(saved: dict | None, cfg: Config, path: Path) -> None:
 
 
 def save_results(tr: Training) -> None:
-    s, cfg, semi = tr.state, tr.run.cfg, tr.teacher is not None
-    hist = s.history
+    """results.json: the task's metric per epoch, best and final, for student and EMA, the history
+    of every score, and what the task adds."""
+    s, cfg, semi, task = tr.state, tr.run.cfg, tr.teacher is not None, tr.run.task
+    hist, m = s.history, task.metric
     results = {
         'dataset': cfg.dataset, 'method': cfg.method, 'backbone': cfg.backbone, 'split': tr.run.split,
         'epochs': len(hist), 'epochs_total': cfg.epochs, 'global_step': s.global_step,
         'skipped_steps': s.skipped_steps,
         'epoch_stats': s.epoch_stats,
-        'miou': [h['miou'] for h in hist],
-        'miou_ema': [h['miou_ema'] for h in hist] if semi else None,
-        'best_miou': s.best_miou if hist else None,
-        'best_miou_ema': s.best_miou_ema if (hist and semi) else None,
-        'final_miou': hist[-1]['miou'] if hist else None,
-        'final_miou_ema': hist[-1]['miou_ema'] if (hist and semi) else None,
+        m: [h[m] for h in hist],
+        f'{m}_ema': [h[f'{m}_ema'] for h in hist] if semi else None,
+        f'best_{m}': s.best if hist else None,
+        f'best_{m}_ema': s.best_ema if (hist and semi) else None,
+        f'final_{m}': hist[-1][m] if hist else None,
+        f'final_{m}_ema': hist[-1][f'{m}_ema'] if (hist and semi) else None,
         'best_epoch': s.best_epoch, 'best_epoch_ema': s.best_epoch_ema if semi else None,
+        **task.results_extra(hist, s.best_epoch),
         'history': hist,
     }
     if dist.is_main():
@@ -660,41 +663,40 @@ def guarded(main: Callable[[], None]) -> Callable[[], None]:
 
 # ---- evaluation at the end of an epoch ----------------------------------------------------------------
 
-def eval_mode(cfg: Config) -> str:
-    return cfg.eval_mode or default_eval_mode(cfg.dataset)
-
-
-def val_dataset(run: Run) -> SemiDataset:
-    return SemiDataset(run.cfg.data_root, run.val, 'val', run.cfg.crop_size, nclass=run.cfg.nclass)
+def val_dataset(run: Run):
+    return run.task.dataset(run.val, 'val')
 
 
 def end_of_epoch(tr: Training, epoch: int, valset, train_stats: dict) -> None:
     """Evaluate student (and EMA), update best figures, save latest/best checkpoints and results.json.
-    best.pth follows the EMA mIoU for semi-supervised runs (what the paper reports)."""
-    from dataset.registry import class_names
-    from util.evaluation import evaluate, format_iou_table
-    run, cfg, state = tr.run, tr.run.cfg, tr.state
-    mode = eval_mode(cfg)
+    best.pth follows the figure the task reports: the EMA model's when the task says so
+    (`Task.reports_ema`) and there is one, else the student's."""
+    run, state, task = tr.run, tr.state, tr.run.task
+    m = task.metric
     t0 = time.time()
-    res = evaluate(tr.student, valset, cfg.nclass, mode, cfg.crop_size, device=run.device, progress=False)
-    res_ema = evaluate(tr.teacher.model, valset, cfg.nclass, mode, cfg.crop_size, device=run.device,
-                       progress=False) if tr.teacher else None
-    state.history.append({'epoch': epoch, 'miou': res['miou'], 'miou_ema': res_ema['miou'] if res_ema else None,
-                          'iou': res['iou'], 'iou_ema': res_ema['iou'] if res_ema else None, **train_stats})
+    res = task.evaluate(tr.student, valset, run.device)
+    res_ema = task.evaluate(tr.teacher.model, valset, run.device) if tr.teacher else None
+    scores, scores_ema = task.scores(res), task.scores(res_ema) if res_ema else None
+    entry = {'epoch': epoch}
+    for key, value in scores.items():
+        entry[key], entry[f'{key}_ema'] = value, scores_ema[key] if scores_ema else None
+    state.history.append({**entry, **train_stats})
     state.epoch = epoch
-    improved = (res_ema or res)['miou'] >= (state.best_miou_ema if res_ema else state.best_miou)
-    if res['miou'] >= state.best_miou:
-        state.best_miou, state.best_epoch = res['miou'], epoch
-    if res_ema and res_ema['miou'] >= state.best_miou_ema:
-        state.best_miou_ema, state.best_epoch_ema = res_ema['miou'], epoch
+    reported_ema = res_ema is not None and task.reports_ema
+    improved = res_ema[m] >= state.best_ema if reported_ema else res[m] >= state.best
+    if res[m] >= state.best:
+        state.best, state.best_epoch = res[m], epoch
+    if res_ema and res_ema[m] >= state.best_ema:
+        state.best_ema, state.best_epoch_ema = res_ema[m], epoch
 
-    names = class_names(cfg.dataset, cfg.nclass, cfg.class_names)
-    run.log.info(f'epoch {epoch} per-class IoU ({"EMA" if res_ema else "model"}, {mode}):\n'
-                 + format_iou_table((res_ema or res)['iou'], names))
-    ema_txt = f', EMA mIoU {res_ema["miou"]:.2f} (best {state.best_miou_ema:.2f})' if res_ema else ''
-    run.log.info(f'epoch {epoch}: mIoU {res["miou"]:.2f} (best {state.best_miou:.2f}){ema_txt}, '
+    run.log.info(f'epoch {epoch} {task.result_title} ({"EMA" if res_ema else "model"}, {task.eval_mode()}):\n'
+                 + task.format_result(res_ema or res))
+    label = task.metric_label
+    ema_txt = f', EMA {label} {res_ema[m]:.2f} (best {state.best_ema:.2f})' if res_ema else ''
+    run.log.info(f'epoch {epoch}: {label} {res[m]:.2f} (best {state.best:.2f}){ema_txt}, '
                  f'eval {time.time() - t0:.1f}s')
-    tr.tb.scalars({'miou': res['miou'], **({'miou_ema': res_ema['miou']} if res_ema else {})}, epoch, 'val/')
+    tr.tb.scalars({k: v for k, v in {**scores, **{f'{k}_ema': v for k, v in (scores_ema or {}).items()}}.items()
+                   if isinstance(v, float)}, epoch, 'val/')
     tr.methods.end_of_epoch(epoch, tr.student, tr.teacher, res, res_ema, run.log)
     save_checkpoint(tr, best=improved)
     save_results(tr)

@@ -1,0 +1,130 @@
+"""What a task is: one class in one module, registered by name (`tasks/__init__.py`).
+
+A task is the part of a run that depends on what is predicted -- segmentation maps, change maps,
+image classes -- around the one training step, loop, EMA teacher, losses and checkpoints. The
+dataset picks it: each spec in `dataset/registry.py` names its task. A task says, in one place:
+
+  * its data: the split files of a split (`split_paths`), the checks of those files before anything
+    is written (`check_inputs`), and its datasets (`dataset`: labeled, unlabeled and evaluation
+    samples, in the dict layout `methods/step.py` documents, whatever `image` holds);
+  * its model (`build_model`);
+  * its evaluation (`evaluate` -> a result dict; `scores` -> the per-epoch figures kept in
+    `results.json`; `metric`, the figure whose best picks best.pth; `reports_ema`, whether the
+    figure reported is the EMA model's; `format_result` and `headline` for the log and console);
+  * its prediction on arbitrary inputs (`predict`, for predict.py).
+
+The trainer, evaluate.py, predict.py and benchmark.py call these and never name a task.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, ClassVar, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+Need = Callable[[bool, str, str], None]     # need(ok, key, message): raise a ConfigError naming the key
+
+
+class Task:
+    name: ClassVar[str]
+    summary: ClassVar[str] = ''
+    metric: ClassVar[str]                   # key of `scores`: its best picks best.pth and the reported figure
+    metric_label: ClassVar[str]             # how the log prints it ('mIoU', 'changed IoU', 'top-1')
+    result_title: ClassVar[str] = 'scores'  # the log's name of `format_result`'s table
+    reports_ema: ClassVar[bool] = True      # the reported figure is the EMA model's (else the student's)
+    in_channels: ClassVar[int] = 3          # channels of one model input (benchmark batches)
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    @classmethod
+    def check(cls, cfg, need: Need) -> None:
+        """Validate the keys of a config whose dataset has this task."""
+
+    # ---- data ------------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Make a generated dataset on first use (called on the main process only)."""
+
+    def split_paths(self, split: str) -> tuple[Path, Path, Path]:
+        """(labeled, unlabeled, evaluation) split files of `split`."""
+        raise NotImplementedError
+
+    def eval_split_path(self) -> Path:
+        """The evaluation split file when the split files are given by path."""
+        raise NotImplementedError
+
+    def check_inputs(self, splits: dict[str, Path], full: bool = False,
+                     roots: dict[str, str] | None = None) -> list:
+        """`dataset.checks.Problem`s of the split files (role -> file: 'labeled', 'unlabeled',
+        'val'); `full` opens every file. A role's files live under `roots[role]` when given."""
+        raise NotImplementedError
+
+    def dataset(self, split_file: Path, mode: str, nsample: int | None = None, num_strong: int = 2,
+                root: str | None = None) -> Dataset:
+        """Samples of `split_file` in mode 'train_l', 'train_u' or 'val' (`dataset/semi.py` has the
+        dict layout), the list repeated to `nsample`; under `root` (default: the data root)."""
+        raise NotImplementedError
+
+    # ---- model -----------------------------------------------------------------------------------
+
+    def build_model(self, cfg=None) -> nn.Module:
+        """The model of `cfg` (default: the task's), random init."""
+        raise NotImplementedError
+
+    # ---- evaluation ------------------------------------------------------------------------------
+
+    default_weights: ClassVar[str | None] = None    # evaluate.py's weights of a checkpoint holding both
+
+    def evaluate(self, model: nn.Module, dataset: Dataset, device: torch.device, *, mode: str | None = None,
+                 flip: bool = False, scales: Sequence[float] = (1.0,), save_dir: Path | None = None,
+                 progress: bool = False, num_workers: int = 0) -> dict:
+        """Evaluate `model` on `dataset` over every process; a dict holding at least `metric`
+        and 'n_images'."""
+        raise NotImplementedError
+
+    def eval_mode(self, mode: str | None = None) -> str:
+        """The inference mode of an evaluation ('original', 'sliding_window', ...)."""
+        return mode or self.cfg.eval_mode or 'original'
+
+    def scores(self, result: dict) -> dict:
+        """The figures of one evaluation kept per epoch in results.json (JSON values)."""
+        return {self.metric: result[self.metric]}
+
+    def format_result(self, result: dict) -> str:
+        """The table the log shows after each evaluation."""
+        return f'{self.metric_label}: {result[self.metric]:.2f}'
+
+    def headline(self, result: dict) -> str:
+        """evaluate.py's last line, `<label>: NN.NN`."""
+        return f'{self.metric_label}: {result[self.metric]:.2f}'
+
+    def report(self, result: dict) -> dict:
+        """evaluate.py's JSON report of a result (besides the run's description)."""
+        return {k: v for k, v in result.items()}
+
+    def results_extra(self, history: list[dict], best_epoch: int) -> dict:
+        """Entries the task adds to results.json (history: one entry per epoch)."""
+        return {}
+
+    # ---- prediction ------------------------------------------------------------------------------
+
+    def predict(self, model: nn.Module, inputs: list[Path], out_dir: Path, device: torch.device, *,
+                labels: Path | None = None, mode: str | None = None, flip: bool = False,
+                scales: Sequence[float] = (1.0,)) -> int:
+        """Predict every input under `inputs` (a file or a folder, or as many folders as the
+        task's inputs have parts) into `out_dir`; returns how many were written."""
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[Task]] = {}
+
+
+def register(cls: type[Task]) -> type[Task]:
+    """Class decorator: make `cls` the task of datasets whose spec names `cls.name`."""
+    if cls.name in REGISTRY:
+        raise ValueError(f'task {cls.name!r} is registered twice')
+    REGISTRY[cls.name] = cls
+    return cls

@@ -1,0 +1,128 @@
+"""Semantic segmentation: images and class-id masks, a DPT segmentor, per-class IoU and mIoU.
+
+The reported figure is the best EMA mIoU of a semi-supervised run (the paper's statistic, FACTS §9)
+and the best mIoU of a labeled-only one; best.pth follows it.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from tasks.base import Task, register
+
+
+@register
+class Segmentation(Task):
+    name = 'segmentation'
+    summary = 'per-pixel classes: DINOv2 + DPT, per-class IoU and mIoU'
+    metric = 'miou'
+    metric_label = 'mIoU'
+    result_title = 'per-class IoU'
+
+    # ---- data ------------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        from dataset.registry import get_spec
+        cfg = self.cfg
+        if get_spec(cfg.dataset).generated:
+            from dataset.toy import ensure_toy
+            ensure_toy(cfg.data_root, Path(cfg.splits_root) / cfg.dataset, seed=cfg.toy_seed,
+                       n_train=cfg.toy_train, n_val=cfg.toy_val)
+
+    def split_paths(self, split: str) -> tuple[Path, Path, Path]:
+        from dataset.semi import split_paths
+        paths = split_paths(self.cfg.dataset, split, self.cfg.splits_root, self.cfg.data_root)
+        return paths.labeled, paths.unlabeled, paths.val
+
+    def eval_split_path(self) -> Path:
+        return Path(self.cfg.splits_root) / self.cfg.dataset / 'val.txt'
+
+    def check_inputs(self, splits: dict[str, Path], full: bool = False,
+                     roots: dict[str, str] | None = None) -> list:
+        from dataset.checks import check_inputs
+        return check_inputs(self.cfg.data_root, splits, self.cfg.nclass, full=full, roots=roots)
+
+    def dataset(self, split_file: Path, mode: str, nsample: int | None = None, num_strong: int = 2,
+                root: str | None = None) -> Dataset:
+        from dataset.semi import SemiDataset
+        return SemiDataset(root or self.cfg.data_root, split_file, mode, self.cfg.crop_size, nsample=nsample,
+                           num_strong=num_strong, nclass=self.cfg.nclass)
+
+    # ---- model -----------------------------------------------------------------------------------
+
+    def build_model(self, cfg=None) -> nn.Module:
+        import methods
+        return methods.build_model(cfg or self.cfg)
+
+    # ---- evaluation ------------------------------------------------------------------------------
+
+    def eval_mode(self, mode: str | None = None) -> str:
+        from dataset.registry import default_eval_mode
+        return mode or self.cfg.eval_mode or default_eval_mode(self.cfg.dataset)
+
+    def class_names(self) -> list[str]:
+        from dataset.registry import class_names
+        return class_names(self.cfg.dataset, self.cfg.nclass, self.cfg.class_names)
+
+    def evaluate(self, model: nn.Module, dataset: Dataset, device: torch.device, *, mode: str | None = None,
+                 flip: bool = False, scales: Sequence[float] = (1.0,), save_dir: Path | None = None,
+                 progress: bool = False, num_workers: int = 0) -> dict:
+        """{'miou', 'iou' (per class), 'pixel_acc', 'n_images', 'confusion'}: util.evaluation.evaluate."""
+        from dataset.registry import get_palette
+        from util.evaluation import evaluate
+        cfg = self.cfg
+        palette = get_palette(cfg.dataset, cfg.nclass) if save_dir is not None else None
+        return evaluate(model, dataset, cfg.nclass, self.eval_mode(mode), cfg.crop_size, flip, scales, device,
+                        save_dir=save_dir, palette=palette, progress=progress, num_workers=num_workers)
+
+    def scores(self, result: dict) -> dict:
+        return {'miou': result['miou'], 'iou': result['iou']}
+
+    def format_result(self, result: dict) -> str:
+        from util.evaluation import format_iou_table
+        return format_iou_table(result['iou'], self.class_names())
+
+    def report(self, result: dict) -> dict:
+        return {'miou': result['miou'], 'pixel_acc': result['pixel_acc'], 'n_images': result['n_images'],
+                'iou': dict(zip(self.class_names(), result['iou'])), 'confusion': result['confusion']}
+
+    # ---- prediction ------------------------------------------------------------------------------
+
+    def predict(self, model: nn.Module, inputs: list[Path], out_dir: Path, device: torch.device, *,
+                labels: Path | None = None, mode: str | None = None, flip: bool = False,
+                scales: Sequence[float] = (1.0,)) -> int:
+        """For each image `<stem>` of one file or folder: `<stem>.png` (palette PNG of class ids, 255
+        where nothing was predicted) and `<stem>_overlay.jpg` (the colours over the image)."""
+        from PIL import UnidentifiedImageError
+        from tqdm import tqdm
+
+        from dataset.registry import get_palette
+        from dataset.transforms import normalize
+        from util.evaluation import list_inputs, load_rgb, output_stem, overlay, save_prediction
+        from util.inference import predict
+        from util.metrics import IGNORE_INDEX
+        if len(inputs) != 1:
+            raise SystemExit(f'error: segmentation takes one --input (a file or a folder), got {len(inputs)}')
+        cfg = self.cfg
+        palette = get_palette(cfg.dataset, cfg.nclass)
+        taken, written = set(), 0
+        for path in tqdm(list_inputs(inputs[0]), desc='predict', dynamic_ncols=True):
+            try:
+                img = load_rgb(path)
+            except (UnidentifiedImageError, OSError) as err:
+                tqdm.write(f'warning: skipping {path}: not a readable image ({err})', file=sys.stderr)
+                continue
+            with torch.inference_mode():
+                probs, valid = predict(model, normalize(img)[None].to(device), self.eval_mode(mode), cfg.crop_size,
+                                       cfg.nclass, flip, scales)
+            ids = probs.argmax(dim=1)[0].masked_fill(~valid[0], IGNORE_INDEX).cpu()
+            stem = output_stem(path, taken)
+            save_prediction(ids, palette, out_dir / f'{stem}.png')
+            overlay(img, ids, palette).save(out_dir / f'{stem}_overlay.jpg', quality=90)
+            written += 1
+        return written
