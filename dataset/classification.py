@@ -63,9 +63,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class ClassificationSpec:
+    """How a dataset's images are read and augmented (its classes: dataset/registry.py)."""
     name: str
-    nclass: int
-    size: int                   # training and evaluation image side
+    size: int                   # training and evaluation image side (the config's crop_size overrides)
     mean: tuple[float, ...]
     std: tuple[float, ...]
     hflip: bool                 # digits are not flipped
@@ -73,14 +73,14 @@ class ClassificationSpec:
 
 
 SPECS: dict[str, ClassificationSpec] = {s.name: s for s in (
-    ClassificationSpec('cifar10', 10, 32, CIFAR_MEAN, CIFAR_STD, True,
+    ClassificationSpec('cifar10', 32, CIFAR_MEAN, CIFAR_STD, True,
                        'cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}'),
-    ClassificationSpec('stl10', 10, 96, STL_MEAN, STL_STD, True,
+    ClassificationSpec('stl10', 96, STL_MEAN, STL_STD, True,
                        'stl10_binary/{train_X,train_y,unlabeled_X,test_X,test_y}.bin'),
-    ClassificationSpec('svhn', 10, 32, SVHN_MEAN, SVHN_STD, False, 'train_32x32.mat, test_32x32.mat'),
-    ClassificationSpec('imagenet', 1000, 224, IMAGENET_MEAN, IMAGENET_STD, True,
+    ClassificationSpec('svhn', 32, SVHN_MEAN, SVHN_STD, False, 'train_32x32.mat, test_32x32.mat'),
+    ClassificationSpec('imagenet', 224, IMAGENET_MEAN, IMAGENET_STD, True,
                        'train/<class>/*.JPEG, val/<class>/*.JPEG'),
-    ClassificationSpec('toy_cls', 4, 32, CIFAR_MEAN, CIFAR_STD, True,
+    ClassificationSpec('toy_cls', 32, CIFAR_MEAN, CIFAR_STD, True,
                        'cifar-10-batches-py/ (generated on first use)'),
 )}
 
@@ -155,8 +155,13 @@ def read_images(dataset: str, root: str | os.PathLike, part: str, download: bool
                         f'expected {spec.files}{" (download=true fetches them)" if not download and dataset != "imagenet" else ""}') from None
 
 
+def nclass_of(dataset: str) -> int:
+    from dataset.registry import get_spec as registry_spec
+    return registry_spec(dataset).nclass
+
+
 def check_images(dataset: str, images: Images, part: str, root: str | os.PathLike) -> None:
-    nclass = get_spec(dataset).nclass
+    nclass = nclass_of(dataset)
     labels = images.labels[images.labels >= 0]
     if len(images) == 0:
         raise DataError(f'{dataset}: no {part} images under {root}')
@@ -304,7 +309,7 @@ def load_classification(dataset: str, root: str | os.PathLike, split: str, seed:
         ensure_toy_cls(root)
     train = read_images(dataset, root, 'train', download)
     check_images(dataset, train, 'train', root)
-    labeled = labeled_indices(train.labels, spec.nclass, split, seed, dataset)
+    labeled = labeled_indices(train.labels, nclass_of(dataset), split, seed, dataset)
     unlabeled = train
     if semi and dataset == 'stl10':
         unlabeled = train + read_images(dataset, root, 'unlabeled', download)

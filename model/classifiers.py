@@ -14,10 +14,10 @@
 
 Both answer the training step's keywords (methods/step.py): `comp_drop` puts complementary
 channel dropout on the pooled features of the strong pairs [s1; s2] after the first `n_clean`
-images (the same masks and kept-pair rule as the segmentor's, `model.dpt.strong_masks`), and
-`feat_drop` independent dropout. The forward returns logits as a (B, K, 1, 1) map -- an image is a
-one-pixel "segmentation" -- so the step's losses, pseudo-labels and statistics apply unchanged;
-`classify` returns (B, K).
+images (the same masks and kept-pair rule as the segmentor's, `model.dpt.strong_masks`),
+`feat_drop` independent dropout, and `need_fp` adds UniMatch V1's channel-dropped stream. The
+forward returns logits as a (B, K, 1, 1) map -- an image is a one-pixel "segmentation" -- so the
+step's losses, pseudo-labels and statistics apply unchanged; `classify` returns (B, K).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.dpt import strong_masks
+from model.dpt import channel_dropout_masks, strong_masks
 from model.presets import PATCH_SIZE, PRESETS
 
 BN_MOMENTUM = 0.001    # USB / FixMatch: running statistics averaged over ~1000 steps
@@ -115,19 +115,34 @@ class ImageClassifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
-    def classify(self, x: torch.Tensor, comp_drop: bool = False, n_clean: int = 0,
-                 feat_drop: bool = False) -> torch.Tensor:
+    def lock_backbone(self) -> None:
+        """Train the head only (a linear probe of a pretrained encoder)."""
+        self.backbone.requires_grad_(False)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            raise ValueError(f'{type(self).__name__} has no gradient checkpointing')
+
+    def set_fused_attention(self, enable: bool = True) -> None:
+        """No attention in a convolutional network."""
+
+    def classify(self, x: torch.Tensor, comp_drop: bool = False, n_clean: int = 0, feat_drop: bool = False,
+                 need_fp: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, K). comp_drop: x[n_clean:] are two strong views [s1; s2] of the same images,
-        whose pooled features get complementary channel masks; feat_drop: independent masks."""
+        whose pooled features get complementary channel masks; feat_drop: independent masks;
+        need_fp: also the logits of channel-dropped features of every image (UniMatch V1)."""
         f = self.features(x)
         if comp_drop or feat_drop:
             f = f * strong_masks(f.shape[0], n_clean, f.shape[1], f, independent=not comp_drop)
+        if need_fp:
+            return self.head(f), self.head(f * channel_dropout_masks(f.shape[0], f.shape[1], f))
         return self.head(f)
 
-    def forward(self, x: torch.Tensor, comp_drop: bool = False, n_clean: int = 0,
-                feat_drop: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, comp_drop: bool = False, n_clean: int = 0, feat_drop: bool = False,
+                need_fp: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits as a (B, K, 1, 1) map, the layout of the training step (module docstring)."""
-        return self.classify(x, comp_drop, n_clean, feat_drop)[:, :, None, None]
+        out = self.classify(x, comp_drop, n_clean, feat_drop, need_fp)
+        return tuple(o[:, :, None, None] for o in out) if need_fp else out[:, :, None, None]
 
 
 class WideResNet(ImageClassifier):
@@ -154,6 +169,13 @@ class DinoV2Classifier(ImageClassifier):
         spec = PRESETS[size]
         super().__init__(DinoV2Encoder.from_preset(spec, drop_path), spec.embed_dim, nclass)
         self.input_size = input_size
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.grad_checkpointing = enable
+
+    def set_fused_attention(self, enable: bool = True) -> None:
+        for block in self.backbone.blocks:
+            block.attn.fused_attn = enable
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.input_size, self.input_size):

@@ -8,7 +8,7 @@ import importlib
 
 from tasks.base import REGISTRY, Task, register
 
-MODULES = ('segmentation',)
+MODULES = ('segmentation', 'classification')
 
 
 def names() -> tuple[str, ...]:

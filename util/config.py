@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 
 import methods
+import tasks
+from dataset.registry import DATASETS
 from model.dpt import COMP_DROP_SITES
 
 EVAL_MODES = ('original', 'center_crop', 'sliding_window')
@@ -187,6 +189,7 @@ def _check(cfg: Config, source: str) -> None:
             raise ConfigError(f'{source}: config key {key!r} {msg}')
 
     need(cfg.method in methods.names(), 'method', f'must be one of {methods.names()}, got {cfg.method!r}')
+    need(cfg.dataset in DATASETS, 'dataset', f'must be one of {sorted(DATASETS)}, got {cfg.dataset!r}')
     need(cfg.on_nonfinite in ('stop', 'skip'), 'on_nonfinite',
          f"must be 'stop' or 'skip', got {cfg.on_nonfinite!r}")
     need(cfg.precision in PRECISIONS, 'precision', f'must be one of {PRECISIONS}, got {cfg.precision!r}')
@@ -215,6 +218,7 @@ def _check(cfg: Config, source: str) -> None:
          f'has {len(cfg.class_names or [])} names but nclass is {cfg.nclass}')
     for method in methods.REGISTRY.values():
         method.check(cfg, need)
+    tasks.of_dataset(cfg.dataset).check(cfg, need)
 
 
 def fused_attention(cfg: Config, device_type: str) -> bool:

@@ -88,8 +88,8 @@ def train(args: argparse.Namespace, method: str | None = None) -> 'Training':
 
 
 def train_loaders(run: 'Run', options: SemiOptions | None) -> list[DataLoader]:
-    """[unlabeled, labeled] loaders: an epoch is one pass over the unlabeled set, with the labeled
-    list repeated to its length. Labeled only (options None), as the original: one loader at twice
+    """[unlabeled, labeled] loaders: an epoch is one pass over the unlabeled set (batches of
+    batch_size x unlabeled_ratio), with the labeled list repeated to as many batches of batch_size. Labeled only (options None), as the original: one loader at twice
     the batch size, the labeled list repeated to `labeled_upsample` samples when it is shorter."""
     cfg, task = run.cfg, run.task
     if options is None:
@@ -97,8 +97,9 @@ def train_loaders(run: 'Run', options: SemiOptions | None) -> list[DataLoader]:
         trainset = task.dataset(run.labeled, 'train_l', nsample=max(n_labeled, cfg.labeled_upsample))
         return [make_loader(trainset, cfg, cfg.batch_size * 2)]
     trainset_u = task.dataset(run.unlabeled, 'train_u', num_strong=options.views, root=unlabeled_root(cfg))
-    trainset_l = task.dataset(run.labeled, 'train_l', nsample=len(trainset_u))
-    return [make_loader(trainset_u, cfg, cfg.batch_size), make_loader(trainset_l, cfg, cfg.batch_size, seed_offset=1)]
+    trainset_l = task.dataset(run.labeled, 'train_l', nsample=len(trainset_u) // cfg.unlabeled_ratio)
+    return [make_loader(trainset_u, cfg, cfg.batch_size * cfg.unlabeled_ratio),
+            make_loader(trainset_l, cfg, cfg.batch_size, seed_offset=1)]
 
 
 def make_step(tr: 'Training', options: SemiOptions | None, iters_per_epoch: int) -> Callable:
@@ -324,7 +325,7 @@ def build_student(cfg: Config, device: torch.device, log=None, task: Task | None
         model.to(memory_format=torch.channels_last)
     if log:
         n = sum(p.numel() for p in model.parameters())
-        log.info(f'model {cfg.backbone} + DPT: {n / 1e6:.1f}M parameters')
+        log.info(f'model {cfg.backbone} ({type(model).__name__}): {n / 1e6:.2f}M parameters')
     return model.to(device)
 
 
