@@ -66,8 +66,11 @@ def default_json_path(checkpoint: str, mode: str, flip: bool, scales: tuple[floa
 
 
 def report_json(report: dict) -> str:
-    """Indented JSON with one line per confusion-matrix row (nclass x nclass numbers)."""
+    """Indented JSON with one line per confusion-matrix row (nclass x nclass numbers), where the
+    task reports one (classification does not)."""
     text = json.dumps({k: v for k, v in report.items() if k != 'confusion'}, indent=1)
+    if 'confusion' not in report:
+        return text + '\n'
     rows = ',\n  '.join(json.dumps(row) for row in report['confusion'])
     return text[:-2] + f',\n "confusion": [\n  {rows}\n ]\n}}\n'
 

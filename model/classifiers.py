@@ -30,7 +30,7 @@ from torch import nn
 from model.dpt import channel_dropout_masks, strong_masks
 from model.presets import PATCH_SIZE, PRESETS
 
-BN_MOMENTUM = 0.001    # USB / FixMatch: running statistics averaged over ~1000 steps
+BN_MOMENTUM = 0.001    # USB / FixMatch: running statistics averaged over ~1000 steps (of 2^20)
 BN_EPS = 0.001
 LEAKY_SLOPE = 0.1
 STEM_WIDTH = 16
@@ -41,6 +41,7 @@ class WRNPreset:
     widths: tuple[int, ...]     # output channels of each group of blocks
     blocks: int                 # basic blocks per group
     first_stride: int           # stride of the first group (2 halves STL-10's 96 x 96 early)
+    bn_momentum: float = BN_MOMENTUM    # a short run needs its evaluation statistics sooner
 
 
 WRN_PRESETS: dict[str, WRNPreset] = {
@@ -49,14 +50,16 @@ WRN_PRESETS: dict[str, WRNPreset] = {
     # USB's WideResNetVar ("wrn_var_37_2"): one more group, 256 wide
     'wrn_var_37_2': WRNPreset((32, 64, 128, 256), 4, 2),
     # the classification toy's (configs/toy_cls.yaml): depth 16, widening factor 1, 0.18M parameters
-    'wrn_16_1': WRNPreset((16, 32, 64), 2, 1),
+    # (its BatchNorm statistics average over ~100 steps: with 0.001 they would still be 30% the
+    # initial ones after the toy's 1200 steps, and the evaluation at chance)
+    'wrn_16_1': WRNPreset((16, 32, 64), 2, 1, bn_momentum=0.01),
 }
 # Parameters (millions) the paper's logs give for these networks with 10 classes (FACTS §8).
 PAPER_PARAMS_M = {'wrn_28_2': 1.47, 'wrn_var_37_2': 5.93}
 
 
-def bn_act(channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.BatchNorm2d(channels, momentum=BN_MOMENTUM, eps=BN_EPS),
+def bn_act(channels: int, momentum: float = BN_MOMENTUM) -> nn.Sequential:
+    return nn.Sequential(nn.BatchNorm2d(channels, momentum=momentum, eps=BN_EPS),
                          nn.LeakyReLU(LEAKY_SLOPE))
 
 
@@ -64,11 +67,11 @@ class BasicBlock(nn.Module):
     """Pre-activation block: x + conv(act(conv(act(x)))); a block that changes width or stride
     feeds the activated input to both branches, the shortcut through a 1x1 convolution."""
 
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, bn_momentum: float = BN_MOMENTUM):
         super().__init__()
-        self.act1 = bn_act(cin)
+        self.act1 = bn_act(cin, bn_momentum)
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1)
-        self.act2 = bn_act(cout)
+        self.act2 = bn_act(cout, bn_momentum)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
         self.shortcut = nn.Conv2d(cin, cout, 1, stride) if (cin != cout or stride != 1) else None
 
@@ -89,10 +92,10 @@ class WideResNetTrunk(nn.Module):
         for g, width in enumerate(spec.widths):
             for b in range(spec.blocks):
                 stride = (spec.first_stride if g == 0 else 2) if b == 0 else 1
-                blocks.append(BasicBlock(cin, width, stride))
+                blocks.append(BasicBlock(cin, width, stride, spec.bn_momentum))
                 cin = width
         self.blocks = nn.Sequential(*blocks)
-        self.final = bn_act(cin)
+        self.final = bn_act(cin, spec.bn_momentum)
         self.width = cin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

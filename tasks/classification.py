@@ -74,6 +74,10 @@ class Classification(Task):
              f'must be one of {classifier_names()} for {cfg.dataset}, got {cfg.backbone!r}')
         need(cfg.max_iters_per_epoch > 0, 'max_iters_per_epoch',
              f'must be > 0 for {cfg.dataset}: a classification epoch is that many iterations')
+        need(methods.get(cfg.method).options is not None
+             or cfg.labeled_upsample >= cfg.max_iters_per_epoch * 2 * cfg.batch_size, 'labeled_upsample',
+             f'must be >= max_iters_per_epoch x 2 x batch_size = {cfg.max_iters_per_epoch * 2 * cfg.batch_size} '
+             f'for labeled-only training on {cfg.dataset} (an epoch of max_iters_per_epoch iterations)')
         need(not cfg.unlabeled_dirs and cfg.unlabeled_root is None, 'unlabeled_dirs',
              f'does not apply to {cfg.dataset}: its unlabeled set is its training set')
         need(cfg.comp_drop_at == 'features', 'comp_drop_at',

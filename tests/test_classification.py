@@ -204,3 +204,109 @@ def test_top_k_accuracy_by_hand():
     got = acc.reduce().accuracy()
     assert got == pytest.approx({'top1': 100 / 3, 'top2': 200 / 3, 'top3': 100.0, 'top5': 100.0})
     assert acc.n_images == 3
+
+
+# ---- end to end: the trainer, evaluate.py, predict.py ---------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def cifar_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp('cifar')
+    write_cifar(root, TRAIN, TEST)
+    return root
+
+
+def fast(root: Path) -> list[str]:
+    """configs/cifar10.yaml on the written files, a toy network, two iterations of small batches."""
+    return [f'data_root={root}', 'download=false', 'backbone=wrn_16_1', 'max_iters_per_epoch=2', 'batch_size=4',
+            'unlabeled_ratio=2', 'labeled_upsample=16', 'num_workers=0', 'eval_batch_size=8', 'log_interval=1']
+
+
+def train_args(run_dir: Path, split: str = '2_labels_per_class') -> list[str]:
+    return ['--config', str(ROOT / 'configs/cifar10.yaml'), '--split', split, '--save-path', str(run_dir)]
+
+
+def results_of(run_dir: Path) -> dict:
+    import json
+    return json.loads((run_dir / 'results.json').read_text())
+
+
+def test_unimatch_v2_resume_is_the_same_run(cifar_root, tmp_path, monkeypatch):
+    """Two epochs in one go, and the same run stopped after its first epoch and resumed, end with
+    the same weights, EMA, optimizer state and accuracies: every augmentation (RandAugment
+    included) is seeded per sample."""
+    import unimatch_v2
+    from util import trainer
+    straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+    unimatch_v2.main(train_args(straight) + fast(cifar_root) + ['epochs=2'])
+    real = trainer.end_of_epoch
+
+    def stop_after(tr, epoch, *args):
+        real(tr, epoch, *args)
+        raise trainer.Preempted
+    monkeypatch.setattr(trainer, 'end_of_epoch', stop_after)
+    with pytest.raises(SystemExit):
+        unimatch_v2.main(train_args(resumed) + fast(cifar_root) + ['epochs=2'])
+    assert results_of(resumed)['epochs'] == 1
+    monkeypatch.setattr(trainer, 'end_of_epoch', real)
+    unimatch_v2.main(train_args(resumed) + fast(cifar_root) + ['epochs=2'])
+    a, b = (torch.load(d / 'latest.pth', weights_only=True) for d in (straight, resumed))
+    for key in ('model', 'model_ema'):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert all(torch.equal(x['momentum_buffer'], y['momentum_buffer'])
+               for x, y in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()))
+    res = results_of(resumed)
+    assert res['top1_ema'] == results_of(straight)['top1_ema'] and len(res['top1_ema']) == 2
+    assert {'best_top1', 'best_top1_ema', 'final_top1_ema', 'top5_ema', 'best_top5_ema'} <= set(res)
+    assert res['history'][0]['loss_s2'] >= 0 and 0 <= res['best_top1_ema'] <= 100
+
+
+@pytest.mark.parametrize('method', ['fixmatch', 'supervised'])
+def test_baselines_train(cifar_root, tmp_path, method):
+    import unimatch_v2
+    unimatch_v2.main(train_args(tmp_path) + fast(cifar_root) + ['epochs=1', f'method={method}'])
+    res = results_of(tmp_path)
+    assert res['method'] == method and res['epochs'] == 1 and res['global_step'] == 2
+    assert (res['best_top1_ema'] is None) == (method == 'supervised')
+
+
+def test_evaluate_and_predict_a_checkpoint(cifar_root, tmp_path, capsys):
+    import evaluate
+    import predict
+    import unimatch_v2
+    from PIL import Image
+    unimatch_v2.main(train_args(tmp_path / 'run') + fast(cifar_root) + ['epochs=1', 'method=fixmatch'])
+    ckpt = tmp_path / 'run' / 'best.pth'
+    result = evaluate.main(['--config', str(ROOT / 'configs/cifar10.yaml'), '--checkpoint', str(ckpt)] + fast(cifar_root))
+    assert result['n_images'] == len(TEST)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f'top-1: {result["top1"]:.2f}'
+    images = tmp_path / 'images'
+    images.mkdir()
+    for k in range(3):
+        Image.fromarray(images_of([k], 32)[0]).save(images / f'{k}.png')
+    predict.main(['--config', str(ROOT / 'configs/cifar10.yaml'), '--checkpoint', str(ckpt), '--input', str(images),
+                  '--output', str(tmp_path / 'out')] + fast(cifar_root))
+    rows = (tmp_path / 'out' / 'predictions.csv').read_text().splitlines()
+    assert rows[0] == 'file,class,probability,top5' and [r.split(',')[0] for r in rows[1:]] == ['0.png', '1.png', '2.png']
+
+
+@pytest.mark.parametrize('override, message', [
+    ('data_root={missing}', 'cifar10: cannot read its train images from {missing}'),
+    ('split=7_labels_per_class', "split '7_labels_per_class' asks for 7 labeled images of class 0, which has only 6"),
+    ('dataset=cifar100', "config key 'dataset' must be one of"),
+    ('split=250', "split '250': expected <N>_labels_per_class"),
+])
+def test_bad_input_is_named_before_anything_is_written(cifar_root, tmp_path, capsys, override, message):
+    import unimatch_v2
+    missing = tmp_path / 'nowhere'
+    override, message = override.format(missing=missing), message.format(missing=missing)
+    split = override.split('=', 1)[1] if override.startswith('split=') else '2_labels_per_class'
+    extra = [] if override.startswith('split=') else [override]
+    run_dir = tmp_path / 'run'
+    with pytest.raises(SystemExit) as exit_info:
+        unimatch_v2.main(train_args(run_dir, split) + fast(cifar_root) + extra)
+    assert exit_info.value.code == 1
+    assert message in capsys.readouterr().err
+    assert not run_dir.exists()
