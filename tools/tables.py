@@ -32,6 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # the project root, for `methods`
 import methods  # noqa: E402
+import tasks  # noqa: E402
+from dataset.registry import DATASETS  # noqa: E402
 
 # Metric names in paper_tables.csv: what the paper reports for each kind of method (facts section 9).
 SEMI_METRIC = 'best_mIoU_ema'
@@ -101,6 +103,23 @@ BASELINES = {
 TABLE_METRIC = {'table09': 'best_mIoU', 'table10': 'best_mIoU'}
 # The default setting's value of a swept key, for the baseline row's label.
 DEFAULT_LABEL = {'figure5': 'conf_thresh=0.95', 'figure6': 'unlabeled_loss_weight=1.0'}
+
+# ---- classification (scripts/reproduce.sh table15 ... table18): UniMatch V2 over three seeds -------------------
+SEED_TABLES = {      # table -> its (dataset, split) cells
+    'table15': (('cifar10', '25_labels_per_class'),),
+    'table16': (('stl10', '25_labels_per_class'),),
+    'table17': (('svhn', '4_labels_per_class'), ('svhn', '25_labels_per_class')),
+    'table18': (('imagenet', '10%'),),
+}
+SEED_TITLES = {
+    'table15': 'Table 15: CIFAR-10 (WRN-28-2)',
+    'table16': "Table 16: STL-10 (USB's WideResNetVar)",
+    'table17': 'Table 17: SVHN (WRN-28-2)',
+    'table18': 'Table 18: ImageNet-1K (our settings: configs/imagenet.yaml; the paper\'s log is absent)',
+}
+SEEDS = (0, 1, 2)
+# The csv's name of each seed's best EMA top-1 (facts sheet, section 9): CIFAR's own script, USB's eval.
+PAPER_TOP1 = ('best_top1_acc_ema', 'best_top1_acc_EMAeval(BEST_EVAL_ACC)')
 
 DATASET_ORDER = ('pascal', 'cityscapes', 'ade20k', 'coco')
 METHOD_ORDER = methods.names()      # registry order
@@ -173,14 +192,16 @@ def read_run(path: Path, exp_root: Path) -> dict:
     tag = ''
     if len(parts) >= 4 and tuple(parts[-4:-1]) == (dataset, method, backbone):
         tag = '/'.join(parts[:-4])
-    semi = res.get('miou_ema') is not None
+    m = tasks.of_dataset(dataset).metric if dataset in DATASETS else 'miou'     # the task's figure
+    semi = res.get(f'{m}_ema') is not None
     history = res.get('history') or []
     epochs, total = res.get('epochs', len(history)), res.get('epochs_total')
     return {
         'dataset': dataset, 'method': method, 'backbone': backbone, 'encoder': encoder_name(backbone),
         'split': split_name(str(res.get('split') or run_dir.name)), 'tag': tag, 'semi': semi,
-        'reported': res.get('best_miou_ema') if semi else res.get('best_miou'),
+        'reported': res.get(f'best_{m}_ema') if semi else res.get(f'best_{m}'), 'metric': m,
         'best_miou': res.get('best_miou'), 'best_miou_ema': res.get('best_miou_ema'),
+        'best': res.get(f'best_{m}'), 'best_ema': res.get(f'best_{m}_ema'), 'final': res.get(f'final_{m}'),
         'final_miou': res.get('final_miou'), 'final_miou_ema': res.get('final_miou_ema'),
         'epochs': epochs, 'epochs_total': total,
         'complete': total is not None and epochs >= total,
@@ -405,8 +426,9 @@ def ablation_section(table: str, dataset: str, runs: list[dict], paper: dict, di
 
 def run_listing(runs: list[dict], digits: int, with_dataset: bool = False) -> str:
     """One row per run: reported, best, best EMA and final mIoU, seconds/iteration, epochs."""
+    label = 'top-1' if runs and all(r['metric'] == 'top1' for r in runs) else 'mIoU'
     header = (['dataset'] if with_dataset else []) + [
-        'method', 'encoder', 'split', 'reported', 'best mIoU', 'best EMA mIoU', 'final mIoU',
+        'method', 'encoder', 'split', 'reported', f'best {label}', f'best EMA {label}', f'final {label}',
         's/iter', 'peak MiB', 'epochs']
     order = sorted(runs, key=lambda r: (_order(r['dataset'], DATASET_ORDER),
                                         row_sort_key((r['method'], r['encoder'], r['tag'])),
@@ -418,21 +440,65 @@ def run_listing(runs: list[dict], digits: int, with_dataset: bool = False) -> st
         mem = NONE if r['peak_mem_mib'] is None else f'{r["peak_mem_mib"]:.0f}'
         body.append(([r['dataset']] if with_dataset else []) + [
             row_label(r['method'], r['tag']), r['encoder'], split_label(r['split']),
-            fmt(r['reported'], digits) + run_marks(r), fmt(r['best_miou'], digits),
-            fmt(r['best_miou_ema'], digits), fmt(r['final_miou'], digits), spi, mem,
+            fmt(r['reported'], digits) + run_marks(r), fmt(r['best'], digits),
+            fmt(r['best_ema'], digits), fmt(r['final'], digits), spi, mem,
             f'{r["epochs"]}/{total}' + run_marks(r)])
     return markdown(header, body)
 
 
-LISTING_LEGEND = ('Reported: best-epoch EMA mIoU for semi-supervised methods, best mIoU for '
-                  f'supervised. s/iter: mean over epochs of the training seconds per iteration. '
+LISTING_LEGEND = ('Reported: best-epoch EMA mIoU (classification: top-1) for semi-supervised methods, the '
+                  f'best of the model for supervised. s/iter: mean over epochs of the training seconds per iteration. '
                   f'peak MiB: the training process\'s peak memory (RSS on CPU, max allocated on CUDA). '
                   f'`{INCOMPLETE}` run not finished.')
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and population standard deviation (the facts sheet's spread over seeds)."""
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def seed_cell(values: list[float], digits: int) -> str:
+    if not values:
+        return NONE
+    mean, std = mean_std(values)
+    return f'{mean:.{digits}f} ± {std:.{digits}f} (n={len(values)})'
+
+
+def seed_table(table: str, runs: list[dict], paper: dict, digits: int) -> str:
+    """Tables 15-18: per (dataset, split), each seed's best EMA top-1 (ours, and the paper's
+    where its log has it), and the mean ± std over seeds beside the paper's. Our runs of seed N
+    are those under the tag `<table>/seed=N` (scripts/reproduce.sh)."""
+    body = []
+    for dataset, split in SEED_TABLES[table]:
+        ours, theirs = [], []
+        for seed in SEEDS:
+            run = next((r for r in runs if r['tag'] == f'{table}/seed={seed}' and r['dataset'] == dataset
+                        and r['split'] == split and r['method'] == 'unimatch_v2'), None)
+            entry = next((v for k, v in paper.items() if k[:3] == (table, dataset, split) and k[5] == f'seed{seed}'), {})
+            value = next((entry[m] for m in PAPER_TOP1 if m in entry), None)
+            ours.append(None if run is None else run['reported'])
+            theirs.append(value)
+            marks = '' if run is None else run_marks(run)
+            body.append([dataset, split, str(seed), fmt(ours[-1], digits) + marks, fmt(value, digits)])
+        got, paper_got = [v for v in ours if v is not None], [v for v in theirs if v is not None]
+        delta = (mean_std(got)[0] - mean_std(paper_got)[0]) if got and paper_got else None
+        body.append([dataset, split, 'mean ± std', seed_cell(got, digits),
+                     seed_cell(paper_got, digits) + (f', Δ {fmt(delta, digits, sign=True)}' if delta is not None else '')])
+    return markdown(['dataset', 'split', 'seed', 'ours: best EMA top-1', 'paper'], body)
+
+
+SEED_LEGEND = (f'Best EMA top-1 accuracy (%) of UniMatch V2 per seed (each seed its own labeled set), '
+               f'mean ± population std over the seeds present; Δ = our mean − the paper\'s. `{NONE}` no run or '
+               f'no paper value; `{INCOMPLETE}` run not finished (best so far).')
 
 
 def make_table(table: str, runs: list[dict], paper: dict, digits: int = 1) -> str:
     """Markdown for one table: a paper table (`table01`..`table05`), `runs` (every run listed), or a
     dataset name (its runs listed, e.g. `toy`)."""
+    if table in SEED_TABLES:
+        # two decimals at least: the seeds differ by tenths (FACTS §9: SVHN 98.21 ± 0.01)
+        return f'## {SEED_TITLES[table]}\n\n{seed_table(table, runs, paper, max(digits, 2))}\n\n{SEED_LEGEND}\n'
     if table in PAPER_TABLES or table in ABLATION_TABLES:
         section = paper_table_section if table in PAPER_TABLES else ablation_section
         parts = [f'## {TITLES.get(table) or ABLATION_TITLES[table]}']
@@ -453,10 +519,12 @@ def make_table(table: str, runs: list[dict], paper: dict, digits: int = 1) -> st
 def default_tables(runs: list[dict], paper: dict) -> list[str]:
     """Every paper table, `toy`, and a listing for each other dataset with runs but no paper table."""
     covered = {d for t in PAPER_TABLES for d in table_datasets(paper, t)}
+    seeds = [t for t in SEED_TABLES if any(r['tag'].startswith(f'{t}/') for r in runs)]
+    covered |= {d for t in seeds for d, _ in SEED_TABLES[t]}
     others = sorted({r['dataset'] for r in runs} - covered - {'toy'})
     ablations = [t for t in ABLATION_TABLES if any(
         run_variant(r)[0] == t and ablation_row(r, paper, t) for r in runs)]
-    return list(PAPER_TABLES) + ablations + ['toy'] + others
+    return list(PAPER_TABLES) + ablations + seeds + ['toy'] + others
 
 
 def make_report(runs: list[dict], paper: dict, tables: list[str] | None = None, digits: int = 1) -> str:
