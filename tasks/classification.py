@@ -72,6 +72,8 @@ class Classification(Task):
         from model.classifiers import classifier_names
         need(cfg.backbone in classifier_names(), 'backbone',
              f'must be one of {classifier_names()} for {cfg.dataset}, got {cfg.backbone!r}')
+        need(cfg.input_size % 14 == 0 and cfg.input_size > 0, 'input_size',
+             f'must be a positive multiple of the 14-pixel patch, got {cfg.input_size}')
         need(cfg.max_iters_per_epoch > 0, 'max_iters_per_epoch',
              f'must be > 0 for {cfg.dataset}: a classification epoch is that many iterations')
         need(methods.get(cfg.method).options is not None
@@ -148,7 +150,7 @@ class Classification(Task):
     def build_model(self, cfg=None) -> nn.Module:
         from model.classifiers import build_classifier
         cfg = cfg or self.cfg
-        return build_classifier(cfg.backbone, cfg.nclass, cfg.drop_path)
+        return build_classifier(cfg.backbone, cfg.nclass, cfg.drop_path, cfg.input_size)
 
     # ---- evaluation ------------------------------------------------------------------------------
 

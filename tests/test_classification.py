@@ -87,6 +87,21 @@ def test_reads_each_official_format(tmp_path, dataset):
     assert len(data.unlabeled) == 60 + (7 if dataset == 'stl10' else 0)      # STL-10's unlabeled images join
 
 
+def test_reads_imagenet_folders(tmp_path):
+    """ImageNet-1K's standard layout (train/<wnid>/, val/<wnid>/), and a percentage per class."""
+    from PIL import Image
+    for part, n in (('train', 10), ('val', 2)):
+        for c, wnid in enumerate(('n01440764', 'n01443537')):
+            (tmp_path / part / wnid).mkdir(parents=True)
+            for k in range(n):
+                Image.fromarray(images_of([c], 40)[0]).save(tmp_path / part / wnid / f'{k}.JPEG')
+    data = load_classification('imagenet', tmp_path, '20%', seed=0)
+    assert data.train.labels.tolist() == [0] * 10 + [1] * 10 and len(data.test) == 4
+    assert np.bincount(data.train.labels[data.labeled]).tolist() == [2, 2]
+    view = ClassificationDataset(data.spec, data.test, range(4), 'val')[3]
+    assert view['image'].shape == (3, 224, 224) and view['label'] == 1
+
+
 def test_labeled_subsets_are_seeded_and_nested_in_classes():
     labels = np.array(TRAIN)
     a, b = labeled_indices(labels, 10, '2_labels_per_class', 0), labeled_indices(labels, 10, '2_labels_per_class', 0)

@@ -91,6 +91,8 @@ class RunConfig:
                                          # (lr cos(7 pi t / 16 T), FixMatch / USB classification)
     unlabeled_ratio: int = 1             # unlabeled batch = batch_size x this (FixMatch's mu = 7)
     download: bool = False               # classification: torchvision downloads missing dataset files
+    input_size: int = 224                # classification with a DINOv2 encoder: images resized to this
+                                         # side (a multiple of 14) before the encoder
     eval_mode: str | None = None         # None = the dataset's default (see dataset.registry)
     eval_batch_size: int = 1
     labeled_upsample: int = 0            # supervised.py: repeat the labeled list to this length
