@@ -149,6 +149,8 @@ def read_images(dataset: str, root: str | os.PathLike, part: str, download: bool
         if not folder.is_dir():
             raise FileNotFoundError(f'no folder {folder}')
         d = datasets.ImageFolder(str(folder))
+        if len(d.classes) != nclass_of(dataset):      # labels are folder ranks: a missing one shifts them
+            raise ValueError(f'{len(d.classes)} class folders in {folder}, not {nclass_of(dataset)}')
         return Images(np.asarray(d.targets, np.int64), paths=[p for p, _ in d.samples])
     except Exception as err:      # torchvision's RuntimeError, a broken pickle, a .mat without X ...
         raise DataError(f'{dataset}: cannot read its {part} images from {root} ({type(err).__name__}: {err}); '

@@ -87,14 +87,22 @@ def test_reads_each_official_format(tmp_path, dataset):
     assert len(data.unlabeled) == 60 + (7 if dataset == 'stl10' else 0)      # STL-10's unlabeled images join
 
 
-def test_reads_imagenet_folders(tmp_path):
-    """ImageNet-1K's standard layout (train/<wnid>/, val/<wnid>/), and a percentage per class."""
+def test_reads_imagenet_folders(tmp_path, monkeypatch):
+    """ImageNet-1K's standard layout (train/<wnid>/, val/<wnid>/), and a percentage per class (two
+    classes stand for the thousand here; a folder count that is not the class count is refused)."""
+    from dataclasses import replace
+
     from PIL import Image
+
+    from dataset.registry import DATASETS
     for part, n in (('train', 10), ('val', 2)):
         for c, wnid in enumerate(('n01440764', 'n01443537')):
             (tmp_path / part / wnid).mkdir(parents=True)
             for k in range(n):
                 Image.fromarray(images_of([c], 40)[0]).save(tmp_path / part / wnid / f'{k}.JPEG')
+    with pytest.raises(DataError, match='2 class folders in .*train, not 1000'):
+        load_classification('imagenet', tmp_path, '20%', seed=0)
+    monkeypatch.setitem(DATASETS, 'imagenet', replace(DATASETS['imagenet'], nclass=2))
     data = load_classification('imagenet', tmp_path, '20%', seed=0)
     assert data.train.labels.tolist() == [0] * 10 + [1] * 10 and len(data.test) == 4
     assert np.bincount(data.train.labels[data.labeled]).tolist() == [2, 2]
