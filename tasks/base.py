@@ -49,7 +49,9 @@ class Task:
         """Make a generated dataset on first use (called on the main process only)."""
 
     def split_paths(self, split: str) -> tuple[Path, Path, Path]:
-        """(labeled, unlabeled, evaluation) split files of `split`."""
+        """(labeled, unlabeled, evaluation) split files of `split`. A task whose splits are not files
+        (classification: label counts) returns its own names of the three parts; the trainer only
+        prints them and passes them back to `check_inputs` and `dataset`."""
         raise NotImplementedError
 
     def eval_split_path(self) -> Path:
