@@ -1,11 +1,11 @@
-"""Image classifiers for semi-supervised classification (the paper's Tables 15-18).
+"""Image classifiers for classification with few labels (the paper's Tables 15-18).
 
-* `WideResNet`: the wide ResNets of the FixMatch / USB protocol, written from their standard
-  definition (timm ships only the ImageNet `wide_resnet50_2`/`101_2`, not these CIFAR-sized ones):
-  a 3x3 stem of 16 channels, groups of pre-activation basic blocks (BN - LeakyReLU(0.1) - conv3x3,
-  twice), the first block of each group changing width and stride with a 1x1 shortcut, a final
-  BN - LeakyReLU, global average pooling and a linear classifier. BatchNorm momentum 0.001 and eps
-  0.001 and biased convolutions, as USB's networks. Sizes are in `WRN_PRESETS`:
+* `WideResNet`: the wide ResNets of the USB protocol (and of its predecessors), written from their
+  standard definition (timm ships only the ImageNet `wide_resnet50_2`/`101_2`, not these CIFAR-sized
+  ones): a 3x3 stem of 16 channels, groups of pre-activation basic blocks (BN - LeakyReLU(0.1) -
+  conv3x3, twice), the first block of each group changing width and stride with a 1x1 shortcut, a
+  final BN - LeakyReLU, global average pooling and a linear classifier. BatchNorm momentum 0.001 and
+  eps 0.001 and biased convolutions, as USB's networks. Sizes are in `WRN_PRESETS`:
   `wrn_28_2` (CIFAR-10, SVHN: 1.47M parameters with 10 classes) and `wrn_var_37_2` (STL-10's
   variant, 5.93M: a fourth group 256 wide and a stride-2 first group for 96 x 96 inputs), the
   counts of FACTS §8 (tested in tests/test_classification.py).
@@ -15,7 +15,7 @@
 Both answer the training step's keywords (methods/step.py): `comp_drop` puts complementary
 channel dropout on the pooled features of the strong pairs [s1; s2] after the first `n_clean`
 images (the same masks and kept-pair rule as the segmentor's, `model.dpt.strong_masks`),
-`feat_drop` independent dropout, and `need_fp` adds UniMatch V1's channel-dropped stream. The
+`feat_drop` independent dropout, and `need_fp` adds a channel-dropped stream of every image. The
 forward returns logits as a (B, K, 1, 1) map -- an image is a one-pixel "segmentation" -- so the
 step's losses, pseudo-labels and statistics apply unchanged; `classify` returns (B, K).
 """
@@ -30,7 +30,7 @@ from torch import nn
 from model.dpt import channel_dropout_masks, strong_masks
 from model.presets import PATCH_SIZE, PRESETS
 
-BN_MOMENTUM = 0.001    # USB / FixMatch: running statistics averaged over ~1000 steps (of 2^20)
+BN_MOMENTUM = 0.001    # USB: running statistics averaged over ~1000 steps (of 2^20)
 BN_EPS = 0.001
 LEAKY_SLOPE = 0.1
 STEM_WIDTH = 16
@@ -133,7 +133,7 @@ class ImageClassifier(nn.Module):
                  need_fp: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, K). comp_drop: x[n_clean:] are two strong views [s1; s2] of the same images,
         whose pooled features get complementary channel masks; feat_drop: independent masks;
-        need_fp: also the logits of channel-dropped features of every image (UniMatch V1)."""
+        need_fp: also the logits of channel-dropped features of every image (the fp stream)."""
         f = self.features(x)
         if comp_drop or feat_drop:
             f = f * strong_masks(f.shape[0], n_clean, f.shape[1], f, independent=not comp_drop)

@@ -5,10 +5,10 @@ linear head (model/classifiers.py), top-1 and top-5 accuracy.
 It runs through the segmentation step unchanged (methods/step.py): an image is a one-pixel map --
 logits (B, K, 1, 1), labels (B, 1, 1), CutMix boxes all False (Cutout is in the strong view), every
 "pixel" valid -- so the labeled cross-entropy is the mean over images and the masked unlabeled loss,
-normalised by the valid pixels, is FixMatch's mean over unlabeled images. UniMatch V2 (two strong
-views, complementary dropout on the pooled features), FixMatch (one view) and labeled-only training
-are the registered methods as they are; methods with a model or hooks of their own (U2PL, ...)
-work on pixels and are refused.
+normalised by the valid pixels, is the mean over unlabeled images of the confidence-masked
+cross-entropy. Every registered method that runs the core step as it is (two strong views with
+complementary dropout on the pooled features, one view, labeled-only, ...) runs here; methods with a
+model or hooks of their own work on pixels and are refused.
 
 Splits are label counts, not files: `split_paths` names the three parts of a split (`Part`), which
 the trainer passes back. An epoch is `max_iters_per_epoch` iterations (the unlabeled set repeated
@@ -88,7 +88,7 @@ class Classification(Task):
             if method.enabled(cfg):
                 need(runs_on_any_task(method), 'method',
                      f'{method.name} adds its own model or step hooks, written for pixels; '
-                     f'classification runs the core step only (supervised, fixmatch, unimatch_v2, ...)')
+                     f'classification runs the methods of the core step only (python -m methods lists them)')
 
     # ---- data ------------------------------------------------------------------------------------
 

@@ -333,3 +333,21 @@ def test_bad_input_is_named_before_anything_is_written(cifar_root, tmp_path, cap
     assert exit_info.value.code == 1
     assert message in capsys.readouterr().err
     assert not run_dir.exists()
+
+
+def test_loaders_of_one_epoch(cifar_root, tmp_path):
+    """batch_size labeled + batch_size x unlabeled_ratio unlabeled images per step, both loaders
+    max_iters_per_epoch batches long; labeled-only: twice the batch, labeled_upsample samples."""
+    import tasks
+    from methods.step import SemiOptions
+    from util.config import load_config
+    from util.trainer import Run, train_loaders
+    cfg = load_config(ROOT / 'configs/cifar10.yaml', fast(cifar_root))
+    task = tasks.for_config(cfg)
+    run = Run(cfg, tmp_path, torch.device('cpu'), None, '2_labels_per_class', *task.split_paths('2_labels_per_class'), task)
+    unlabeled, labeled = train_loaders(run, SemiOptions())
+    assert (unlabeled.batch_size, labeled.batch_size) == (8, 4) and len(unlabeled) == len(labeled) == 2
+    batch = next(iter(unlabeled))
+    assert batch['strong'].shape == (8, 2, 3, 32, 32) and batch['boxes'].shape == (8, 2, 1, 1)
+    (only,) = train_loaders(run, None)
+    assert only.batch_size == 8 and len(only) == 2
