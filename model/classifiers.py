@@ -49,9 +49,9 @@ WRN_PRESETS: dict[str, WRNPreset] = {
     'wrn_28_2': WRNPreset((32, 64, 128), 4, 1),
     # USB's WideResNetVar ("wrn_var_37_2"): one more group, 256 wide
     'wrn_var_37_2': WRNPreset((32, 64, 128, 256), 4, 2),
-    # the classification toy's (configs/toy_cls.yaml): depth 16, widening factor 1, 0.18M parameters
-    # (its BatchNorm statistics average over ~100 steps: with 0.001 they would still be 30% the
-    # initial ones after the toy's 1200 steps, and the evaluation at chance)
+    # a small size for tests and short CPU runs: depth 16, widening factor 1, 0.18M parameters (its
+    # BatchNorm statistics average over ~100 steps: with 0.001 they would still be 30% the initial
+    # ones after 1200 steps, and the evaluation near chance)
     'wrn_16_1': WRNPreset((16, 32, 64), 2, 1, bn_momentum=0.01),
 }
 # Parameters (millions) the paper's logs give for these networks with 10 classes (FACTS §8).
