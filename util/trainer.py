@@ -89,8 +89,9 @@ def train(args: argparse.Namespace, method: str | None = None) -> 'Training':
 
 def train_loaders(run: 'Run', options: SemiOptions | None) -> list[DataLoader]:
     """[unlabeled, labeled] loaders: an epoch is one pass over the unlabeled set (batches of
-    batch_size x unlabeled_ratio), with the labeled list repeated to as many batches of batch_size. Labeled only (options None), as the original: one loader at twice
-    the batch size, the labeled list repeated to `labeled_upsample` samples when it is shorter."""
+    batch_size x unlabeled_ratio), with the labeled list repeated to as many batches of batch_size.
+    Labeled only (options None), as the original: one loader at twice the batch size, the labeled
+    list repeated to `labeled_upsample` samples when it is shorter."""
     cfg, task = run.cfg, run.task
     if options is None:
         n_labeled = len(task.dataset(run.labeled, 'train_l'))
