@@ -1,5 +1,6 @@
 """Evaluate a checkpoint on a labeled split: per-class IoU and mIoU for segmentation; changed IoU,
-OA, precision, recall, F1 and kappa for change detection (the config's dataset names the task).
+OA, precision, recall, F1 and kappa for change detection; top-1 and top-5 accuracy on the test set
+for classification (the config's dataset names the task).
 
     python evaluate.py --config configs/pascal.yaml --checkpoint exp/pascal/92/best.pth
     python evaluate.py --config configs/levir.yaml --checkpoint released/levir_5.pth --save-dir exp/vis
