@@ -351,3 +351,12 @@ def test_loaders_of_one_epoch(cifar_root, tmp_path):
     assert batch['strong'].shape == (8, 2, 3, 32, 32) and batch['boxes'].shape == (8, 2, 1, 1)
     (only,) = train_loaders(run, None)
     assert only.batch_size == 8 and len(only) == 2
+
+
+def test_reproduce_runs_three_seeds_per_cell():
+    import subprocess
+    out = subprocess.run(['sh', str(ROOT / 'scripts/reproduce.sh'), '--dry-run', 'table17'], capture_output=True,
+                         text=True, check=True, timeout=300).stdout.splitlines()
+    assert out[:2] == ['EXP_DIR=exp/table17/seed=0 sh scripts/train.sh svhn 4_labels_per_class unimatch_v2 seed=0',
+                       'EXP_DIR=exp/table17/seed=0 sh scripts/train.sh svhn 25_labels_per_class unimatch_v2 seed=0']
+    assert len(out) == 7 and out[-1].endswith('--tables table17 --out exp/tables.md')
