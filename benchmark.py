@@ -319,6 +319,9 @@ def main() -> None:
     p.add_argument('overrides', nargs='*')
     args = p.parse_args()
     cfg = load_config(args.config, ['pretrained=null'] + args.overrides)
+    task = tasks.for_config(cfg)
+    if not task.benchmarked:
+        p.error(f'{args.config}: benchmark.py does not time the {task.name} task (dataset {cfg.dataset}) yet')
     available = task_recipes(cfg)
     recipes = tuple(r.strip() for r in (args.recipes or ','.join(available)).split(',') if r.strip())
     if not recipes or set(recipes) - set(available):

@@ -1,5 +1,6 @@
 """Evaluate a checkpoint on a labeled split: per-class IoU and mIoU for segmentation; changed IoU,
-OA, precision, recall, F1 and kappa for change detection (the config's dataset names the task).
+OA, precision, recall, F1 and kappa for change detection; top-1 and top-5 accuracy on the test set
+for classification (the config's dataset names the task).
 
     python evaluate.py --config configs/pascal.yaml --checkpoint exp/pascal/92/best.pth
     python evaluate.py --config configs/levir.yaml --checkpoint released/levir_5.pth --save-dir exp/vis
@@ -66,8 +67,11 @@ def default_json_path(checkpoint: str, mode: str, flip: bool, scales: tuple[floa
 
 
 def report_json(report: dict) -> str:
-    """Indented JSON with one line per confusion-matrix row (nclass x nclass numbers)."""
+    """Indented JSON with one line per confusion-matrix row (nclass x nclass numbers), where the
+    task reports one (classification does not)."""
     text = json.dumps({k: v for k, v in report.items() if k != 'confusion'}, indent=1)
+    if 'confusion' not in report:
+        return text + '\n'
     rows = ',\n  '.join(json.dumps(row) for row in report['confusion'])
     return text[:-2] + f',\n "confusion": [\n  {rows}\n ]\n}}\n'
 

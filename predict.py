@@ -16,7 +16,9 @@ PNG whose pixel values are class ids (255 where nothing was predicted, outside a
 Change detection: two directories of co-registered images with the same file names (date A, date
 B); for each pair `<stem>.png`, the change mask (0 unchanged, 255 changed), and `<stem>_pair.jpg`,
 A | B | label (from --labels, else blank) | prediction.
-Images are normalised with the ImageNet mean/std. Trailing `key=value` words override the config.
+Classification: one image file or a directory; `predictions.csv` holds each file's class, its
+probability and the top-5 classes (images normalised with the dataset's mean/std).
+Images are otherwise normalised with the ImageNet mean/std. Trailing `key=value` words override the config.
 """
 from __future__ import annotations
 

@@ -72,6 +72,12 @@ TOY_CLASSES = ('background', 'h-stripes', 'v-stripes', 'diagonal', 'checker', 'd
 # Change detection: the two classes of every change map.
 CHANGE_CLASSES = ('unchanged', 'changed')
 
+# Classification (tasks/classification.py): the classes of each dataset in label order.
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+STL10_CLASSES = ('airplane', 'bird', 'car', 'cat', 'deer', 'dog', 'horse', 'monkey', 'ship', 'truck')
+SVHN_CLASSES = tuple(str(d) for d in range(10))
+TOY_CLS_CLASSES = ('h-stripes', 'v-stripes', 'checker', 'dots')      # dataset/toy_cls.py
+
 
 def voc_palette() -> list[int]:
     """The PASCAL VOC colour map: bits of the label index spread over the high bits of R, G, B."""
@@ -132,6 +138,12 @@ DATASETS: dict[str, DatasetSpec] = {
                     eval_split='test'),
         DatasetSpec('custom_cd', 2, CHANGE_CLASSES, 'generated', 'original', task='change_detection',
                     eval_split='test'),
+        # classification: no masks (palette unused), the whole image (eval_mode unused)
+        DatasetSpec('cifar10', 10, CIFAR10_CLASSES, 'generated', 'original', task='classification'),
+        DatasetSpec('stl10', 10, STL10_CLASSES, 'generated', 'original', task='classification'),
+        DatasetSpec('svhn', 10, SVHN_CLASSES, 'generated', 'original', task='classification'),
+        DatasetSpec('imagenet', 1000, None, 'generated', 'original', task='classification'),
+        DatasetSpec('toy_cls', 4, TOY_CLS_CLASSES, 'generated', 'original', task='classification', generated=True),
     )
 }
 

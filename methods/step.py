@@ -12,6 +12,8 @@ Batches (see dataset/semi.py):
   labeled   {'image': (B, 3, S, S), 'mask': (B, S, S) int64, 255 = ignore}
   unlabeled {'image': weak view (B, 3, S, S), 'strong': (B, V, 3, S, S),
              'boxes': (B, V, S, S) bool CutMix boxes, 'valid': (B, S, S) bool, False on padding}
+Classification (tasks/classification.py) runs this step as it is, on one-pixel maps: logits
+(B, K, 1, 1), labels (B, 1, 1), empty boxes and every pixel valid give FixMatch's per-image losses.
 """
 from __future__ import annotations
 

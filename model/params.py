@@ -36,3 +36,15 @@ def parameter_table(nclass: tuple[int, ...] = (21, 150)) -> str:
         lines.append(f'{name:14s} {lib:24s} {enc:8.3f} {" ".join(cells)} {paper:7.1f} {diff:+8.2f}%')
     return '\n'.join(lines)
 
+
+def classifier_table(nclass: int = 10) -> str:
+    """The classification networks (model/classifiers.py) with `nclass` classes beside the paper's
+    counts (FACTS §8)."""
+    from model.classifiers import PAPER_PARAMS_M as CLASSIFIER_PARAMS_M, build_classifier
+    lines = [f'{"backbone":14s} {f"params/{nclass}":>12s} {"paper":>7s}']
+    for name, paper in CLASSIFIER_PARAMS_M.items():
+        with torch.device('meta'):
+            n = count(build_classifier(name, nclass))
+        lines.append(f'{name:14s} {n:12,d} {paper:6.2f}M')
+    return '\n'.join(lines)
+

@@ -25,6 +25,9 @@
 # table14 change detection: levir 5% 10% 20% 40%, whu 20% 40% x {supervised, unimatch_v2} x
 #   {dinov2_small, dinov2_base}, with configs/levir.yaml and whu.yaml (one GPU, online teacher).
 # toy_cd: the change-detection toy, 5% 10% 20% 40% x {supervised, unimatch_v2}.
+# Classification, UniMatch V2 over seeds 0 1 2 (each seed its own labeled set and run directory,
+#   <exp>/<table>/seed=<N>/...): table15 cifar10 25 labels per class, table16 stl10 25, table17 svhn
+#   4 and 25, table18 imagenet 10% (our settings: configs/imagenet.yaml).
 # Cells whose results.json shows every planned epoch done are skipped; partial ones resume. key=value
 # overrides follow each cell's own (backbone=, epochs=), so they win. EXP_DIR as for train.sh. Ends
 # with python tools/tables.py, written to <exp>/tables.md.
@@ -76,6 +79,13 @@ switch_grid() {
         grid cityscapes "1_8 1_4" unimatch_v2 dinov2_base $o
         grid ade20k "1_32 1_8" unimatch_v2 dinov2_base $o
         grid coco "1_512 1_128" unimatch_v2 dinov2_base $o
+    done
+}
+
+# seeds_grid TABLE DATASET "SPLITS": UniMatch V2 with seeds 0 1 2, each under its own tag.
+seeds_grid() {
+    for seed in 0 1 2; do
+        grid "$2" "$3" unimatch_v2 - "tag=$1/seed=$seed" "seed=$seed"
     done
 }
 
@@ -146,6 +156,10 @@ case "$table" in
                 grid whu "20% 40%" "supervised unimatch_v2" "dinov2_small dinov2_base") ;;
     toy_cd) tables=toy_cd
         cells=$(grid toy_cd "5% 10% 20% 40%" "supervised unimatch_v2" -) ;;
+    table15) tables=table15; cells=$(seeds_grid table15 cifar10 25_labels_per_class) ;;
+    table16) tables=table16; cells=$(seeds_grid table16 stl10 25_labels_per_class) ;;
+    table17) tables=table17; cells=$(seeds_grid table17 svhn "4_labels_per_class 25_labels_per_class") ;;
+    table18) tables=table18; cells=$(seeds_grid table18 imagenet 10%) ;;
     toy) tables=toy
         cells=$(grid toy "1_16 1_8 1_4" "$(python -m methods --names)" -
                 grid toy all supervised -) ;;

@@ -8,7 +8,7 @@ import importlib
 
 from tasks.base import REGISTRY, Task, register
 
-MODULES = ('segmentation', 'change_detection')
+MODULES = ('segmentation', 'change_detection', 'classification')
 
 
 def names() -> tuple[str, ...]:

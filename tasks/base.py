@@ -35,6 +35,7 @@ class Task:
     result_title: ClassVar[str] = 'scores'  # the log's name of `format_result`'s table
     reports_ema: ClassVar[bool] = True      # the reported figure is the EMA model's (else the student's)
     in_channels: ClassVar[int] = 3          # channels of one model input (benchmark batches)
+    benchmarked: ClassVar[bool] = True      # benchmark.py times its step against the original's
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -49,7 +50,9 @@ class Task:
         """Make a generated dataset on first use (called on the main process only)."""
 
     def split_paths(self, split: str) -> tuple[Path, Path, Path]:
-        """(labeled, unlabeled, evaluation) split files of `split`."""
+        """(labeled, unlabeled, evaluation) split files of `split`. A task whose splits are not files
+        (classification: label counts) returns its own names of the three parts; the trainer only
+        prints them and passes them back to `check_inputs` and `dataset`."""
         raise NotImplementedError
 
     def eval_split_path(self) -> Path:

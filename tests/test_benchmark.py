@@ -107,3 +107,10 @@ def test_change_detection_recipes_run_on_pairs():
     finally:
         if started:
             tdist.destroy_process_group()
+
+
+def test_a_task_benchmark_does_not_time_is_refused_by_name():
+    out = subprocess.run([sys.executable, 'benchmark.py', '--config', 'configs/toy_cls.yaml', '--steps', '1'],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert 'configs/toy_cls.yaml: benchmark.py does not time the classification task (dataset toy_cls)' in out.stderr

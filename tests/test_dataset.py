@@ -382,7 +382,7 @@ def test_registry():
     with pytest.raises(ValueError, match='nclass'):
         registry.get_nclass('custom')
     with pytest.raises(KeyError, match='known'):
-        registry.get_spec('imagenet')
+        registry.get_spec('cifar100')
     voc = registry.get_palette('pascal')
     assert len(voc) == 768 and voc[3:9] == [128, 0, 0, 0, 128, 0] and voc[-3:] == [224, 224, 192]
     assert registry.get_palette('cityscapes')[:3] == [128, 64, 128]

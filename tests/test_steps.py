@@ -7,6 +7,7 @@ and teachers where a test needs to see exactly what the step feeds them.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -21,7 +22,7 @@ from util.ema import EMATeacher
 from util.losses import IGNORE_INDEX, build_criterion
 import methods
 from methods.step import SemiOptions, mix_strong_views, pseudo_label, semi_step, supervised_step
-from util.trainer import build_optimizer, lr_scale, set_poly_lr
+from util.trainer import build_optimizer, lr_scale, set_lr
 
 NCLASS = 3
 CROP = 28            # a 2 x 2 patch grid
@@ -375,19 +376,31 @@ def test_build_optimizer_with_locked_backbone():
     assert head['lr'] == pytest.approx(4e-3)
 
 
-def test_set_poly_lr():
+def test_set_lr():
     model = nn.Sequential(nn.Linear(2, 2))
     cfg = Config(lr=2e-4, lr_multi=40.0, scale_lr=False)
     opt = torch.optim.AdamW([{'params': [], 'lr': 0.0}, {'params': model.parameters(), 'lr': 0.0}])
     for it, total in [(0, 100), (1, 100), (37, 100), (99, 100), (100, 100)]:
-        lr = set_poly_lr(opt, cfg, it, total)
+        lr = set_lr(opt, cfg, it, total)
         expected = 2e-4 * (1 - it / total) ** 0.9
         assert lr == pytest.approx(expected, abs=1e-15)
         assert opt.param_groups[0]['lr'] == pytest.approx(expected, abs=1e-15)
         assert opt.param_groups[1]['lr'] == pytest.approx(expected * 40, abs=1e-15)
     # The scaled base: 1 process, grad_accum 2, reference 4 -> half the lr.
     cfg = Config(lr=2e-4, lr_multi=40.0, scale_lr=True, grad_accum=2, reference_gpus=4)
-    assert set_poly_lr(opt, cfg, 50, 100) == pytest.approx(1e-4 * 0.5 ** 0.9)
+    assert set_lr(opt, cfg, 50, 100) == pytest.approx(1e-4 * 0.5 ** 0.9)
+
+
+def test_sgd_and_cosine_schedule():
+    """The classification recipe: SGD with nesterov momentum, cosine lr ending at cos(7 pi / 16)."""
+    cfg = Config(optimizer='sgd', lr=0.03, lr_multi=1.0, weight_decay=5e-4, scale_lr=False, lr_schedule='cosine')
+    opt = build_optimizer(nn.Sequential(nn.Linear(2, 2)), cfg)
+    assert isinstance(opt, torch.optim.SGD)
+    assert opt.defaults['momentum'] == 0.9 and opt.defaults['nesterov'] and opt.defaults['weight_decay'] == 5e-4
+    assert set_lr(opt, cfg, 0, 100) == pytest.approx(0.03)
+    assert set_lr(opt, cfg, 50, 100) == pytest.approx(0.03 * math.cos(7 * math.pi / 32))
+    assert set_lr(opt, cfg, 100, 100) == pytest.approx(0.03 * math.cos(7 * math.pi / 16))
+    assert opt.param_groups[1]['lr'] == pytest.approx(0.03 * math.cos(7 * math.pi / 16))
 
 
 def test_lr_scale(monkeypatch):

@@ -37,6 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # the project root, for `methods`
 import methods  # noqa: E402
+import tasks  # noqa: E402
+from dataset.registry import DATASETS  # noqa: E402
 
 # Metric names in paper_tables.csv: what the paper reports for each kind of method (facts section 9).
 SEMI_METRIC = 'best_mIoU_ema'
@@ -113,6 +115,23 @@ TABLE_METRIC = {'table09': 'best_mIoU', 'table10': 'best_mIoU'}
 # The default setting's value of a swept key, for the baseline row's label.
 DEFAULT_LABEL = {'figure5': 'conf_thresh=0.95', 'figure6': 'unlabeled_loss_weight=1.0'}
 
+# ---- classification (scripts/reproduce.sh table15 ... table18): UniMatch V2 over three seeds -------------------
+SEED_TABLES = {      # table -> its (dataset, split) cells
+    'table15': (('cifar10', '25_labels_per_class'),),
+    'table16': (('stl10', '25_labels_per_class'),),
+    'table17': (('svhn', '4_labels_per_class'), ('svhn', '25_labels_per_class')),
+    'table18': (('imagenet', '10%'),),
+}
+SEED_TITLES = {
+    'table15': 'Table 15: CIFAR-10 (WRN-28-2)',
+    'table16': "Table 16: STL-10 (USB's WideResNetVar)",
+    'table17': 'Table 17: SVHN (WRN-28-2)',
+    'table18': 'Table 18: ImageNet-1K (our settings: configs/imagenet.yaml; the paper\'s log is absent)',
+}
+SEEDS = (0, 1, 2)
+# The csv's name of each seed's best EMA top-1 (facts sheet, section 9): CIFAR's own script, USB's eval.
+PAPER_TOP1 = ('best_top1_acc_ema', 'best_top1_acc_EMAeval(BEST_EVAL_ACC)')
+
 DATASET_ORDER = ('pascal', 'cityscapes', 'ade20k', 'coco')
 METHOD_ORDER = methods.names()      # registry order
 ENCODER_ORDER = ('dinov2_tiny', 'dinov2_small', 'dinov2_base', 'dinov2_large', 'dinov2_giant')
@@ -184,20 +203,20 @@ def read_run(path: Path, exp_root: Path) -> dict:
     tag = ''
     if len(parts) >= 4 and tuple(parts[-4:-1]) == (dataset, method, backbone):
         tag = '/'.join(parts[:-4])
-    change = 'best_changed_iou' in res        # a change-detection run (tasks/change_detection.py)
-    m = 'changed_iou' if change else 'miou'
+    m = tasks.of_dataset(dataset).metric if dataset in DATASETS else 'miou'     # the task's figure
     semi = res.get(f'{m}_ema') is not None
     history = res.get('history') or []
     epochs, total = res.get('epochs', len(history)), res.get('epochs_total')
-    reported = (res.get('reported') or {}) if change else {}
+    reported = res.get('reported') or {}       # change detection: the paper's figure and its OA
     return {
         'dataset': dataset, 'method': method, 'backbone': backbone, 'encoder': encoder_name(backbone),
         'split': split_name(str(res.get('split') or run_dir.name)), 'tag': tag, 'semi': semi,
         'metric': m,
-        'reported': reported.get('changed_iou') if change else res.get('best_miou_ema') if semi else res.get('best_miou'),
+        'reported': reported.get(m) if m in reported else res.get(f'best_{m}_ema') if semi else res.get(f'best_{m}'),
         'reported_oa': reported.get('oa'),
-        'best_miou': res.get(f'best_{m}'), 'best_miou_ema': res.get(f'best_{m}_ema'),
-        'final_miou': res.get(f'final_{m}'), 'final_miou_ema': res.get(f'final_{m}_ema'),
+        'best_miou': res.get('best_miou'), 'best_miou_ema': res.get('best_miou_ema'),
+        'best': res.get(f'best_{m}'), 'best_ema': res.get(f'best_{m}_ema'), 'final': res.get(f'final_{m}'),
+        'final_miou': res.get('final_miou'), 'final_miou_ema': res.get('final_miou_ema'),
         'epochs': epochs, 'epochs_total': total,
         'complete': total is not None and epochs >= total,
         'sec_per_iter': _mean([h.get('sec_per_iter') for h in history]),
@@ -419,11 +438,14 @@ def ablation_section(table: str, dataset: str, runs: list[dict], paper: dict, di
     return markdown(['method', 'encoder', 'variant'] + [split_label(s) for s in splits], body)
 
 
+METRIC_LABELS = {'miou': 'mIoU', 'changed_iou': 'changed IoU', 'top1': 'top-1'}
+
+
 def run_listing(runs: list[dict], digits: int, with_dataset: bool = False) -> str:
-    """One row per run: reported, best, best EMA and final mIoU (changed IoU for change detection),
-    seconds/iteration, epochs."""
-    labels = {{'miou': 'mIoU', 'changed_iou': 'changed IoU'}[r['metric']] for r in runs}
-    label = labels.pop() if len(labels) == 1 else 'mIoU or changed IoU'
+    """One row per run: reported, best, best EMA and final figure of the run's task (mIoU, changed
+    IoU, top-1), seconds/iteration, epochs."""
+    labels = {METRIC_LABELS.get(r['metric'], r['metric']) for r in runs}
+    label = labels.pop() if len(labels) == 1 else 'figure'
     header = (['dataset'] if with_dataset else []) + [
         'method', 'encoder', 'split', 'reported', f'best {label}', f'best EMA {label}', f'final {label}',
         's/iter', 'peak MiB', 'epochs']
@@ -437,14 +459,15 @@ def run_listing(runs: list[dict], digits: int, with_dataset: bool = False) -> st
         mem = NONE if r['peak_mem_mib'] is None else f'{r["peak_mem_mib"]:.0f}'
         body.append(([r['dataset']] if with_dataset else []) + [
             row_label(r['method'], r['tag']), r['encoder'], split_label(r['split']),
-            fmt(r['reported'], digits) + run_marks(r), fmt(r['best_miou'], digits),
-            fmt(r['best_miou_ema'], digits), fmt(r['final_miou'], digits), spi, mem,
+            fmt(r['reported'], digits) + run_marks(r), fmt(r['best'], digits),
+            fmt(r['best_ema'], digits), fmt(r['final'], digits), spi, mem,
             f'{r["epochs"]}/{total}' + run_marks(r)])
     return markdown(header, body)
 
 
-LISTING_LEGEND = ('Reported: best-epoch EMA mIoU for semi-supervised methods, best mIoU for '
-                  'supervised; change detection: best changed IoU of the model (not the EMA). s/iter: mean over epochs of the training seconds per iteration. '
+LISTING_LEGEND = ('Reported: best-epoch EMA mIoU (classification: top-1) for semi-supervised methods, the '
+                  'best of the model for supervised; change detection: best changed IoU of the model (not the EMA). '
+                  's/iter: mean over epochs of the training seconds per iteration. '
                   f'peak MiB: the training process\'s peak memory (RSS on CPU, max allocated on CUDA). '
                   f'`{INCOMPLETE}` run not finished.')
 
@@ -482,11 +505,55 @@ def change_table(runs: list[dict], paper: dict, digits: int) -> str:
     return '\n\n'.join(parts) + '\n'
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and population standard deviation (the facts sheet's spread over seeds)."""
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def seed_cell(values: list[float], digits: int) -> str:
+    if not values:
+        return NONE
+    mean, std = mean_std(values)
+    return f'{mean:.{digits}f} ± {std:.{digits}f} (n={len(values)})'
+
+
+def seed_table(table: str, runs: list[dict], paper: dict, digits: int) -> str:
+    """Tables 15-18: per (dataset, split), each seed's best EMA top-1 (ours, and the paper's
+    where its log has it), and the mean ± std over seeds beside the paper's. Our runs of seed N
+    are those under the tag `<table>/seed=N` (scripts/reproduce.sh)."""
+    body = []
+    for dataset, split in SEED_TABLES[table]:
+        ours, theirs = [], []
+        for seed in SEEDS:
+            run = next((r for r in runs if r['tag'] == f'{table}/seed={seed}' and r['dataset'] == dataset
+                        and r['split'] == split and r['method'] == 'unimatch_v2'), None)
+            entry = next((v for k, v in paper.items() if k[:3] == (table, dataset, split) and k[5] == f'seed{seed}'), {})
+            value = next((entry[m] for m in PAPER_TOP1 if m in entry), None)
+            ours.append(None if run is None else run['reported'])
+            theirs.append(value)
+            marks = '' if run is None else run_marks(run)
+            body.append([dataset, split, str(seed), fmt(ours[-1], digits) + marks, fmt(value, digits)])
+        got, paper_got = [v for v in ours if v is not None], [v for v in theirs if v is not None]
+        delta = (mean_std(got)[0] - mean_std(paper_got)[0]) if got and paper_got else None
+        body.append([dataset, split, 'mean ± std', seed_cell(got, digits),
+                     seed_cell(paper_got, digits) + (f', Δ {fmt(delta, digits, sign=True)}' if delta is not None else '')])
+    return markdown(['dataset', 'split', 'seed', 'ours: best EMA top-1', 'paper'], body)
+
+
+SEED_LEGEND = (f'Best EMA top-1 accuracy (%) of UniMatch V2 per seed (each seed its own labeled set), '
+               f'mean ± population std over the seeds present; Δ = our mean − the paper\'s. `{NONE}` no run or '
+               f'no paper value; `{INCOMPLETE}` run not finished (best so far).')
+
+
 def make_table(table: str, runs: list[dict], paper: dict, digits: int = 1) -> str:
-    """Markdown for one table: a paper table (`table01`..`table05`, `table14`), `runs` (every run
-    listed), or a dataset name (its runs listed, e.g. `toy`, `toy_cd`)."""
+    """Markdown for one table: a paper table (`table01`..`table05`, `table14`, `table15`..`table18`),
+    `runs` (every run listed), or a dataset name (its runs listed, e.g. `toy`, `toy_cd`)."""
     if table == CD_TABLE:
         return change_table(runs, paper, digits)
+    if table in SEED_TABLES:
+        # two decimals at least: the seeds differ by tenths (FACTS §9: SVHN 98.21 ± 0.01)
+        return f'## {SEED_TITLES[table]}\n\n{seed_table(table, runs, paper, max(digits, 2))}\n\n{SEED_LEGEND}\n'
     if table in PAPER_TABLES or table in ABLATION_TABLES:
         section = paper_table_section if table in PAPER_TABLES else ablation_section
         parts = [f'## {TITLES.get(table) or ABLATION_TITLES[table]}']
@@ -506,13 +573,15 @@ def make_table(table: str, runs: list[dict], paper: dict, digits: int = 1) -> st
 
 def default_tables(runs: list[dict], paper: dict) -> list[str]:
     """Every paper table, `toy`, and a listing for each other dataset with runs but no paper table
-    (Table 14 when there are LEVIR or WHU runs)."""
+    (Table 14 when there are LEVIR or WHU runs; Tables 15-18 when there are runs under their tags)."""
     covered = {d for t in PAPER_TABLES for d in table_datasets(paper, t)} | set(CD_DATASETS)
+    seeds = [t for t in SEED_TABLES if any(r['tag'].startswith(f'{t}/') for r in runs)]
+    covered |= {d for t in seeds for d, _ in SEED_TABLES[t]}
     others = sorted({r['dataset'] for r in runs} - covered - {'toy'})
     ablations = [t for t in ABLATION_TABLES if any(
         run_variant(r)[0] == t and ablation_row(r, paper, t) for r in runs)]
     change = [CD_TABLE] if any(r['dataset'] in CD_DATASETS for r in runs) else []
-    return list(PAPER_TABLES) + ablations + change + ['toy'] + others
+    return list(PAPER_TABLES) + ablations + change + seeds + ['toy'] + others
 
 
 def make_report(runs: list[dict], paper: dict, tables: list[str] | None = None, digits: int = 1) -> str:

@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 
 import methods
+import tasks
+from dataset.registry import DATASETS
 from model.dpt import COMP_DROP_SITES
 
 EVAL_MODES = ('original', 'center_crop', 'sliding_window')
@@ -26,6 +28,8 @@ PRECISIONS = ('fp32', 'bf16', 'fp16')
 ATTENTIONS = ('auto', 'sdpa', 'math')
 CRITERIA = ('CELoss', 'OHEM')
 TEACHERS = ('ema', 'online')
+OPTIMIZERS = ('adamw', 'sgd')
+LR_SCHEDULES = ('poly', 'cosine')
 
 
 class _Loader(yaml.SafeLoader):
@@ -79,6 +83,16 @@ class RunConfig:
                                          # first use and cached (null: the split's unlabeled list)
     ema_decay: float = 0.996
     weight_decay: float = 0.01
+    optimizer: str = 'adamw'             # 'adamw' (the paper's segmentation) or 'sgd' (its classification,
+                                         # FixMatch's and USB's: momentum, nesterov below)
+    momentum: float = 0.9                # SGD only
+    nesterov: bool = True                # SGD only
+    lr_schedule: str = 'poly'            # 'poly' (lr (1 - t/T)^0.9, segmentation) or 'cosine'
+                                         # (lr cos(7 pi t / 16 T), FixMatch / USB classification)
+    unlabeled_ratio: int = 1             # unlabeled batch = batch_size x this (FixMatch's mu = 7)
+    download: bool = False               # classification: torchvision downloads missing dataset files
+    input_size: int = 224                # classification with a DINOv2 encoder: images resized to this
+                                         # side (a multiple of 14) before the encoder
     eval_mode: str | None = None         # None = the dataset's default (see dataset.registry)
     eval_split: str | None = None        # list evaluated, splits/<dataset>/<eval_split>.txt (None = the
                                          # dataset's: val, test for change detection)
@@ -179,6 +193,7 @@ def _check(cfg: Config, source: str) -> None:
             raise ConfigError(f'{source}: config key {key!r} {msg}')
 
     need(cfg.method in methods.names(), 'method', f'must be one of {methods.names()}, got {cfg.method!r}')
+    need(cfg.dataset in DATASETS, 'dataset', f'must be one of {sorted(DATASETS)}, got {cfg.dataset!r}')
     need(cfg.on_nonfinite in ('stop', 'skip'), 'on_nonfinite',
          f"must be 'stop' or 'skip', got {cfg.on_nonfinite!r}")
     need(cfg.precision in PRECISIONS, 'precision', f'must be one of {PRECISIONS}, got {cfg.precision!r}')
@@ -187,6 +202,9 @@ def _check(cfg: Config, source: str) -> None:
          f'must be one of {EVAL_MODES}, got {cfg.eval_mode!r}')
     need(cfg.criterion.name in CRITERIA, 'criterion.name',
          f'must be one of {CRITERIA}, got {cfg.criterion.name!r}')
+    need(cfg.optimizer in OPTIMIZERS, 'optimizer', f'must be one of {OPTIMIZERS}, got {cfg.optimizer!r}')
+    need(cfg.lr_schedule in LR_SCHEDULES, 'lr_schedule', f'must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}')
+    need(cfg.unlabeled_ratio >= 1, 'unlabeled_ratio', f'must be >= 1, got {cfg.unlabeled_ratio}')
     need(cfg.teacher in TEACHERS, 'teacher', f'must be one of {TEACHERS}, got {cfg.teacher!r}')
     need(cfg.comp_drop_at in COMP_DROP_SITES, 'comp_drop_at',
          f'must be one of {COMP_DROP_SITES}, got {cfg.comp_drop_at!r}')
@@ -204,9 +222,6 @@ def _check(cfg: Config, source: str) -> None:
          f'has {len(cfg.class_names or [])} names but nclass is {cfg.nclass}')
     for method in methods.REGISTRY.values():
         method.check(cfg, need)
-    import tasks
-    from dataset.registry import DATASETS
-    need(cfg.dataset in DATASETS, 'dataset', f'must be one of {sorted(DATASETS)}, got {cfg.dataset!r}')
     tasks.of_dataset(cfg.dataset).check(cfg, need)
 
 

@@ -1,4 +1,5 @@
-"""Segmentation and change-detection metrics from a confusion matrix accumulated on the device.
+"""Segmentation and change-detection metrics from a confusion matrix, and classification top-k
+accuracy, accumulated on the device.
 
 Counts are summed over the whole evaluation set and, once at the end, over processes; per-class
 IoU follows the original UniMatch V2 formula `I / (U + 1e-10) * 100`. A class that appears in
@@ -101,3 +102,39 @@ class ConfusionMatrix:
         p_o = mat.diag().sum() / total
         p_e = (mat.sum(0) * mat.sum(1)).sum() / total ** 2
         return float((p_o - p_e) / (1 - p_e + EPS) * 100)
+
+
+class TopKAccuracy:
+    """Top-k accuracy counts of a classifier, accumulated on the device and reduced once.
+
+    `correct[j]` = images whose true class is among the `ks[j]` highest logits; k larger than the
+    class count counts every image (the true class is always among all of them).
+    """
+
+    def __init__(self, ks: tuple[int, ...] = (1, 5), device: torch.device | str = 'cpu'):
+        self.ks = ks
+        self.correct = torch.zeros(len(ks), dtype=torch.int64, device=device)
+        self.n_images = 0
+        self._reduced = False
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """logits (B, K), target (B,) int."""
+        k_max = min(max(self.ks), logits.shape[1])
+        hits = logits.topk(k_max, dim=1).indices == target[:, None]      # (B, k_max), one True at most
+        rank_hit = hits.cumsum(1)                                        # (B, k_max): hit within the top j+1
+        for j, k in enumerate(self.ks):
+            self.correct[j] += rank_hit[:, min(k, k_max) - 1].sum()
+        self.n_images += len(target)
+
+    def reduce(self) -> 'TopKAccuracy':
+        if not self._reduced:
+            packed = torch.cat((self.correct, self.correct.new_tensor([self.n_images])))
+            all_reduce_sum(packed)
+            self.correct, self.n_images = packed[:-1], int(packed[-1])
+            self._reduced = True
+        return self
+
+    def accuracy(self) -> dict[str, float]:
+        """{'top1': percent, 'top5': percent, ...}; 0 when no image was scored."""
+        n = max(self.n_images, 1)
+        return {f'top{k}': self.correct[j].item() / n * 100 if self.n_images else 0.0 for j, k in enumerate(self.ks)}

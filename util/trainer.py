@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -87,17 +88,19 @@ def train(args: argparse.Namespace, method: str | None = None) -> 'Training':
 
 
 def train_loaders(run: 'Run', options: SemiOptions | None) -> list[DataLoader]:
-    """[unlabeled, labeled] loaders: an epoch is one pass over the unlabeled set, with the labeled
-    list repeated to its length. Labeled only (options None), as the original: one loader at twice
-    the batch size, the labeled list repeated to `labeled_upsample` samples when it is shorter."""
+    """[unlabeled, labeled] loaders: an epoch is one pass over the unlabeled set (batches of
+    batch_size x unlabeled_ratio), with the labeled list repeated to as many batches of batch_size.
+    Labeled only (options None), as the original: one loader at twice the batch size, the labeled
+    list repeated to `labeled_upsample` samples when it is shorter."""
     cfg, task = run.cfg, run.task
     if options is None:
         n_labeled = len(task.dataset(run.labeled, 'train_l'))
         trainset = task.dataset(run.labeled, 'train_l', nsample=max(n_labeled, cfg.labeled_upsample))
         return [make_loader(trainset, cfg, cfg.batch_size * 2)]
     trainset_u = task.dataset(run.unlabeled, 'train_u', num_strong=options.views, root=unlabeled_root(cfg))
-    trainset_l = task.dataset(run.labeled, 'train_l', nsample=len(trainset_u))
-    return [make_loader(trainset_u, cfg, cfg.batch_size), make_loader(trainset_l, cfg, cfg.batch_size, seed_offset=1)]
+    trainset_l = task.dataset(run.labeled, 'train_l', nsample=len(trainset_u) // cfg.unlabeled_ratio)
+    return [make_loader(trainset_u, cfg, cfg.batch_size * cfg.unlabeled_ratio),
+            make_loader(trainset_l, cfg, cfg.batch_size, seed_offset=1)]
 
 
 def make_step(tr: 'Training', options: SemiOptions | None, iters_per_epoch: int) -> Callable:
@@ -323,7 +326,7 @@ def build_student(cfg: Config, device: torch.device, log=None, task: Task | None
         model.to(memory_format=torch.channels_last)
     if log:
         n = sum(p.numel() for p in model.parameters())
-        log.info(f'model {cfg.backbone} + DPT: {n / 1e6:.1f}M parameters')
+        log.info(f'model {cfg.backbone} ({type(model).__name__}): {n / 1e6:.2f}M parameters')
     return model.to(device)
 
 
@@ -332,21 +335,34 @@ def lr_scale(cfg: Config) -> float:
     return dist.world_size() * cfg.grad_accum / cfg.reference_gpus if cfg.scale_lr else 1.0
 
 
-def build_optimizer(model: nn.Module, cfg: Config, fused: bool = True) -> torch.optim.AdamW:
-    """AdamW, two groups: trainable encoder parameters at lr, everything else at lr * lr_multi.
+def build_optimizer(model: nn.Module, cfg: Config, fused: bool = True) -> torch.optim.Optimizer:
+    """Two groups: trainable encoder parameters at lr, everything else at lr * lr_multi. AdamW (the
+    paper's segmentation recipe) or, `optimizer: sgd`, SGD with momentum (its classification recipe,
+    FixMatch's and USB's; weight decay on every parameter, where USB spares biases and BatchNorm).
 
-    fused: one fused kernel per parameter group (this project's default; on the CPU about 3x faster
-    than False, torch's default there, a Python loop over the tensors, which the original used)."""
+    fused: one fused AdamW kernel per parameter group (this project's default; on the CPU about 3x
+    faster than False, torch's default there, a Python loop over the tensors, which the original used)."""
     base = cfg.lr * lr_scale(cfg)
     enc = [p for n, p in model.named_parameters() if n.startswith('backbone.') and p.requires_grad]
     head = [p for n, p in model.named_parameters() if not n.startswith('backbone.') and p.requires_grad]
-    return torch.optim.AdamW([{'params': enc, 'lr': base}, {'params': head, 'lr': base * cfg.lr_multi}],
-                             lr=base, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=fused or None)
+    groups = [{'params': enc, 'lr': base}, {'params': head, 'lr': base * cfg.lr_multi}]
+    if cfg.optimizer == 'sgd':
+        return torch.optim.SGD(groups, lr=base, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=base, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=fused or None)
 
 
-def set_poly_lr(optimizer: torch.optim.Optimizer, cfg: Config, it: int, total: int) -> float:
-    """lr = base * (1 - it / total) ** 0.9 (head x lr_multi), set after each step as the original."""
-    lr = cfg.lr * lr_scale(cfg) * (1 - it / total) ** 0.9
+def lr_factor(schedule: str, it: int, total: int) -> float:
+    """The learning rate at step `it` of `total`, as a fraction of the base: 'poly' (1 - t/T)^0.9, the
+    original's; 'cosine' cos(7 pi t / 16 T), FixMatch's and USB's (0.2 of the base at the end)."""
+    if schedule == 'cosine':
+        return math.cos(7 * math.pi * it / (16 * total))
+    return (1 - it / total) ** 0.9
+
+
+def set_lr(optimizer: torch.optim.Optimizer, cfg: Config, it: int, total: int) -> float:
+    """lr = base * lr_factor (head x lr_multi), set after each step as the original."""
+    lr = cfg.lr * lr_scale(cfg) * lr_factor(cfg.lr_schedule, it, total)
     optimizer.param_groups[0]['lr'] = lr
     optimizer.param_groups[1]['lr'] = lr * cfg.lr_multi
     return lr
@@ -565,7 +581,7 @@ def train_epoch(tr: Training, epoch: int, loaders: list[DataLoader],
             handle_nonfinite(tr, epoch, i)
             continue
         tr.precision.step(tr.optimizer)
-        lr = set_poly_lr(tr.optimizer, cfg, it + 1, iters * cfg.epochs)
+        lr = set_lr(tr.optimizer, cfg, it + 1, iters * cfg.epochs)
         if tr.teacher is not None:
             tr.teacher.update(tr.student, it)
         state.iteration, state.global_step = i + 1, state.global_step + 1

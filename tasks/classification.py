@@ -1,0 +1,240 @@
+"""Image classification with few labels (the paper's Tables 15-18): CIFAR-10, STL-10, SVHN,
+ImageNet-1K and the generated `toy_cls` (dataset/classification.py), wide ResNets or DINOv2 + a
+linear head (model/classifiers.py), top-1 and top-5 accuracy.
+
+It runs through the segmentation step unchanged (methods/step.py): an image is a one-pixel map --
+logits (B, K, 1, 1), labels (B, 1, 1), CutMix boxes all False (Cutout is in the strong view), every
+"pixel" valid -- so the labeled cross-entropy is the mean over images and the masked unlabeled loss,
+normalised by the valid pixels, is the mean over unlabeled images of the confidence-masked
+cross-entropy. Every registered method that runs the core step as it is (two strong views with
+complementary dropout on the pooled features, one view, labeled-only, ...) runs here; methods with a
+model or hooks of their own work on pixels and are refused.
+
+Splits are label counts, not files: `split_paths` names the three parts of a split (`Part`), which
+the trainer passes back. An epoch is `max_iters_per_epoch` iterations (the unlabeled set repeated
+to that length), after which both models are evaluated on the test set. The reported figure is the
+best EMA top-1 (FACTS §9).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from tasks.base import Task, register
+
+TOP_K = (1, 5)
+HOOKS = ('build_model', 'teacher_kwargs', 'student_kwargs', 'strong_losses', 'terms')   # methods.base.Method's
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a classification split -- 'labeled', 'unlabeled' or 'val' images of `split` --
+    where a segmentation split names a file."""
+    role: str
+    split: str
+    dataset: str
+    root: str
+
+    def __str__(self) -> str:
+        return f'{self.dataset} {self.split} ({self.role} images under {self.root})'
+
+
+def runs_on_any_task(method) -> bool:
+    """A method that runs the core step as it is: no model of its own and no hooks."""
+    from methods.base import Method
+    own = method.__mro__[:method.__mro__.index(Method)]       # the method's classes above the base
+    return not any(h in vars(c) for c in own for h in HOOKS)
+
+
+@register
+class Classification(Task):
+    name = 'classification'
+    summary = 'image classes: wide ResNets or DINOv2 + linear head, top-1 / top-5 accuracy'
+    metric = 'top1'
+    benchmarked = False     # benchmark.py's original recipes are the DPT ones; not timed yet
+    metric_label = 'top-1'
+    result_title = 'accuracy'
+    reports_ema = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._data = {}         # split -> dataset.classification.ClassificationData, read once
+
+    @classmethod
+    def check(cls, cfg, need) -> None:
+        import methods
+        from model.classifiers import classifier_names
+        need(cfg.backbone in classifier_names(), 'backbone',
+             f'must be one of {classifier_names()} for {cfg.dataset}, got {cfg.backbone!r}')
+        need(cfg.input_size % 14 == 0 and cfg.input_size > 0, 'input_size',
+             f'must be a positive multiple of the 14-pixel patch, got {cfg.input_size}')
+        need(cfg.max_iters_per_epoch > 0, 'max_iters_per_epoch',
+             f'must be > 0 for {cfg.dataset}: a classification epoch is that many iterations')
+        need(methods.get(cfg.method).options is not None
+             or cfg.labeled_upsample >= cfg.max_iters_per_epoch * 2 * cfg.batch_size, 'labeled_upsample',
+             f'must be >= max_iters_per_epoch x 2 x batch_size = {cfg.max_iters_per_epoch * 2 * cfg.batch_size} '
+             f'for labeled-only training on {cfg.dataset} (an epoch of max_iters_per_epoch iterations)')
+        need(not cfg.unlabeled_dirs and cfg.unlabeled_root is None, 'unlabeled_dirs',
+             f'does not apply to {cfg.dataset}: its unlabeled set is its training set')
+        need(cfg.comp_drop_at == 'features', 'comp_drop_at',
+             f"must be 'features' for {cfg.dataset}: a classifier's features are its classifier's input")
+        for method in methods.REGISTRY.values():
+            if method.enabled(cfg):
+                need(runs_on_any_task(method), 'method',
+                     f'{method.name} adds its own model or step hooks, written for pixels; '
+                     f'classification runs the methods of the core step only (python -m methods lists them)')
+
+    # ---- data ------------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        from dataset.registry import get_spec
+        if get_spec(self.cfg.dataset).generated:
+            from dataset.toy_cls import ensure_toy_cls
+            ensure_toy_cls(self.cfg.data_root)
+
+    def split_paths(self, split: str) -> tuple[Part, Part, Part]:
+        from dataset.classification import parse_split
+        parse_split(split)          # a malformed split is an error naming it, here
+        return tuple(Part(role, split, self.cfg.dataset, self.cfg.data_root) for role in ('labeled', 'unlabeled', 'val'))
+
+    def eval_split_path(self) -> Part:
+        return Part('val', 'all', self.cfg.dataset, self.cfg.data_root)
+
+    def data(self, split: str):
+        """Every image and label of `split`, read and checked once (DataError otherwise)."""
+        from dataset.classification import load_classification
+        import methods
+        if split not in self._data:
+            cfg = self.cfg
+            semi = methods.get(cfg.method).options is not None
+            self._data[split] = load_classification(cfg.dataset, cfg.data_root, split, cfg.seed, cfg.download, semi)
+        return self._data[split]
+
+    def check_inputs(self, splits: dict, full: bool = False, roots: dict | None = None) -> list:
+        """The files of each part, read in full (they are read once either way), the labeled subset
+        drawn: a missing root, a wrong format or too few images of a class is an error naming it."""
+        from dataset.checks import DataError, Problem
+        for part in splits.values():
+            if not isinstance(part, Part):
+                return [Problem('error', str(part), f'{self.cfg.dataset} has no split files: give --split '
+                                                    '<N>_labels_per_class, <P>% or all')]
+            try:
+                self.data(part.split)
+            except DataError as err:
+                return [Problem('error', str(part), str(err))]
+        return []
+
+    def dataset(self, split_file: Part, mode: str, nsample: int | None = None, num_strong: int = 2,
+                root: str | None = None) -> Dataset:
+        """The part's samples; the unlabeled set is repeated to one epoch of `max_iters_per_epoch`
+        iterations of `batch_size x unlabeled_ratio` images on every process."""
+        from dataset.classification import ClassificationDataset
+        from util import dist
+        cfg, data = self.cfg, self.data(split_file.split)
+        images, indices = {'labeled': (data.train, data.labeled),
+                           'unlabeled': (data.unlabeled, np.arange(len(data.unlabeled))),
+                           'val': (data.test, np.arange(len(data.test)))}[split_file.role]
+        if mode == 'train_u' and nsample is None:
+            nsample = cfg.max_iters_per_epoch * cfg.batch_size * cfg.unlabeled_ratio * dist.world_size()
+        spec = replace(data.spec, size=cfg.crop_size)
+        return ClassificationDataset(spec, images, indices, mode, nsample, num_strong)
+
+    # ---- model -----------------------------------------------------------------------------------
+
+    def build_model(self, cfg=None) -> nn.Module:
+        from model.classifiers import build_classifier
+        cfg = cfg or self.cfg
+        return build_classifier(cfg.backbone, cfg.nclass, cfg.drop_path, cfg.input_size)
+
+    # ---- evaluation ------------------------------------------------------------------------------
+
+    def evaluate(self, model: nn.Module, dataset: Dataset, device: torch.device, *, mode: str | None = None,
+                 flip: bool = False, scales: Sequence[float] = (1.0,), save_dir: Path | None = None,
+                 progress: bool = False, num_workers: int = 0) -> dict:
+        """{'top1', 'top5' (percent), 'n_images'} over every process: each takes the images rank,
+        rank + world_size, ... and the counts are reduced once. flip: the mean of the image's and
+        its mirror's probabilities."""
+        from tqdm import tqdm
+
+        from util.dist import is_main, rank, world_size
+        from util.metrics import TopKAccuracy
+        if tuple(scales) != (1.0,) or save_dir is not None:
+            raise ValueError('classification evaluates the whole image at one scale and writes no pictures')
+        was_training = model.training
+        model.eval()
+        shard = Subset(dataset, range(rank(), len(dataset), world_size()))
+        loader = DataLoader(shard, batch_size=self.cfg.eval_batch_size, num_workers=num_workers)
+        acc = TopKAccuracy(TOP_K, device)
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc='eval', disable=not (progress and is_main()), dynamic_ncols=True):
+                image = batch['image'].to(device, non_blocking=True)
+                scores = model(image).flatten(1).float().softmax(1)
+                if flip:
+                    scores = (scores + model(image.flip(-1)).flatten(1).float().softmax(1)) / 2
+                acc.update(scores, batch['label'].to(device))
+        acc.reduce()
+        model.train(was_training)
+        return {**acc.accuracy(), 'n_images': acc.n_images}
+
+    def eval_mode(self, mode: str | None = None) -> str:
+        return 'whole image'
+
+    def scores(self, result: dict) -> dict:
+        return {'top1': result['top1'], 'top5': result['top5']}
+
+    def format_result(self, result: dict) -> str:
+        return f'top-1 {result["top1"]:.2f}, top-5 {result["top5"]:.2f} ({result["n_images"]} images)'
+
+    def report(self, result: dict) -> dict:
+        return {'top1': result['top1'], 'top5': result['top5'], 'n_images': result['n_images']}
+
+    def results_extra(self, history: list[dict], best_epoch: int) -> dict:
+        """top-5 beside top-1: per epoch, best and final, student and EMA."""
+        out = {}
+        for key in ('top5', 'top5_ema'):
+            values = [h[key] for h in history if h.get(key) is not None]
+            out[key] = values or None
+            out[f'best_{key}'] = max(values) if values else None
+            out[f'final_{key}'] = values[-1] if values else None
+        return out
+
+    # ---- prediction ------------------------------------------------------------------------------
+
+    def predict(self, model: nn.Module, inputs: list[Path], out_dir: Path, device: torch.device, *,
+                labels: Path | None = None, mode: str | None = None, flip: bool = False,
+                scales: Sequence[float] = (1.0,)) -> int:
+        """`predictions.csv` in `out_dir`: for each image of one file or folder, its file name, the
+        predicted class, its probability and the top-5 classes."""
+        from PIL import UnidentifiedImageError
+        from torchvision import transforms as T
+
+        from dataset.classification import eval_view, get_spec
+        from dataset.registry import class_names
+        from util.checkpoint import write_text_atomic
+        from util.evaluation import list_inputs, load_rgb
+        if len(inputs) != 1:
+            raise SystemExit(f'error: classification takes one --input (a file or a folder), got {len(inputs)}')
+        cfg = self.cfg
+        spec = replace(get_spec(cfg.dataset), size=cfg.crop_size)
+        names = class_names(cfg.dataset, cfg.nclass, cfg.class_names)
+        normalize = T.Compose([T.ToTensor(), T.Normalize(spec.mean, spec.std)])
+        rows = ['file,class,probability,top5']
+        for path in list_inputs(inputs[0]):
+            try:
+                img = load_rgb(path)
+            except (UnidentifiedImageError, OSError) as err:
+                print(f'warning: skipping {path}: not a readable image ({err})', file=sys.stderr)
+                continue
+            with torch.inference_mode():
+                prob = model(normalize(eval_view(img, spec))[None].to(device)).flatten(1).float().softmax(1)[0]
+            top = prob.topk(min(5, len(prob))).indices.tolist()
+            rows.append(f'{path.name},{names[top[0]]},{prob[top[0]].item():.4f},{" ".join(names[k] for k in top)}')
+        write_text_atomic('\n'.join(rows) + '\n', out_dir / 'predictions.csv')
+        return len(rows) - 1
