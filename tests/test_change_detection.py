@@ -37,7 +37,7 @@ FAST = ['crop_size=42', 'batch_size=2', 'max_iters_per_epoch=2', 'log_interval=1
 
 @pytest.fixture(scope='module')
 def reference() -> dict:
-    return torch.load(FIXTURE, weights_only=False)
+    return torch.load(FIXTURE, weights_only=True)
 
 
 def reference_model(ref: dict, original_arithmetic: bool) -> ChangeDPT:
