@@ -163,14 +163,14 @@ class ChangeDetection(Task):
             with torch.inference_mode():
                 probs, _ = predict(model, pair_tensor(a, b)[None].to(device), self.eval_mode(mode), self.cfg.crop_size,
                                    self.cfg.nclass, flip, scales)
-            change = (probs.argmax(dim=1)[0] == CHANGED).cpu().numpy().astype(np.uint8) * MASK_VALUE
-            Image.fromarray(change).save(out_dir / f'{path.stem}.png')
+            change = change_mask(probs.argmax(dim=1)[0])
+            change.save(out_dir / f'{path.stem}.png')
             label_path = labels / path.name if labels is not None else None
             if label_path is not None and label_path.is_file():
-                reference = Image.fromarray(load_label(label_path) * MASK_VALUE)
+                reference = change_mask(torch.from_numpy(load_label(label_path)))
             else:
                 reference = Image.new('L', a.size, 0)
-            save_panels([a, b, reference, Image.fromarray(change)], out_dir / f'{path.stem}_pair.jpg')
+            save_panels([a, b, reference, change], out_dir / f'{path.stem}_pair.jpg')
         return len(pairs)
 
 
@@ -195,10 +195,16 @@ def write_change_pictures(item: dict, pred: torch.Tensor, save_dir: Path) -> Non
     (A | B | label | prediction)."""
     from util.evaluation import denormalize, save_panels
     a, b = item['image'][:3], item['image'][3:]
-    as_mask = lambda ids: Image.fromarray(((ids == CHANGED).cpu().numpy() * MASK_VALUE).astype(np.uint8))  # noqa: E731
-    Image.fromarray(((pred == CHANGED).cpu().numpy() * MASK_VALUE).astype(np.uint8)).save(save_dir / f'{item["name"]}.png')
-    save_panels([denormalize(a), denormalize(b), as_mask(item['mask']), as_mask(pred)],
+    change = change_mask(pred)
+    change.save(save_dir / f'{item["name"]}.png')
+    save_panels([denormalize(a), denormalize(b), change_mask(item['mask']), change],
                 save_dir / 'side_by_side' / f'{item["name"]}.jpg')
+
+
+def change_mask(ids: torch.Tensor) -> Image.Image:
+    """Class ids [H, W] -> an 'L' picture: MASK_VALUE where changed, 0 elsewhere (unchanged,
+    ignored)."""
+    return Image.fromarray(((ids == CHANGED).cpu().numpy() * MASK_VALUE).astype(np.uint8))
 
 
 def matched_pairs(dir_a: Path, dir_b: Path) -> list[Path]:
