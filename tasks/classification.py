@@ -58,10 +58,10 @@ class Classification(Task):
     name = 'classification'
     summary = 'image classes: wide ResNets or DINOv2 + linear head, top-1 / top-5 accuracy'
     metric = 'top1'
-    benchmarked = False     # benchmark.py's original recipes are the DPT ones; not timed yet
     metric_label = 'top-1'
     result_title = 'accuracy'
     reports_ema = True
+    benchmarked = False     # benchmark.py's original recipes are the DPT ones; not timed yet
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -87,9 +87,14 @@ class Classification(Task):
              f"must be 'features' for {cfg.dataset}: a classifier's features are its classifier's input")
         for method in methods.REGISTRY.values():
             if method.enabled(cfg):
-                need(runs_on_any_task(method), 'method',
+                need(cls.supports(method.name), 'method',
                      f'{method.name} adds its own model or step hooks, written for pixels; '
                      f'classification runs the methods of the core step only (python -m methods lists them)')
+
+    @classmethod
+    def supports(cls, method: str) -> bool:
+        import methods
+        return runs_on_any_task(methods.get(method))
 
     # ---- data ------------------------------------------------------------------------------------
 
