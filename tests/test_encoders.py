@@ -387,8 +387,8 @@ def test_unimatch_v2_trains_and_evaluates_with_a_timm_encoder(toy, tmp_path):
 def test_method_steps_run_with_a_library_encoder(method):
     """Three steps of each method that builds the plain model (as tests/test_methods.py records
     them for DINOv2): finite losses, and gradients reaching the encoder."""
-    from tests.test_methods import FIXTURE, run_case
-    base = torch.load(FIXTURE, weights_only=True)['base']
+    from tests.step_record import FP32_FIXTURE, run_case
+    base = torch.load(FP32_FIXTURE, weights_only=True)['base']
     outs = run_case([f'method={method}', 'backbone=timm:resnet10t'], base)
     assert len(outs) == 3
     for out in outs:
