@@ -1,5 +1,6 @@
 """Shared test settings."""
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,16 @@ os.environ.setdefault('OMP_NUM_THREADS', '1')
 # Fast training overrides for end-to-end tests: a few iterations at crop 42 on a tiny toy set.
 FAST_TRAIN = ['crop_size=42', 'batch_size=2', 'max_iters_per_epoch=2', 'log_interval=1', 'num_workers=0',
               'toy_train=32', 'toy_val=3', 'pretrained=null']
+
+
+@pytest.fixture(scope='session', autouse=True)
+def interpreter_first_on_path():
+    """Every script a test launches (scripts/*.sh call a bare `python` and `torchrun`) runs with the
+    interpreter that runs the tests: its directory first on PATH, whether or not a virtual
+    environment is activated (a subprocess's env built from os.environ inherits it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('PATH', os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', ''))
+        yield
 
 
 @pytest.fixture(scope='session')

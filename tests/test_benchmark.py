@@ -11,6 +11,7 @@ import torch.distributed as tdist
 
 import benchmark
 from util.config import load_config
+from tests.launch import HANG_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ['pretrained=null', 'crop_size=42', 'batch_size=2']
@@ -58,7 +59,7 @@ def test_command_prints_the_speedup_line():
     out = subprocess.run(
         [sys.executable, 'benchmark.py', '--config', 'configs/toy.yaml', '--recipes', 'original,default',
          '--steps', '1', '--warmup', '0', '--memory-steps', '1', *SMALL],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     assert lines[-1].startswith('speedup: ') and lines[-1].endswith('x'), lines[-3:]
@@ -68,7 +69,7 @@ def test_command_prints_the_speedup_line():
 def test_profile_prints_every_part_of_the_default_step():
     out = subprocess.run(
         [sys.executable, 'benchmark.py', '--config', 'configs/toy.yaml', '--profile', '--steps', '1', *SMALL],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert out.returncode == 0, out.stderr[-2000:]
     for part in ('teacher forward', 'student encoder forward', 'student encoder backward',
                  'student decoder and losses backward', 'optimizer', 'EMA update'):
@@ -78,7 +79,7 @@ def test_profile_prints_every_part_of_the_default_step():
 def test_op_ratios_print_each_class_of_operation_for_both_recipes():
     out = subprocess.run(
         [sys.executable, 'benchmark.py', '--config', 'configs/toy.yaml', '--op-ratios', '--steps', '1', *SMALL],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {line[:42].strip(): line[42:].split() for line in out.stdout.splitlines()[2:]}
     assert set(benchmark.OP_CLASSES) | {'other', 'all operations', 'step'} <= set(rows), out.stdout
@@ -111,6 +112,6 @@ def test_change_detection_recipes_run_on_pairs():
 
 def test_a_task_benchmark_does_not_time_is_refused_by_name():
     out = subprocess.run([sys.executable, 'benchmark.py', '--config', 'configs/toy_cls.yaml', '--steps', '1'],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert out.returncode == 2
     assert 'configs/toy_cls.yaml: benchmark.py does not time the classification task (dataset toy_cls)' in out.stderr

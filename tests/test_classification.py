@@ -24,6 +24,7 @@ from methods.step import SemiOptions, semi_step
 from model.classifiers import PAPER_PARAMS_M, build_classifier
 from util.losses import CrossEntropy
 from util.metrics import TopKAccuracy
+from tests.launch import HANG_TIMEOUT_S
 
 
 # ---- files in each official format ----------------------------------------------------------------
@@ -356,7 +357,7 @@ def test_loaders_of_one_epoch(cifar_root, tmp_path):
 def test_reproduce_runs_three_seeds_per_cell():
     import subprocess
     out = subprocess.run(['sh', str(ROOT / 'scripts/reproduce.sh'), '--dry-run', 'table17'], capture_output=True,
-                         text=True, check=True, timeout=300).stdout.splitlines()
+                         text=True, check=True, timeout=HANG_TIMEOUT_S).stdout.splitlines()
     assert out[:2] == ['EXP_DIR=exp/table17/seed=0 sh scripts/train.sh svhn 4_labels_per_class unimatch_v2 seed=0',
                        'EXP_DIR=exp/table17/seed=0 sh scripts/train.sh svhn 25_labels_per_class unimatch_v2 seed=0']
     assert len(out) == 7 and out[-1].endswith('--tables table17 --out exp/tables.md')

@@ -24,6 +24,7 @@ from tests.test_robustness import short_run, toy  # noqa: F401 (toy is a fixture
 from tests.test_steps import V2_KEYS, fused_and_unfused_steps, make_batch
 from util.ema import EMATeacher
 from util.losses import IGNORE_INDEX, build_criterion
+from tests.launch import HANG_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.device('cuda', 0)
@@ -114,7 +115,7 @@ def test_benchmark_reports_cuda_memory():
     out = subprocess.run(
         [sys.executable, 'benchmark.py', '--config', 'configs/toy.yaml', '--recipes', 'original,default',
          '--steps', '2', '--warmup', '1', '--memory-steps', '1', 'crop_size=56'],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert out.returncode == 0, out.stderr[-2000:]
     assert ', cuda (' in out.stdout and 'max allocated' in out.stdout, out.stdout
     assert out.stdout.strip().splitlines()[-1].startswith('speedup: ')

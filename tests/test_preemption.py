@@ -29,6 +29,7 @@ import torch
 import unimatch_v2
 from tests.distributed import free_port
 from util import trainer
+from tests.launch import HANG_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / 'configs/toy.yaml')
@@ -46,7 +47,7 @@ def start(cmd: list[str], out: Path, **env: str) -> subprocess.Popen:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_for(proc: subprocess.Popen, log: Path, text: str, out: Path, timeout: float = 300) -> None:
+def wait_for(proc: subprocess.Popen, log: Path, text: str, out: Path, timeout: float = HANG_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if log.exists() and text in log.read_text():
@@ -79,7 +80,7 @@ def test_sigterm_to_the_process_group_with_workers_running(toy, tmp_path):
     proc = start([sys.executable, 'unimatch_v2.py'] + argv(toy, run_dir, LONG + ['num_workers=2']), out)
     wait_for(proc, run_dir / 'train.log', 'epoch 0 iter 2/', out)
     os.killpg(proc.pid, signal.SIGTERM)            # the trainer and its two workers
-    assert proc.wait(timeout=120) == 0, out.read_text()[-3000:]
+    assert proc.wait(timeout=HANG_TIMEOUT_S) == 0, out.read_text()[-3000:]
     stopped_at(run_dir)
     assert 'SIGTERM' in (run_dir / trainer.STOP_MARKER).read_text()
     assert 'DataLoader worker' not in out.read_text()
@@ -95,7 +96,7 @@ def test_sigterm_to_the_torchrun_launcher_alone(toy, tmp_path):
     proc = start(cmd, out)
     wait_for(proc, run_dir / 'train.log', 'epoch 0 iter 2/', out)
     proc.send_signal(signal.SIGTERM)               # the launcher only
-    proc.wait(timeout=120)
+    proc.wait(timeout=HANG_TIMEOUT_S)
     stopped_at(run_dir)
     assert (run_dir / 'train.log').read_text().count('checkpoint at epoch') == 1
     assert 'DataLoader worker' not in out.read_text()
@@ -108,7 +109,7 @@ def test_train_sh_exits_0_when_its_process_group_is_stopped(toy, tmp_path):
                  + LONG + ['num_workers=1'], out, EXP_DIR=str(exp))
     wait_for(proc, run_dir / 'train.log', 'epoch 0 iter 2/', out)
     os.killpg(proc.pid, signal.SIGTERM)            # the shell, tee, torchrun, the trainer, its worker
-    assert proc.wait(timeout=120) == 0, out.read_text()[-3000:]
+    assert proc.wait(timeout=HANG_TIMEOUT_S) == 0, out.read_text()[-3000:]
     where = stopped_at(run_dir)
     assert f'stopped on request (SIGTERM at {where})' in out.read_text()
     assert 'checkpoint saved, exiting' in (run_dir / 'out.log').read_text()     # the log writer survived

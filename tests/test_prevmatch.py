@@ -10,7 +10,6 @@ from dataclasses import replace
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +31,7 @@ from methods.prevmatch import PrevMatch, SnapshotBank, guidance_loss, guidance_w
 import methods
 from methods.base import MethodSet
 from methods.step import SemiOptions, semi_step
+from tests.launch import HANG_TIMEOUT_S
 
 V1_WEIGHTS = {'loss_s1': 0.25, 'loss_s2': 0.25, 'loss_fp': 0.5}     # UniMatch V1's L_u
 
@@ -309,9 +309,8 @@ def test_tables_and_reproduce_know_both_methods(tmp_path):
     rows = [ln.split('|')[1].strip() for ln in md.splitlines() if ln.startswith('| ') and 'method' not in ln]
     assert rows == ['unimatch_v2', 'prevmatch', 'ipixmatch']
     env = {**os.environ, 'EXP_DIR': str(tmp_path / 'exp'), 'DRY_RUN': '1'}
-    env['PATH'] = f'{Path(sys.executable).parent}{os.pathsep}{env.get("PATH", "")}'
     res = subprocess.run(['sh', str(ROOT / 'scripts/reproduce.sh'), 'toy'], env=env, capture_output=True,
-                         text=True, timeout=60)
+                         text=True, timeout=HANG_TIMEOUT_S)
     assert res.returncode == 0, res.stderr
     cells = [ln.split()[2:5] for ln in res.stdout.splitlines() if ln.startswith('sh scripts/train.sh')]
     for method in ('prevmatch', 'ipixmatch'):

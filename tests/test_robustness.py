@@ -31,6 +31,7 @@ import unimatch_v2
 import methods.step
 from dataset.toy import ensure_toy
 from util.checkpoint import safe_load, save_atomic, write_text_atomic
+from tests.launch import HANG_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / 'configs/toy.yaml')
@@ -115,7 +116,7 @@ def interrupted(toy, tmp_path_factory) -> dict[str, dict]:
                       'pattern': pattern, 'signal': sig}
         runs[name]['proc'] = launch(argv, runs[name]['out'])
     try:
-        waiting, deadline = set(runs), time.monotonic() + 300
+        waiting, deadline = set(runs), time.monotonic() + HANG_TIMEOUT_S
         while waiting and time.monotonic() < deadline:
             for name in sorted(waiting):
                 r, log = runs[name], runs[name]['run_dir'] / 'train.log'
@@ -126,9 +127,9 @@ def interrupted(toy, tmp_path_factory) -> dict[str, dict]:
                     pytest.fail(f'{name}: training exited with {r["proc"].returncode} before logging '
                                 f'{r["pattern"]!r}:\n' + r['out'].read_text()[-3000:])
             time.sleep(0.02)
-        assert not waiting, f'{waiting}: no such log line after 300 s'
+        assert not waiting, f'{waiting}: no such log line after {HANG_TIMEOUT_S} s'
         for r in runs.values():
-            r['code'] = r['proc'].wait(timeout=120)
+            r['code'] = r['proc'].wait(timeout=HANG_TIMEOUT_S)
             r['output'] = r['out'].read_text()
     finally:
         for r in runs.values():

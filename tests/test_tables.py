@@ -5,12 +5,12 @@ import itertools
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tools import tables
+from tests.launch import HANG_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_CSV = ROOT / 'reference' / 'paper_tables.csv'
@@ -229,9 +229,8 @@ def test_report_and_cli(exp, tmp_path, capsys):
 
 def reproduce(*args: str, exp: Path, **env: str) -> subprocess.CompletedProcess:
     environ = {**os.environ, 'EXP_DIR': str(exp), **env}
-    environ['PATH'] = f'{Path(sys.executable).parent}{os.pathsep}{environ.get("PATH", "")}'
     return subprocess.run(['sh', str(ROOT / 'scripts' / 'reproduce.sh'), *args], env=environ,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
 
 
 @pytest.mark.parametrize('args', [(), ('table9',), ('table1', 'four')])
@@ -316,7 +315,7 @@ def test_table14_sets_the_best_student_changed_iou_and_its_oa_beside_the_paper(t
 
 def test_reproduce_table14_dry_run():
     out = subprocess.run(['sh', 'scripts/reproduce.sh', 'table14', '--dry-run'], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120, env={**os.environ, 'EXP_DIR': '/nonexistent/exp'})
+                         text=True, timeout=HANG_TIMEOUT_S, env={**os.environ, 'EXP_DIR': '/nonexistent/exp'})
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 4 * 2 * 2 + 2 * 2 * 2 + 1

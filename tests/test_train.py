@@ -13,6 +13,7 @@ import torch
 
 import supervised
 import unimatch_v2
+from tests.launch import HANG_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]
 # `toy` (fast training overrides on a tiny generated toy set) comes from conftest.py.
@@ -80,7 +81,7 @@ def test_train_sh_two_processes(toy, tmp_path):
     """scripts/train.sh launches torchrun with 2 CPU processes (gloo) and both take part."""
     env = {**os.environ, 'EXP_DIR': str(tmp_path / 'exp'), 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
     proc = subprocess.run(['sh', 'scripts/train.sh', 'toy', '1_16', 'unimatch_v2', '2'] + toy + ['epochs=1'],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / 'exp/toy/unimatch_v2/dinov2_tiny/1_16'
     assert '2 process(es) on cpu' in proc.stdout
@@ -91,7 +92,7 @@ def test_train_sh_two_processes(toy, tmp_path):
 def test_train_sh_fails_loudly(tmp_path):
     env = {**os.environ, 'EXP_DIR': str(tmp_path / 'exp')}
     proc = subprocess.run(['sh', 'scripts/train.sh', 'toy', '1_16', 'unimatch_v2', '1', 'no_such_key=1'],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert proc.returncode != 0
     assert 'no_such_key' in proc.stdout + proc.stderr
 
@@ -101,7 +102,7 @@ def test_train_sh_passes_on_the_exit_status_of_a_failed_run(tmp_path):
     env = {**os.environ, 'EXP_DIR': str(tmp_path / 'exp'), 'CUDA_VISIBLE_DEVICES': ''}
     proc = subprocess.run(['sh', 'scripts/train.sh', 'pascal', '92', 'unimatch_v2', '1',
                            f'data_root={tmp_path / "missing"}'],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert 'missing' in proc.stdout and 'Illegal number' not in proc.stderr
     assert (tmp_path / 'exp/pascal/unimatch_v2/dinov2_small/92/out.log').exists()
