@@ -12,7 +12,8 @@
 - the import graph has no circle and `model/` imports no method; entry scripts name no method and
   a method is named, outside its own module, docs, configs and tests, only by the registry line;
 - the loop hands the step the EMA teacher, updates the EMA once after every optimizer step with the
-  original's schedule (and saves it), gives each method the paper's options, accumulates gradients
+  original's schedule (and saves it), runs every step at the original's learning rate (set after
+  step `iters` for the next one, also across a resume), gives each method the paper's options, accumulates gradients
   like one larger batch, and ends a two-process run with equal weights from disjoint shards.
 """
 from __future__ import annotations
@@ -219,10 +220,11 @@ def test_each_method_runs_the_papers_step_options():
 
 
 class Recorder:
-    """What the loop did, in order: the step's arguments, optimizer steps, EMA updates."""
+    """What the loop did, in order: the step's arguments, optimizer steps (and the learning rate of
+    each parameter group they ran at), EMA updates."""
 
     def __init__(self, monkeypatch):
-        self.events, self.steps, self.ema = [], [], []
+        self.events, self.steps, self.ema, self.lrs = [], [], [], []
         real_step, real_opt, real_ema = trainer.semi_step, Precision.step, EMATeacher.update
 
         def step(student, teacher, *args, **kwargs):
@@ -231,6 +233,7 @@ class Recorder:
 
         def opt_step(precision, optimizer):
             self.events.append('optimizer')
+            self.lrs.append(tuple(group['lr'] for group in optimizer.param_groups))
             return real_opt(precision, optimizer)
 
         def ema_update(ema, student, it):
@@ -277,6 +280,45 @@ def test_the_ema_follows_every_optimizer_step_with_the_originals_schedule(record
     assert torch.equal(ckpt['model_ema']['head.scratch.output_conv.2.weight'], rec.ema[-1][3])
     for k, v in tr.teacher.model.state_dict().items():
         assert torch.equal(ckpt['model_ema'][k], v), k
+
+
+def originals_learning_rates(base: float, lr_multi: float, epochs: int, iters: int) -> list[float]:
+    """(encoder, head) lr of every step, flattened, as the original's loop sets them: the optimizer
+    starts at the base lr; after step `iters` (epoch * len(loader) + i) it sets
+    lr = base * (1 - iters / total_iters) ** 0.9, head lr * lr_multi."""
+    lr, rates = base, []
+    for epoch in range(epochs):
+        for i in range(iters):
+            rates += [lr, lr * lr_multi]
+            lr = base * (1 - (epoch * iters + i) / (epochs * iters)) ** 0.9
+    return rates
+
+
+def test_every_step_runs_at_the_originals_learning_rate(recorded_run):
+    """Over an epoch boundary, both parameter groups: the first two steps at the base lr."""
+    rec, tr, _ = recorded_run
+    cfg = tr.run.cfg
+    expected = originals_learning_rates(cfg.lr * trainer.lr_scale(cfg), cfg.lr_multi, 2, 3)
+    assert expected[0] == expected[2] != expected[4]
+    assert [lr for step in rec.lrs for lr in step] == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_resumed_run_keeps_the_learning_rate_of_every_step(toy, tmp_path, monkeypatch):
+    """Stopped (a real SIGTERM) after the first step of the second epoch and resumed: the resumed
+    steps run at the lr the uninterrupted run would have used."""
+    from tests.test_preemption import stop_after
+    rec = Recorder(monkeypatch)
+    argv = ['--config', str(ROOT / 'configs/toy.yaml'), '--split', '1_16', '--save-path', str(tmp_path / 'run')] \
+        + toy + ['epochs=2', 'max_iters_per_epoch=3', 'checkpoint_minutes=0']
+    stop_after(monkeypatch, {(1, 1)})
+    with pytest.raises(SystemExit) as info:
+        unimatch_v2.main(argv)
+    assert info.value.code == 0 and len(rec.lrs) == 4
+    unimatch_v2.main(argv)
+    assert 'resumed from' in (tmp_path / 'run/train.log').read_text()
+    cfg = load_config(ROOT / 'configs/toy.yaml', toy)
+    expected = originals_learning_rates(cfg.lr * trainer.lr_scale(cfg), cfg.lr_multi, 2, 3)
+    assert [lr for step in rec.lrs for lr in step] == pytest.approx(expected, rel=1e-12)
 
 
 def test_gradient_accumulation_equals_one_step_on_the_larger_batch():

@@ -361,7 +361,9 @@ def lr_factor(schedule: str, it: int, total: int) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, cfg: Config, it: int, total: int) -> float:
-    """lr = base * lr_factor (head x lr_multi), set after each step as the original."""
+    """lr = base * lr_factor(it) (head x lr_multi), set after optimizer step `it` (epoch *
+    iterations + i) for the steps after it, as the original: step it + 1 runs at lr(it), so the
+    first two steps run at the base lr."""
     lr = cfg.lr * lr_scale(cfg) * lr_factor(cfg.lr_schedule, it, total)
     optimizer.param_groups[0]['lr'] = lr
     optimizer.param_groups[1]['lr'] = lr * cfg.lr_multi
@@ -581,7 +583,7 @@ def train_epoch(tr: Training, epoch: int, loaders: list[DataLoader],
             handle_nonfinite(tr, epoch, i)
             continue
         tr.precision.step(tr.optimizer)
-        lr = set_lr(tr.optimizer, cfg, it + 1, iters * cfg.epochs)
+        lr = set_lr(tr.optimizer, cfg, it, iters * cfg.epochs)
         if tr.teacher is not None:
             tr.teacher.update(tr.student, it)
         state.iteration, state.global_step = i + 1, state.global_step + 1
