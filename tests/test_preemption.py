@@ -11,7 +11,7 @@ scripts/train.sh).
 - a toy run stopped twice (by real SIGTERMs, at different iterations, with 0, 2 and 1 data-loader
   workers) and resumed ends with the same results.json (timings aside) and the same weights,
   optimizer and EMA as the uninterrupted run, bit for bit on the CPU, for every method that carries
-  state between steps.
+  state between steps, and with gradient accumulation (a resume skips grad_accum batches per iteration).
 """
 from __future__ import annotations
 
@@ -185,6 +185,24 @@ def test_a_run_stopped_twice_and_resumed_is_the_uninterrupted_run(toy, tmp_path,
             assert torch.equal(ckpt_b[part][k], v), (part, k)
     for a, b in zip(ckpt_a['optimizer']['state'].values(), ckpt_b['optimizer']['state'].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_with_gradient_accumulation_stopped_mid_epoch_is_the_uninterrupted_run(toy, tmp_path, monkeypatch):
+    """grad_accum=2: an iteration is two batches of each loader, so a resume after 2 iterations
+    skips 4 batches of each (not 2), and ends with the uninterrupted run's weights, bit for bit."""
+    base = toy + ['epochs=1', 'max_iters_per_epoch=5', 'grad_accum=2', 'checkpoint_minutes=0', 'conf_thresh=0']
+    unimatch_v2.main(argv(base, tmp_path / 'whole', []))
+    stop_after(monkeypatch, {(0, 2)})
+    with pytest.raises(SystemExit) as info:
+        unimatch_v2.main(argv(base, tmp_path / 'stopped', []))
+    assert info.value.code == 0
+    assert torch.load(tmp_path / 'stopped/latest.pth', weights_only=True)['iteration'] == 2
+    unimatch_v2.main(argv(base, tmp_path / 'stopped', []))
+    (res_a, ckpt_a), (res_b, ckpt_b) = final_state(tmp_path / 'whole'), final_state(tmp_path / 'stopped')
+    assert res_b == res_a and ckpt_b['global_step'] == ckpt_a['global_step'] == 5
+    for part in ('model', 'model_ema'):
+        for k, v in ckpt_a[part].items():
+            assert torch.equal(ckpt_b[part][k], v), (part, k)
 
 
 def test_a_run_directory_resumes_only_its_own_seed(toy, tmp_path, capsys):
