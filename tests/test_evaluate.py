@@ -1,5 +1,5 @@
-"""evaluate(): one process vs two; evaluate.py end to end on a released-format checkpoint;
-predict.py on odd images."""
+"""evaluate(): one process vs two; the centre-crop mode against hand-made crops; evaluate.py end
+to end on a released-format checkpoint; predict.py on odd images."""
 import json
 import re
 from pathlib import Path
@@ -70,6 +70,36 @@ def test_two_processes_match_one(tmp_path):
     assert 0 < single['miou'] < 100
     table = format_iou_table(single['iou'], ['a', 'b', 'c'])
     assert table.splitlines()[-1].split()[-1] == f'{single["miou"]:.2f}'
+
+
+class CentreCrops(torch.utils.data.Dataset):
+    """The items of `FiveImages`, image and mask cut to their centre crop by hand, as the original
+    crops both: offsets (side - crop) // 2, an axis shorter than the crop kept whole."""
+
+    def __init__(self, crop: int):
+        self.items, self.crop = FiveImages(), crop
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.items[i]
+        h, w = item['mask'].shape
+        ch, cw = min(self.crop, h), min(self.crop, w)
+        top, left = (h - ch) // 2, (w - cw) // 2
+        return {'image': item['image'][:, top:top + ch, left:left + cw],
+                'mask': item['mask'][top:top + ch, left:left + cw], 'name': item['name']}
+
+
+@pytest.mark.parametrize('crop', [14, 28])
+def test_centre_crop_mode_scores_the_crop_only(crop):
+    """evaluate(mode='center_crop') on the whole images counts exactly the pixels that the
+    whole-image mode counts on their centre crops: nothing outside the crop enters the matrix."""
+    cropped = evaluate(PixelStub(), CentreCrops(crop), NCLASS, 'original', crop, progress=False)
+    centre = evaluate(PixelStub(), FiveImages(), NCLASS, 'center_crop', crop, progress=False)
+    assert centre['confusion'] == cropped['confusion'] and centre['miou'] == cropped['miou']
+    whole = evaluate(PixelStub(), FiveImages(), NCLASS, 'original', crop, progress=False)
+    assert sum(map(sum, centre['confusion'])) < sum(map(sum, whole['confusion']))
 
 
 # ---- evaluate.py / predict.py end to end ------------------------------------------------------
