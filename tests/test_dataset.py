@@ -173,6 +173,43 @@ def test_a_sample_key_fixes_the_augmentations(layout):
     assert any(not torch.equal(first[k], other[k]) for k in first)
 
 
+def two_class_layout(tmp_path) -> tuple[Path, Path]:
+    """A custom-layout image whose mask is vertical stripes of classes 0 and 5 with an ignored top:
+    any interpolation between them would make ids that are not in the mask."""
+    root = tmp_path / 'stripes'
+    write_image(root / 'images/a.png', (90, 70), 0)
+    mask = np.where((np.arange(90) // 9) % 2 == 0, 0, 5).astype(np.uint8)[None].repeat(70, 0)
+    mask[:6] = IGNORE_INDEX
+    (root / 'masks').mkdir(parents=True)
+    Image.fromarray(mask).save(root / 'masks/a.png')
+    return root, write_split(tmp_path / 'labeled.txt', ['images/a.png masks/a.png'])
+
+
+def test_rescaled_masks_keep_their_class_ids(tmp_path):
+    """Masks are resized nearest-neighbour: over many random rescales (long side x 0.5 .. 2) and
+    crops, a training mask holds only the ids of its file (and 255 on the padding)."""
+    root, labeled = two_class_layout(tmp_path)
+    ds = SemiDataset(root, labeled, 'train_l', CROP, nclass=6)
+    seen = set()
+    for seed in range(20):
+        ids = set(ds[SampleKey(0, seed)]['mask'].unique().tolist())
+        assert ids <= {0, 5, IGNORE_INDEX}, (seed, sorted(ids))
+        seen |= ids
+    assert seen == {0, 5, IGNORE_INDEX}
+
+
+def test_each_strong_view_draws_its_own_cutmix_box(tmp_path):
+    """Per sample, one box per strong view drawn independently (each present with p = 0.5): two
+    views share a box only when both have none, about one sample in four; never all of them."""
+    root, _, unlabeled, _ = pascal_layout(tmp_path)
+    ds = SemiDataset(root, unlabeled, 'train_u', CROP, num_strong=2)
+    boxes = [ds[SampleKey(i % len(ds), seed)]['boxes'] for i, seed in enumerate(range(30))]
+    shared = [b for b in boxes if torch.equal(b[0], b[1])]
+    assert all(not b.any() for b in shared)                         # equal only when both are empty
+    assert len(shared) <= 15
+    assert any(b[0].any() and b[1].any() for b in boxes)
+
+
 def test_val_sample_full_resolution(layout):
     root, labeled, _, nclass = layout
     ds = SemiDataset(root, labeled, 'val', CROP, nclass=nclass)
