@@ -15,6 +15,7 @@ import pytest
 import scipy.io
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from dataset.checks import DataError
 from dataset.classification import (ClassificationDataset, get_spec, labeled_indices, load_classification,
@@ -155,6 +156,32 @@ def test_samples_are_seeded_per_sample_and_in_the_steps_layout(tmp_path):
     assert lab['mask'].shape == (1, 1) and lab['mask'].item() == TRAIN[int(data.labeled[3])]
 
 
+def weak_views(img, side: int) -> np.ndarray:
+    """(V, side, side, 3) uint8: every weak view USB's augmentation can make of `img` (side x side):
+    a crop of the image reflect-padded by 1/8 of the side, mirrored or not."""
+    pad = side // 8
+    arr = np.pad(np.asarray(img), ((pad, pad), (pad, pad), (0, 0)), mode='reflect')
+    crops = [arr[y:y + side, x:x + side] for y in range(2 * pad + 1) for x in range(2 * pad + 1)]
+    return np.stack(crops + [c[:, ::-1] for c in crops])
+
+
+@pytest.mark.parametrize('mode', ['train_l', 'train_u'])
+def test_the_weak_view_is_a_flip_and_a_translation_only(tmp_path, mode):
+    """The image the teacher labels (train_u) and the labeled image (train_l) are exactly a weak
+    view of the file's image: no colour operation, no Cutout, which only the strong views get."""
+    write_cifar(tmp_path, TRAIN, TEST)
+    data = load_classification('cifar10', tmp_path, '2_labels_per_class', seed=0)
+    ds = ClassificationDataset(data.spec, data.train, range(60), mode)
+    strong_is_weak = []
+    for k in range(8):
+        item = ds[SampleKey(k, 1000 + k)]
+        views = torch.stack([ds.normalize(Image.fromarray(v.copy())) for v in weak_views(data.train.image(k), 32)])
+        assert (views == item['image']).flatten(1).all(1).any(), k
+        if mode == 'train_u':
+            strong_is_weak += [bool((views == s).flatten(1).all(1).any()) for s in item['strong']]
+    assert mode == 'train_l' or not all(strong_is_weak)        # the check tells a strong view apart
+
+
 # ---- networks --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('name, count', [('wrn_28_2', 1_469_642), ('wrn_var_37_2', 5_933_770)])
@@ -285,6 +312,27 @@ def test_unimatch_v2_resume_is_the_same_run(cifar_root, tmp_path, monkeypatch):
     assert res['top1_ema'] == results_of(straight)['top1_ema'] and len(res['top1_ema']) == 2
     assert {'best_top1', 'best_top1_ema', 'final_top1_ema', 'top5_ema', 'best_top5_ema'} <= set(res)
     assert res['history'][0]['loss_s2'] >= 0 and 0 <= res['best_top1_ema'] <= 100
+
+
+def test_best_pth_holds_the_emas_best_the_reported_figure(cifar_root, tmp_path, monkeypatch):
+    """The reported figure is the best EMA top-1, so best.pth is the checkpoint of the EMA's best
+    epoch, not the student's. A real three-epoch run whose scores are scripted so the two disagree
+    (student best at epoch 0, EMA at epoch 2): real accuracies of a tiny run would rarely."""
+    import unimatch_v2
+    from tasks.classification import Classification
+    scripted = iter([60.0, 10.0, 10.0, 20.0, 10.0, 30.0])          # per epoch: student, then EMA
+    real = Classification.evaluate
+
+    def evaluate(self, model, *args, **kwargs):
+        return {**real(self, model, *args, **kwargs), 'top1': next(scripted)}
+    monkeypatch.setattr(Classification, 'evaluate', evaluate)
+    unimatch_v2.main(train_args(tmp_path) + fast(cifar_root) + ['epochs=3'])
+    res = results_of(tmp_path)
+    assert (res['best_epoch'], res['best_top1']) == (0, 60.0)
+    assert (res['best_epoch_ema'], res['best_top1_ema']) == (2, 30.0)
+    best, latest = (torch.load(tmp_path / name, weights_only=True) for name in ('best.pth', 'latest.pth'))
+    assert best['epoch'] == 2 and best['previous_best_ema'] == 30.0
+    assert all(torch.equal(best['model_ema'][k], v) for k, v in latest['model_ema'].items())
 
 
 @pytest.mark.parametrize('method', ['fixmatch', 'supervised'])
