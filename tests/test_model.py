@@ -29,6 +29,12 @@ from util.checkpoint import UnsafeCheckpointError, safe_load
 
 REFERENCE_DIR = Path(__file__).resolve().parent / 'fixtures'   # outputs and key lists of the original release
 REFERENCE_FIXTURE = REFERENCE_DIR / 'tiny_dpt_dinov2_reference.pt'
+# The fixture holds the original implementation's fp32 outputs (its own code, another CPU): agreement
+# to fp32 rounding of the original's different arithmetic. |logits| <= 0.42 and |features| <= 3.7,
+# whose fp32 ulps are 3e-8 and 2.4e-7: 1e-5 is ~40 ulps of the features; measured on an AMD EPYC
+# 1.5e-7 (logits) and 7.2e-7 (features). Changes of 1e-7 in the arithmetic are the float64 step
+# record's to catch (tests/test_methods.py, the same DPT model).
+ORIGINAL_ATOL = 1e-5
 NATIVE_GRID = NATIVE_IMG_SIZE // PATCH_SIZE          # 37
 TINY_NCLASS = 5
 # Smaller still than the `tiny` preset (the reference fixture's size): for tests that build many models.
@@ -102,7 +108,7 @@ def test_logits_match_the_original_implementation(reference):
             logits = model(x)
             assert logits.shape == expected.shape, (i, logits.shape, expected.shape)
             diff = max_abs_diff(logits, expected)
-            assert diff <= 1e-5, f'input {i} {tuple(x.shape)}: max abs diff {diff:.3g} of the logits'
+            assert diff <= ORIGINAL_ATOL, f'input {i} {tuple(x.shape)}: max abs diff {diff:.3g} of the logits'
 
 
 def test_backbone_features_match_the_original_implementation(reference):
@@ -114,7 +120,7 @@ def test_backbone_features_match_the_original_implementation(reference):
     for i, (f, e) in enumerate(zip(features, expected)):
         assert f.shape == e.shape, (i, f.shape, e.shape)
         diff = max_abs_diff(f, e)
-        assert diff <= 1e-5, f'tap {i}: max abs diff {diff:.3g} of the backbone features'
+        assert diff <= ORIGINAL_ATOL, f'tap {i}: max abs diff {diff:.3g} of the backbone features'
 
 
 # --- 2. shapes ----------------------------------------------------------------------------------
@@ -592,7 +598,7 @@ def test_math_attention_also_matches_the_original_implementation(reference):
     assert not any(b.attn.fused_attn for b in model.backbone.blocks)
     with torch.no_grad():
         for x, expected in zip(reference['inputs'], reference['logits']):
-            assert max_abs_diff(model(x), expected) <= 1e-5
+            assert max_abs_diff(model(x), expected) <= ORIGINAL_ATOL
 
 
 @pytest.mark.parametrize('attention, device, precision, fused', [
