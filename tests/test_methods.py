@@ -13,8 +13,9 @@
   a method is named, outside its own module, docs, configs and tests, only by the registry line;
 - the loop hands the step the EMA teacher, updates the EMA once after every optimizer step with the
   original's schedule (and saves it), runs every step at the original's learning rate (set after
-  step `iters` for the next one, also across a resume), gives each method the paper's options, accumulates gradients
-  like one larger batch, and ends a two-process run with equal weights from disjoint shards.
+  step `iters` for the next one, also across a resume), gives each method the paper's options,
+  accumulates gradients like one larger batch, and ends a two-process run with equal weights from
+  disjoint shards.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ import json
 import re
 import subprocess
 import types
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
