@@ -27,6 +27,14 @@ def interpreter_first_on_path():
         yield
 
 
+@pytest.fixture
+def on_the_cpu(monkeypatch):
+    """Training in the test runs on the CPU even where a GPU is visible: bit-for-bit claims hold on
+    the CPU (on CUDA the bilinear resizes' backward adds with atomics in no fixed order;
+    docs/reproducibility.md)."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+
+
 @pytest.fixture(scope='session')
 def toy_root(tmp_path_factory) -> Path:
     """A 32-image toy dataset (data/ and splits/toy/), generated once per test session."""

@@ -284,6 +284,7 @@ def results_of(run_dir: Path) -> dict:
     return json.loads((run_dir / 'results.json').read_text())
 
 
+@pytest.mark.usefixtures('on_the_cpu')
 def test_unimatch_v2_resume_is_the_same_run(cifar_root, tmp_path, monkeypatch):
     """Two epochs in one go, and the same run stopped after its first epoch and resumed, end with
     the same weights, EMA, optimizer state and accuracies: every augmentation (RandAugment

@@ -162,6 +162,7 @@ METHOD_RUNS = {
 }
 
 
+@pytest.mark.usefixtures('on_the_cpu')
 @pytest.mark.parametrize('method', list(METHOD_RUNS))
 def test_a_run_stopped_twice_and_resumed_is_the_uninterrupted_run(toy, tmp_path, monkeypatch, method):
     base = toy + ['epochs=2', 'max_iters_per_epoch=4', 'checkpoint_minutes=0', 'conf_thresh=0'] + METHOD_RUNS[method]
@@ -187,6 +188,7 @@ def test_a_run_stopped_twice_and_resumed_is_the_uninterrupted_run(toy, tmp_path,
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.usefixtures('on_the_cpu')
 def test_a_run_with_gradient_accumulation_stopped_mid_epoch_is_the_uninterrupted_run(toy, tmp_path, monkeypatch):
     """grad_accum=2: an iteration is two batches of each loader, so a resume after 2 iterations
     skips 4 batches of each (not 2), and ends with the uninterrupted run's weights, bit for bit."""

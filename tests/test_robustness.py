@@ -419,9 +419,9 @@ def short_run(toy, run_dir: Path, *extra: str) -> tuple[list[str], dict]:
     return step_lines(run_dir / 'train.log'), safe_load(run_dir / 'latest.pth')
 
 
-# Bit for bit on the CPU. On CUDA the bilinear resizes' backward adds with atomics, in no fixed order:
-# tests/test_cuda.py checks that two such runs agree to rounding instead.
-cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason='bitwise repeatability is checked on the CPU')
+# Bit for bit on the CPU, where these run even beside a GPU. On CUDA the bilinear resizes' backward
+# adds with atomics, in no fixed order: tests/test_cuda.py checks that two such runs agree to rounding.
+cpu_only = pytest.mark.usefixtures('on_the_cpu')
 
 
 @cpu_only
