@@ -60,10 +60,10 @@ def write_stl(root: Path, train: list[int], test: list[int], n_unlabeled: int) -
             (np.array(labels, np.uint8) + 1).tofile(folder / f'{name}_y.bin')
 
 
-def write_svhn(root: Path, train: list[int], test: list[int]) -> None:
+def write_svhn(root: Path, train: list[int], test: list[int], extra: list[int] = ()) -> None:
     """SVHN's .mat: X (32, 32, 3, N), y (N, 1) with 10 standing for the digit 0."""
     root.mkdir(parents=True, exist_ok=True)
-    for name, labels in (('train', train), ('test', test)):
+    for name, labels in (('train', train), ('extra', list(extra)), ('test', test)):
         y = np.array([10 if c == 0 else c for c in labels], np.uint8)[:, None]
         scipy.io.savemat(root / f'{name}_32x32.mat', {'X': images_of(labels, 32).transpose(1, 2, 3, 0), 'y': y})
 
