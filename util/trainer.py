@@ -388,9 +388,8 @@ def evaluation_due(cfg: Config, epoch: int, iters_per_epoch: int) -> bool:
     eval_interval_final), so that the best figure is a maximum over as many evaluations as its."""
     if cfg.eval_interval == 0:
         return True
-    count = lambda it: torchssl_evaluations(it, cfg.eval_interval, cfg.eval_interval_final or cfg.eval_interval,
-                                            iters_per_epoch * cfg.epochs)
-    return count((epoch + 1) * iters_per_epoch) > count(epoch * iters_per_epoch)
+    rule = (cfg.eval_interval, cfg.eval_interval_final or cfg.eval_interval, iters_per_epoch * cfg.epochs)
+    return torchssl_evaluations((epoch + 1) * iters_per_epoch, *rule) > torchssl_evaluations(epoch * iters_per_epoch, *rule)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, cfg: Config, it: int, total: int) -> float:
