@@ -200,7 +200,8 @@ def test_semi_step_on_classifier_logits_is_fixmatchs_loss():
     batch_l = {'image': torch.randn(bl, 3, 32, 32), 'mask': torch.randint(0, 10, (bl, 1, 1))}
     batch_u = {'image': torch.randn(bu, 3, 32, 32), 'strong': torch.randn(bu, 1, 3, 32, 32),
                'boxes': torch.zeros(bu, 1, 1, 1, dtype=torch.bool), 'valid': torch.ones(bu, 1, 1, dtype=torch.bool)}
-    with torch.no_grad():
+    with torch.no_grad():     # an untrained net's eval-mode logits saturate the softmax: scale them to spread
+        teacher.head.weight /= teacher.classify(batch_u['image']).std()
         conf, pseudo = teacher.classify(batch_u['image']).softmax(1).max(1)
     thresh = conf.sort().values[1:3].mean().item()        # two images confident, two not
     torch.manual_seed(1)
