@@ -3,8 +3,8 @@
 
 Files: CIFAR-10, STL-10 and SVHN are read by torchvision's dataset classes from `data_root` in
 their official formats (CIFAR's python pickle batches under `cifar-10-batches-py/`, STL-10's
-binaries under `stl10_binary/`, SVHN's `train_32x32.mat` / `test_32x32.mat`), and downloaded there
-by torchvision when they are missing and `download` is on. Files that are present are taken as they
+binaries under `stl10_binary/`, SVHN's `train_32x32.mat`, `extra_32x32.mat` and `test_32x32.mat`),
+and downloaded there by torchvision when they are missing and `download` is on. Files that are present are taken as they
 are (torchvision's md5 checks of a 2.6 GB STL-10 file on every start are left to the download).
 ImageNet-1K is the standard folder layout `train/<wnid>/*.JPEG`, `val/<wnid>/*.JPEG`
 (torchvision's ImageFolder). `toy_cls` is written in CIFAR-10's format on first use
@@ -14,7 +14,8 @@ Splits: `<N>_labels_per_class` takes N labeled images of every class, `<P>%` (Im
 every class (at least one), `all` every label; the labeled images are drawn with a generator seeded
 by the run's seed, so the three seeds of a table are three labeled sets (as USB). The unlabeled set
 is the whole training set, labeled images included (as USB and FixMatch), plus STL-10's 100,000
-unlabeled images. Validation is the test set.
+unlabeled images; SVHN's training set is train + extra (604,388 images), as TorchSSL and USB.
+Validation is the test set.
 
 Samples, asked for by `SampleKey` (index, seed) like dataset/semi.py, so every augmentation is
 the same whichever worker draws it and after a resume:
@@ -23,10 +24,11 @@ the same whichever worker draws it and after a resume:
             (no CutMix: Cutout is in the strong view), 'valid': (1, 1) all True}
   val      {'image': (3, S, S), 'label': int}
 An image is a one-pixel map: the step's losses and statistics then are FixMatch's per-image ones.
-Weak view: horizontal flip (not for digits) and a random crop of the image padded by 12.5%
-(reflect), as USB; ImageNet: resize to S / 0.875 on the short side and a random S crop. Strong
-view: its own weak-style geometry, then torchvision's RandAugment (2 operations, magnitude drawn
-uniformly per image, as FixMatch's RandAugment draws it) and a Cutout square of up to half the side.
+Weak view: horizontal flip and a random crop of the image padded by 4 pixels (reflect), as
+TorchSSL for every dataset (SVHN too; USB flips SVHN as well); ImageNet: resize to S / 0.875 on the
+short side and a random S crop. Strong view, in TorchSSL's order: TorchSSL's and USB's own
+RandAugment(3, 5) on the image (dataset/randaugment.py: 3 operations, each magnitude uniform over
+its own range), their Cutout (a square of up to half the side), then the weak view's geometry.
 """
 from __future__ import annotations
 
@@ -46,18 +48,18 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from dataset.checks import DataError
+from dataset.randaugment import rand_augment
 from dataset.semi import SampleKey
 
-PAD_FRACTION = 0.125        # weak view: pad by 1/8 of the side and crop back (USB, FixMatch)
+PAD_PIXELS = 4              # weak view: pad by 4 pixels (reflect) and crop back (TorchSSL, every dataset)
 CROP_RATIO = 0.875          # ImageNet: resize to size / 0.875, crop size (USB)
-RANDAUGMENT_OPS = 2         # FixMatch's RandAugment: 2 operations per image
-MAGNITUDE_BINS = 31         # torchvision's default magnitude scale (0..30)
-CUTOUT_MAX = 0.5            # Cutout square: side up to half the image side (USB)
-CUTOUT_FILL = (127, 127, 127)
+CUTOUT_MAX = 0.5            # Cutout square: side up to half the image side (TorchSSL, USB)
+CUTOUT_FILL = (125, 123, 114)   # TorchSSL's and USB's Cutout colour
 MODES = ('train_l', 'train_u', 'val')
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
+# TorchSSL's normalisation (datasets/ssl_dataset.py), in 0..255 where it writes them so.
+CIFAR_MEAN, CIFAR_STD = tuple(v / 255 for v in (125.3, 123.0, 113.9)), tuple(v / 255 for v in (63.0, 62.1, 66.7))
 SVHN_MEAN, SVHN_STD = (0.4380, 0.4440, 0.4730), (0.1751, 0.1771, 0.1744)
-STL_MEAN, STL_STD = (0.4409, 0.4279, 0.3868), (0.2683, 0.2610, 0.2687)
+STL_MEAN, STL_STD = tuple(v / 255 for v in (112.4, 109.1, 98.6)), tuple(v / 255 for v in (68.4, 66.6, 68.5))
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -68,7 +70,7 @@ class ClassificationSpec:
     size: int                   # training and evaluation image side (the config's crop_size overrides)
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    hflip: bool                 # digits are not flipped
+    hflip: bool                 # weak views flipped (every dataset, as TorchSSL and USB)
     files: str                  # what data_root must hold, for error messages
 
 
@@ -77,7 +79,7 @@ SPECS: dict[str, ClassificationSpec] = {s.name: s for s in (
                        'cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}'),
     ClassificationSpec('stl10', 96, STL_MEAN, STL_STD, True,
                        'stl10_binary/{train_X,train_y,unlabeled_X,test_X,test_y}.bin'),
-    ClassificationSpec('svhn', 32, SVHN_MEAN, SVHN_STD, False, 'train_32x32.mat, test_32x32.mat'),
+    ClassificationSpec('svhn', 32, SVHN_MEAN, SVHN_STD, True, 'train_32x32.mat, extra_32x32.mat, test_32x32.mat'),
     ClassificationSpec('imagenet', 224, IMAGENET_MEAN, IMAGENET_STD, True,
                        'train/<class>/*.JPEG, val/<class>/*.JPEG'),
     ClassificationSpec('toy_cls', 32, CIFAR_MEAN, CIFAR_STD, True,
@@ -111,7 +113,7 @@ class Images:
         return Image.fromarray(np.ascontiguousarray(a.transpose(1, 2, 0)) if self.chw else a)
 
     def __add__(self, other: 'Images') -> 'Images':
-        """STL-10's train + unlabeled images (arrays of the same layout)."""
+        """STL-10's train + unlabeled images, SVHN's train + extra (arrays of the same layout)."""
         return Images(np.concatenate((self.labels, other.labels)), np.concatenate((self.arrays, other.arrays)),
                       self.chw)
 
@@ -142,9 +144,11 @@ def read_images(dataset: str, root: str | os.PathLike, part: str, download: bool
         if dataset == 'stl10':
             d = _present(datasets.STL10)(str(root), split=part, download=download)
             return Images(np.asarray(d.labels, np.int64), d.data, chw=True)
-        if dataset == 'svhn':
-            d = _present(datasets.SVHN)(str(root), split=part, download=download)
-            return Images(np.asarray(d.labels, np.int64), d.data, chw=True)
+        if dataset == 'svhn':       # training: train + extra (604,388 images), as TorchSSL and USB
+            images = [Images(np.asarray(d.labels, np.int64), d.data, chw=True)
+                      for d in (_present(datasets.SVHN)(str(root), split=p, download=download)
+                                for p in (('train', 'extra') if part == 'train' else (part,)))]
+            return images[0] if len(images) == 1 else images[0] + images[1]
         folder = root / ('train' if part == 'train' else 'val')
         if not folder.is_dir():
             raise FileNotFoundError(f'no folder {folder}')
@@ -209,15 +213,14 @@ def labeled_indices(labels: np.ndarray, nclass: int, split: str, seed: int, data
 # ---- augmentation ---------------------------------------------------------------------------------
 
 def weak_geometry(img: Image.Image, spec: ClassificationSpec, rng: random.Random) -> Image.Image:
-    """Flip (where the spec allows) and translate: a random crop of the reflect-padded image;
+    """Flip (where the spec says) and translate: a random crop of the image padded by PAD_PIXELS;
     ImageNet: a random crop after the short side is resized to size / CROP_RATIO."""
     if spec.name == 'imagenet':
         img = TF.resize(img, math.floor(spec.size / CROP_RATIO))
     else:
         if img.size != (spec.size, spec.size):
             img = img.resize((spec.size, spec.size), Image.BILINEAR)
-        pad = int(spec.size * PAD_FRACTION)
-        img = TF.pad(img, pad, padding_mode='reflect')
+        img = TF.pad(img, PAD_PIXELS, padding_mode='reflect')
     w, h = img.size
     x, y = rng.randint(0, w - spec.size), rng.randint(0, h - spec.size)
     img = img.crop((x, y, x + spec.size, y + spec.size))
@@ -227,7 +230,7 @@ def weak_geometry(img: Image.Image, spec: ClassificationSpec, rng: random.Random
 
 
 def cutout(img: Image.Image, rng: random.Random) -> Image.Image:
-    """A grey square of side U(0, CUTOUT_MAX) x the image side at a uniform centre (clipped)."""
+    """A square of CUTOUT_FILL, side U(0, CUTOUT_MAX) x the image side, at a uniform centre (clipped)."""
     w, h = img.size
     side = rng.uniform(0, CUTOUT_MAX) * min(w, h)
     cx, cy = rng.uniform(0, w), rng.uniform(0, h)
@@ -240,15 +243,9 @@ def cutout(img: Image.Image, rng: random.Random) -> Image.Image:
 
 
 def strong_view(img: Image.Image, spec: ClassificationSpec, rng: random.Random) -> Image.Image:
-    """Weak geometry, torchvision's RandAugment, Cutout. RandAugment draws from torch's generator:
-    it runs on a fork of that generator seeded from `rng`, so the sample's seed fixes it and the
-    caller's torch generator is left as it was."""
-    img = weak_geometry(img, spec, rng)
-    magnitude = rng.randint(0, MAGNITUDE_BINS - 1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(rng.getrandbits(63))
-        img = T.RandAugment(RANDAUGMENT_OPS, magnitude, MAGNITUDE_BINS)(img)
-    return cutout(img, rng)
+    """TorchSSL's strong view: its RandAugment(3, 5) and Cutout on the image, then the weak view's
+    geometry (TorchSSL inserts RandAugment before the flip and crop of its weak transform)."""
+    return weak_geometry(cutout(rand_augment(img, rng), rng), spec, rng)
 
 
 def eval_view(img: Image.Image, spec: ClassificationSpec) -> Image.Image:

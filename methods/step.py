@@ -32,6 +32,8 @@ Batch = dict[str, torch.Tensor]
 class SemiOptions:
     conf_thresh: float = 0.95
     lossu_weight: float = 1.0      # loss = (loss_x + w * loss_u) / (1 + w)
+    weighted_mean: bool = True     # False: loss = loss_x + w * loss_u (TorchSSL's and USB's
+                                   # classification, config `total_loss: sum`)
     views: int = 2                 # strong views per unlabeled image (FixMatch: 1)
     comp_drop: bool = True         # complementary channel dropout on the strong views' features
     feat_drop: bool = False        # independent channel dropout on each strong view's features
@@ -189,17 +191,19 @@ def semi_step(student: nn.Module, teacher: Callable, batch_l: Batch, batch_u: Ba
         for name, term in m.terms(s, out).items():
             terms[name] = term
             out[name] = term.loss
-    out['loss'] = total_loss(out['loss_x'], loss_u, opt.lossu_weight, terms.values())
+    out['loss'] = total_loss(out['loss_x'], loss_u, opt.lossu_weight, terms.values(), opt.weighted_mean)
     return {k: v if k == 'loss' else v.detach() for k, v in out.items()}
 
 
-def total_loss(loss_x: torch.Tensor, loss_u: torch.Tensor, w: float, terms) -> torch.Tensor:
-    """(L_x + w L_u + sum of shared terms) / (1 + w + their weights) + the other terms."""
+def total_loss(loss_x: torch.Tensor, loss_u: torch.Tensor, w: float, terms, weighted_mean: bool = True
+               ) -> torch.Tensor:
+    """(L_x + w L_u + sum of shared terms) / (1 + w + their weights) + the other terms; without
+    `weighted_mean` the sum is not divided."""
     num, den = loss_x + w * loss_u, 1 + w
     for t in terms:
         if t.shared:
             num, den = num + t.weight * t.loss, den + t.weight
-    loss = num / den
+    loss = num / den if weighted_mean else num
     for t in terms:
         if not t.shared:
             loss = loss + t.weight * t.loss

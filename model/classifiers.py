@@ -3,9 +3,11 @@
 * `WideResNet`: the wide ResNets of the USB protocol (and of its predecessors), written from their
   standard definition (timm ships only the ImageNet `wide_resnet50_2`/`101_2`, not these CIFAR-sized
   ones): a 3x3 stem of 16 channels, groups of pre-activation basic blocks (BN - LeakyReLU(0.1) -
-  conv3x3, twice), the first block of each group changing width and stride with a 1x1 shortcut, a
-  final BN - LeakyReLU, global average pooling and a linear classifier. BatchNorm momentum 0.001 and
-  eps 0.001 and biased convolutions, as USB's networks. Sizes are in `WRN_PRESETS`:
+  conv3x3, twice), the first block of each group changing width and stride with a 1x1 shortcut
+  (fed as TorchSSL's and USB's `activate_before_residual` says: `BasicBlock`), a final BN -
+  LeakyReLU, global average pooling and a linear classifier. BatchNorm momentum 0.001 and eps
+  0.001 and biased convolutions, as TorchSSL's networks (the original's logs are TorchSSL's; USB's
+  convolutions have no bias). Sizes are in `WRN_PRESETS`:
   `wrn_28_2` (CIFAR-10, SVHN: 1.47M parameters with 10 classes) and `wrn_var_37_2` (STL-10's
   variant, 5.93M: a fourth group 256 wide and a stride-2 first group for 96 x 96 inputs), the
   counts of FACTS §8 (tested in tests/test_classification.py).
@@ -64,21 +66,31 @@ def bn_act(channels: int, momentum: float = BN_MOMENTUM) -> nn.Sequential:
 
 
 class BasicBlock(nn.Module):
-    """Pre-activation block: x + conv(act(conv(act(x)))); a block that changes width or stride
-    feeds the activated input to both branches, the shortcut through a 1x1 convolution."""
+    """Pre-activation block. One that keeps width and stride: x + conv(act(conv(act(x)))). One that
+    changes them adds a 1x1 shortcut and, as TorchSSL's and USB's `activate_before_residual`, feeds
+    both branches act(x) when `activate_before_residual` (the first block of the first group) and
+    the raw x otherwise (the first block of every later group). There `act1` is never used:
+    TorchSSL computes and discards it; it is kept here, frozen, so that the parameter count (the
+    logs' 1,469,642 and 5,933,770) stays and no parameter without a gradient reaches the optimizer
+    or DDP."""
 
-    def __init__(self, cin: int, cout: int, stride: int, bn_momentum: float = BN_MOMENTUM):
+    def __init__(self, cin: int, cout: int, stride: int, bn_momentum: float = BN_MOMENTUM,
+                 activate_before_residual: bool = False):
         super().__init__()
         self.act1 = bn_act(cin, bn_momentum)
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1)
         self.act2 = bn_act(cout, bn_momentum)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
         self.shortcut = nn.Conv2d(cin, cout, 1, stride) if (cin != cout or stride != 1) else None
+        self.activate_before_residual = activate_before_residual
+        if self.shortcut is not None and not activate_before_residual:
+            self.act1.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.act1(x)
-        out = self.conv2(self.act2(self.conv1(a)))
-        return out + (x if self.shortcut is None else self.shortcut(a))
+        if self.shortcut is None:
+            return x + self.conv2(self.act2(self.conv1(self.act1(x))))
+        a = self.act1(x) if self.activate_before_residual else x
+        return self.shortcut(a) + self.conv2(self.act2(self.conv1(a)))
 
 
 class WideResNetTrunk(nn.Module):
@@ -92,7 +104,7 @@ class WideResNetTrunk(nn.Module):
         for g, width in enumerate(spec.widths):
             for b in range(spec.blocks):
                 stride = (spec.first_stride if g == 0 else 2) if b == 0 else 1
-                blocks.append(BasicBlock(cin, width, stride, spec.bn_momentum))
+                blocks.append(BasicBlock(cin, width, stride, spec.bn_momentum, activate_before_residual=g == 0))
                 cin = width
         self.blocks = nn.Sequential(*blocks)
         self.final = bn_act(cin, spec.bn_momentum)

@@ -23,7 +23,7 @@ import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import torch
 from torch import nn
@@ -48,7 +48,8 @@ class Remote:
 
     @property
     def filename(self) -> str:
-        return self.url.rsplit('/', 1)[-1]
+        """The file's name, unescaped (`5%labels`, not `5%25labels`)."""
+        return unquote(self.url.rsplit('/', 1)[-1])
 
 
 # The addresses the original's README gives (DINOv2's own release; giant as DINOv2 publishes it).
@@ -58,18 +59,57 @@ DINOV2_WEIGHTS = {
 }
 
 # The original's published checkpoints (its README links the Hugging Face repository
-# LiheYoung/UniMatch-V2 for the DINOv2-B runs of its tables): name -> (file in that repository,
-# dataset, encoder). The file paths are this project's assumption (<dataset>/<split>/<encoder>.pth):
-# they could not be checked against the repository without network. This table is the one place
-# to correct them; a wrong path fails with the "could not be downloaded" error naming the URL.
-RELEASED = {
-    f'{dataset}_{split}_{backbone}': (f'{dataset}/{split}/{backbone}.pth', dataset, backbone)
-    for dataset, splits in (('pascal', ('92', '183', '366', '732', '1464')),
-                            ('cityscapes', ('1_16', '1_8', '1_4', '1_2')),
-                            ('ade20k', ('1_64', '1_32', '1_16', '1_8')),
-                            ('coco', ('1_512', '1_256', '1_128', '1_64', '1_32')))
-    for split in splits for backbone in ('dinov2_base',)
-}
+# LiheYoung/UniMatch-V2: "all the checkpoints of our core experiments"). Every file sits at the
+# repository's root under the name of its training log without the table prefix:
+# `<dataset>[_cd]_unimatch_v2_<split>labels_<encoder>.pth` (`_cd` for change detection), e.g.
+# training-logs/table14-levir_cd_unimatch_v2_5%labels_dinov2_base.log and the checkpoint
+# levir_cd_unimatch_v2_5%labels_dinov2_base.pth. `confirmed`: the name was seen in the repository's
+# "Upload checkpoints" commit (1a32f81, pascal, levir, whu; its listing was cut off after whu) or is
+# linked by the original's issue #17 (ade20k 1_16 base); the others (Cityscapes and COCO, which the
+# model card says are there, and the other ADE20K cells) follow the pattern for the encoders and
+# splits of the paper's Tables 1-4 and 14, unchecked: a wrong one fails with the "could not be
+# downloaded" error, which names the URL and says the name is a guess. This table is the one place
+# to correct them.
+@dataclass(frozen=True)
+class Released:
+    dataset: str          # this project's dataset (configs/<dataset>.yaml)
+    split: str            # as splits/<dataset>/ names it
+    backbone: str
+    confirmed: bool       # the file name was seen (else it follows the pattern)
+
+    @property
+    def filename(self) -> str:
+        kind = '_cd' if self.dataset in CHANGE_DETECTION_DATASETS else ''
+        return f'{self.dataset}{kind}_unimatch_v2_{self.split}labels_{self.backbone}.pth'
+
+    @property
+    def name(self) -> str:
+        """What `released:<name>` takes: the file name without `.pth`."""
+        return self.filename.removesuffix('.pth')
+
+
+CHANGE_DETECTION_DATASETS = ('levir', 'whu')
+_S, _B, _L = 'dinov2_small', 'dinov2_base', 'dinov2_large'
+_RELEASES = (   # (dataset, splits, encoders, confirmed)
+    ('pascal', ('92', '183', '366', '732', '1464'), (_S, _B, _L), True),
+    ('levir', ('5%', '10%', '20%', '40%'), (_S, _B), True),
+    ('whu', ('20%', '40%'), (_S, _B), True),
+    ('ade20k', ('1_16',), (_B,), True),
+    ('ade20k', ('1_64', '1_32', '1_8', '1_4'), (_B,), False),
+    ('ade20k', ('1_64', '1_32', '1_16', '1_8', '1_4'), (_S, _L), False),
+    ('cityscapes', ('1_16', '1_8', '1_4', '1_2'), (_S, _B), False),
+    ('coco', ('1_512', '1_256', '1_128', '1_64', '1_32'), (_S, _B), False),
+)
+RELEASED: dict[str, Released] = {r.name: r for r in (
+    Released(dataset, split, backbone, confirmed)
+    for dataset, splits, backbones, confirmed in _RELEASES for backbone in backbones for split in splits)}
+
+
+def release_file_url(filename: str) -> str:
+    """The address of a file at the root of the original's repository -- a checkpoint, or the
+    LEVIR-CD.zip / WHU-CD.zip that tools/prepare_data.py fetches -- with `%` and the other reserved
+    characters escaped (`5%labels` is `5%25labels` in the URL)."""
+    return f'{RELEASE_HOST}/{quote(filename)}'
 
 
 class WeightsUnavailableError(FileNotFoundError):
@@ -91,13 +131,17 @@ def source_url(url: str) -> str:
 def released_remote(name: str) -> Remote:
     if name not in RELEASED:
         raise WeightsUnavailableError(f'no released checkpoint {name!r}; the names are:\n{format_released()}')
-    return Remote(f'{RELEASE_HOST}/{RELEASED[name][0]}')
+    return Remote(release_file_url(RELEASED[name].filename))
 
 
 def format_released() -> str:
-    """One line per released checkpoint: the name to pass, its dataset and encoder."""
-    return f'  {"--checkpoint released:<name>":32s} {"dataset":11s} backbone\n' + '\n'.join(f'  {name:32s} {dataset:11s} {backbone}'
-                     for name, (_, dataset, backbone) in RELEASED.items())
+    """One line per released checkpoint: the name to pass, its dataset and encoder, and whether the
+    name was seen in the repository or follows its pattern."""
+    width = max(map(len, RELEASED))
+    lines = [f'  {"--checkpoint released:<name>":{width}s}  {"dataset":10s} {"backbone":12s} file name']
+    lines += [f'  {name:{width}s}  {r.dataset:10s} {r.backbone:12s} {"confirmed" if r.confirmed else "pattern"}'
+              for name, r in RELEASED.items()]
+    return '\n'.join(lines + ['  confirmed: seen in the repository; pattern: named like the confirmed ones, unchecked'])
 
 
 @contextlib.contextmanager
@@ -179,9 +223,10 @@ def released_file(spec: str, progress: bool = True) -> Path:
     def verify(tmp: Path) -> None:
         model_state_from(safe_load(tmp))   # weights only, and it holds model weights
 
-    # Cached under a name of its own: the repository's files are all called <encoder>.pth.
-    return fetch(remote, cache_dir() / f'unimatch_v2_{name}.pth', verify,
-                 f'released checkpoint {name}', progress=progress)
+    what = f'released checkpoint {name}'
+    if not RELEASED[name].confirmed:
+        what += " (a name that follows the repository's pattern but was not seen in its listing)"
+    return fetch(remote, cache_dir() / remote.filename, verify, what, progress=progress)
 
 
 def is_full_model(path: str | Path) -> bool:

@@ -6,14 +6,17 @@ It runs through the segmentation step unchanged (methods/step.py): an image is a
 logits (B, K, 1, 1), labels (B, 1, 1), CutMix boxes all False (Cutout is in the strong view), every
 "pixel" valid -- so the labeled cross-entropy is the mean over images and the masked unlabeled loss,
 normalised by the valid pixels, is the mean over unlabeled images of the confidence-masked
-cross-entropy. Every registered method that runs the core step as it is (two strong views with
+cross-entropy. The recipe of the original's logs (TorchSSL's, docs/classification.md) is in the
+configs: `total_loss: sum` (L_x + L_u), SGD without weight decay on biases and BatchNorm
+(util/trainer.py build_optimizer), TorchSSL's evaluation points (`eval_interval`). Every registered method that runs the core step as it is (two strong views with
 complementary dropout on the pooled features, one view, labeled-only, ...) runs here; methods with a
 model or hooks of their own work on pixels and are refused.
 
 Splits are label counts, not files: `split_paths` names the three parts of a split (`Part`), which
 the trainer passes back. An epoch is `max_iters_per_epoch` iterations (the unlabeled set repeated
-to that length), after which both models are evaluated on the test set. The reported figure is the
-best EMA top-1 (FACTS §9).
+to that length), after which both models are evaluated on the test set (with `eval_interval`, only
+after the epochs during which TorchSSL's loop evaluates). The reported figure is the best EMA top-1
+(FACTS §9).
 """
 from __future__ import annotations
 

@@ -62,10 +62,10 @@ def write_stl(root: Path, train: list[int], test: list[int], n_unlabeled: int) -
             (np.array(labels, np.uint8) + 1).tofile(folder / f'{name}_y.bin')
 
 
-def write_svhn(root: Path, train: list[int], test: list[int]) -> None:
+def write_svhn(root: Path, train: list[int], test: list[int], extra: list[int] = ()) -> None:
     """SVHN's .mat: X (32, 32, 3, N), y (N, 1) with 10 standing for the digit 0."""
     root.mkdir(parents=True, exist_ok=True)
-    for name, labels in (('train', train), ('test', test)):
+    for name, labels in (('train', train), ('extra', list(extra)), ('test', test)):
         y = np.array([10 if c == 0 else c for c in labels], np.uint8)[:, None]
         scipy.io.savemat(root / f'{name}_32x32.mat', {'X': images_of(labels, 32).transpose(1, 2, 3, 0), 'y': y})
 
@@ -228,7 +228,8 @@ def test_semi_step_on_classifier_logits_is_fixmatchs_loss():
     batch_l = {'image': torch.randn(bl, 3, 32, 32), 'mask': torch.randint(0, 10, (bl, 1, 1))}
     batch_u = {'image': torch.randn(bu, 3, 32, 32), 'strong': torch.randn(bu, 1, 3, 32, 32),
                'boxes': torch.zeros(bu, 1, 1, 1, dtype=torch.bool), 'valid': torch.ones(bu, 1, 1, dtype=torch.bool)}
-    with torch.no_grad():
+    with torch.no_grad():     # an untrained net's eval-mode logits saturate the softmax: scale them to spread
+        teacher.head.weight /= teacher.classify(batch_u['image']).std()
         conf, pseudo = teacher.classify(batch_u['image']).softmax(1).max(1)
     thresh = conf.sort().values[1:3].mean().item()        # two images confident, two not
     torch.manual_seed(1)

@@ -134,17 +134,17 @@ def test_training_with_the_encoder_from_the_mirror(offline, toy, capsys):
     assert Path('run/latest.pth').is_file()
 
 
-RELEASED_NAME = 'toy_1_16_dinov2_tiny'
+RELEASED_NAME = 'toy_unimatch_v2_1_16labels_dinov2_tiny'
 
 
 @pytest.fixture
 def released(offline, monkeypatch) -> dict:
     """A released-format checkpoint of the tiny model on the mirror, listed under RELEASED_NAME."""
-    monkeypatch.setitem(hub.RELEASED, RELEASED_NAME, ('toy/1_16/dinov2_tiny.pth', 'toy', 'dinov2_tiny'))
+    monkeypatch.setitem(hub.RELEASED, RELEASED_NAME, hub.Released('toy', '1_16', 'dinov2_tiny', confirmed=True))
     torch.manual_seed(3)
     state = {f'module.{k}': v for k, v in build_model('dinov2_tiny', NCLASS).state_dict().items()}
     url = hub.released_remote(RELEASED_NAME).url
-    assert url == 'https://huggingface.co/LiheYoung/UniMatch-V2/resolve/main/toy/1_16/dinov2_tiny.pth'
+    assert url == 'https://huggingface.co/LiheYoung/UniMatch-V2/resolve/main/toy_unimatch_v2_1_16labels_dinov2_tiny.pth'
     publish(offline['mirror'], url, {'model': state, 'model_ema': state, 'epoch': 59})
     return {**offline, 'state': state}
 
@@ -152,8 +152,8 @@ def released(offline, monkeypatch) -> dict:
 def test_list_released_prints_the_names(capsys):
     evaluate_script.main(['--list-released'])
     out = capsys.readouterr().out
-    assert 'pascal_92_dinov2_base' in out and 'coco_1_512_dinov2_base' in out
-    assert len(out.splitlines()) == 1 + len(hub.RELEASED)
+    assert 'pascal_unimatch_v2_92labels_dinov2_base' in out and 'coco_unimatch_v2_1_512labels_dinov2_base' in out
+    assert len(out.splitlines()) == 1 + len(hub.RELEASED) + 1      # header, names, legend
 
 
 def test_evaluate_a_released_checkpoint_by_name(released, toy, toy_root, monkeypatch):
@@ -161,7 +161,7 @@ def test_evaluate_a_released_checkpoint_by_name(released, toy, toy_root, monkeyp
             '--split', str(toy_root / 'splits/toy/val.txt'), '--output-json', 'eval.json'] + toy
     result = evaluate_script.main(argv)
     assert 0 <= result['miou'] <= 100
-    assert (released['cache'] / f'unimatch_v2_{RELEASED_NAME}.pth').is_file()
+    assert (released['cache'] / f'{RELEASED_NAME}.pth').is_file()
     monkeypatch.setattr(hub.torch.hub, 'download_url_to_file', no_download)
     assert evaluate_script.main(argv)['miou'] == result['miou']
 
@@ -172,7 +172,7 @@ def test_fine_tune_from_a_released_checkpoint(released, toy):
 
 
 def test_unknown_released_name_lists_the_names(offline):
-    with pytest.raises(hub.WeightsUnavailableError, match=r"no released checkpoint 'pascal_93'(.|\n)*pascal_92_dinov2_base"):
+    with pytest.raises(hub.WeightsUnavailableError, match=r"no released checkpoint 'pascal_93'(.|\n)*pascal_unimatch_v2_92labels_dinov2_base"):
         hub.released_file('released:pascal_93')
 
 

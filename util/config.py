@@ -30,6 +30,7 @@ CRITERIA = ('CELoss', 'OHEM')
 TEACHERS = ('ema', 'online')
 OPTIMIZERS = ('adamw', 'sgd')
 LR_SCHEDULES = ('poly', 'cosine')
+TOTAL_LOSSES = ('mean', 'sum')
 
 
 class _Loader(yaml.SafeLoader):
@@ -73,6 +74,8 @@ class RunConfig:
     pretrained: str | None = 'auto'      # 'auto' = pretrained/<backbone>.pth; null = random init
     class_names: list | None = None      # for custom datasets
     lossu_weight: float = 1.0            # loss = (loss_x + w * loss_u) / (1 + w)
+    total_loss: str = 'mean'             # 'mean': that weighted mean (segmentation, the paper's); 'sum':
+                                         # loss_x + w * loss_u (TorchSSL's and USB's classification)
     teacher: str = 'ema'                 # who labels the weak view: 'ema' (the paper) or 'online' (the
                                          # student, under no_grad; the EMA is still kept and evaluated)
     comp_drop_at: str = 'features'       # complementary dropout on the encoder 'features' (the paper) or
@@ -112,6 +115,10 @@ class RunConfig:
     drop_path: float = 0.0
     log_interval: int = 20
     max_iters_per_epoch: int = 0         # 0 = a full pass over the unlabeled set (tests use a few)
+    eval_interval: int = 0               # 0: evaluate after every epoch; N: after each epoch during which
+                                         # TorchSSL's loop evaluates (every N iterations, and every
+                                         # eval_interval_final in the last fifth of the run)
+    eval_interval_final: int = 0         # 0 = eval_interval
     checkpoint_minutes: float = 10.0     # also write latest.pth mid-epoch this often (0 = per epoch only)
     on_nonfinite: str = 'stop'           # a NaN/inf loss: 'stop' the run or 'skip' the step
     splits_root: str = 'splits'          # split lists live in <splits_root>/<dataset>/
@@ -204,6 +211,9 @@ def _check(cfg: Config, source: str) -> None:
          f'must be one of {CRITERIA}, got {cfg.criterion.name!r}')
     need(cfg.optimizer in OPTIMIZERS, 'optimizer', f'must be one of {OPTIMIZERS}, got {cfg.optimizer!r}')
     need(cfg.lr_schedule in LR_SCHEDULES, 'lr_schedule', f'must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}')
+    need(cfg.total_loss in TOTAL_LOSSES, 'total_loss', f'must be one of {TOTAL_LOSSES}, got {cfg.total_loss!r}')
+    need(cfg.eval_interval >= 0, 'eval_interval', f'must be >= 0, got {cfg.eval_interval}')
+    need(cfg.eval_interval_final >= 0, 'eval_interval_final', f'must be >= 0, got {cfg.eval_interval_final}')
     need(cfg.unlabeled_ratio >= 1, 'unlabeled_ratio', f'must be >= 1, got {cfg.unlabeled_ratio}')
     need(cfg.teacher in TEACHERS, 'teacher', f'must be one of {TEACHERS}, got {cfg.teacher!r}')
     need(cfg.comp_drop_at in COMP_DROP_SITES, 'comp_drop_at',

@@ -79,7 +79,7 @@ def train(args: argparse.Namespace, method: str | None = None) -> 'Training':
     try:
         for epoch in range(tr.state.epoch + 1, cfg.epochs):
             stats = train_epoch(tr, epoch, loaders, step, preemption)
-            end_of_epoch(tr, epoch, valset, stats)
+            end_of_epoch(tr, epoch, valset, stats, evaluation_due(cfg, epoch, iters))
     finally:
         preemption.close()
     tr.tb.close()
@@ -110,7 +110,8 @@ def make_step(tr: 'Training', options: SemiOptions | None, iters_per_epoch: int)
     criterion = build_criterion(cfg.criterion.name, cfg.criterion.kwargs)
     if options is None:
         return lambda batch_l: supervised_step(tr.ddp, batch_l, criterion)
-    options = replace(options, conf_thresh=cfg.conf_thresh, lossu_weight=cfg.lossu_weight)
+    options = replace(options, conf_thresh=cfg.conf_thresh, lossu_weight=cfg.lossu_weight,
+                      weighted_mean=cfg.total_loss == 'mean')
     hooks = list(tr.methods)
     # teacher: online (Table 10) labels with the student as it is (train mode, as the original's
     # remote-sensing code), under the step's no_grad; the EMA is still updated and evaluated.
@@ -337,18 +338,26 @@ def lr_scale(cfg: Config) -> float:
 
 def build_optimizer(model: nn.Module, cfg: Config, fused: bool = True) -> torch.optim.Optimizer:
     """Two groups: trainable encoder parameters at lr, everything else at lr * lr_multi. AdamW (the
-    paper's segmentation recipe) or, `optimizer: sgd`, SGD with momentum (its classification recipe,
-    FixMatch's and USB's; weight decay on every parameter, where USB spares biases and BatchNorm).
+    paper's segmentation recipe; weight decay on every parameter) or, `optimizer: sgd`, SGD with
+    momentum (its classification recipe, TorchSSL's and USB's FixMatch): as theirs, no weight decay
+    on biases and BatchNorm parameters, which get two more groups, [encoder, head, encoder's
+    exempt, head's exempt] (set_lr gives odd groups the head's lr).
 
     fused: one fused AdamW kernel per parameter group (this project's default; on the CPU about 3x
     faster than False, torch's default there, a Python loop over the tensors, which the original used)."""
     base = cfg.lr * lr_scale(cfg)
     enc = [p for n, p in model.named_parameters() if n.startswith('backbone.') and p.requires_grad]
     head = [p for n, p in model.named_parameters() if not n.startswith('backbone.') and p.requires_grad]
-    groups = [{'params': enc, 'lr': base}, {'params': head, 'lr': base * cfg.lr_multi}]
     if cfg.optimizer == 'sgd':
+        exempt = {id(p) for m in model.modules() for n, p in m.named_parameters(recurse=False)
+                  if n == 'bias' or isinstance(m, nn.modules.batchnorm._BatchNorm)}
+        lrs = (base, base * cfg.lr_multi)
+        groups = [{'params': [p for p in ps if id(p) not in exempt], 'lr': lr} for ps, lr in zip((enc, head), lrs)]
+        groups += [{'params': [p for p in ps if id(p) in exempt], 'lr': lr, 'weight_decay': 0.0}
+                   for ps, lr in zip((enc, head), lrs)]
         return torch.optim.SGD(groups, lr=base, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
+    groups = [{'params': enc, 'lr': base}, {'params': head, 'lr': base * cfg.lr_multi}]
     return torch.optim.AdamW(groups, lr=base, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=fused or None)
 
 
@@ -360,13 +369,36 @@ def lr_factor(schedule: str, it: int, total: int) -> float:
     return (1 - it / total) ** 0.9
 
 
+EVAL_FINAL_FRACTION = 0.8    # TorchSSL's loop evaluates every eval_interval_final iterations past 80% of the run
+
+
+def torchssl_evaluations(iterations: int, interval: int, final: int, total: int) -> int:
+    """How many times TorchSSL's training loop has evaluated after `iterations` iterations of
+    `total`: after iteration it (from 0) when it % interval == 0, and once it > 0.8 total when
+    it % final == 0 (its fixmatch.py: num_eval_iter, then 1000)."""
+    if iterations <= 0:
+        return 0
+    last, switch = iterations - 1, math.floor(EVAL_FINAL_FRACTION * total)     # switch: last it on `interval`
+    return min(last, switch) // interval + 1 + max(0, last // final - switch // final)
+
+
+def evaluation_due(cfg: Config, epoch: int, iters_per_epoch: int) -> bool:
+    """Whether `epoch` ends with an evaluation: every epoch (eval_interval 0), else each epoch during
+    which TorchSSL's loop would have evaluated (torchssl_evaluations with eval_interval and
+    eval_interval_final), so that the best figure is a maximum over as many evaluations as its."""
+    if cfg.eval_interval == 0:
+        return True
+    rule = (cfg.eval_interval, cfg.eval_interval_final or cfg.eval_interval, iters_per_epoch * cfg.epochs)
+    return torchssl_evaluations((epoch + 1) * iters_per_epoch, *rule) > torchssl_evaluations(epoch * iters_per_epoch, *rule)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, cfg: Config, it: int, total: int) -> float:
     """lr = base * lr_factor(it) (head x lr_multi), set after optimizer step `it` (epoch *
     iterations + i) for the steps after it, as the original: step it + 1 runs at lr(it), so the
     first two steps run at the base lr."""
     lr = cfg.lr * lr_scale(cfg) * lr_factor(cfg.lr_schedule, it, total)
-    optimizer.param_groups[0]['lr'] = lr
-    optimizer.param_groups[1]['lr'] = lr * cfg.lr_multi
+    for i, group in enumerate(optimizer.param_groups):     # [encoder, head(, encoder, head)]
+        group['lr'] = lr * cfg.lr_multi if i % 2 else lr
     return lr
 
 
@@ -482,7 +514,7 @@ def save_results(tr: Training) -> None:
     hist, m = s.history, task.metric
     results = {
         'dataset': cfg.dataset, 'method': cfg.method, 'backbone': cfg.backbone, 'split': tr.run.split,
-        'epochs': len(hist), 'epochs_total': cfg.epochs, 'global_step': s.global_step,
+        'epochs': s.epoch + 1, 'epochs_total': cfg.epochs, 'global_step': s.global_step,
         'skipped_steps': s.skipped_steps,
         'epoch_stats': s.epoch_stats,
         m: [h[m] for h in hist],
@@ -671,11 +703,18 @@ def val_dataset(run: Run):
     return run.task.dataset(run.val, 'val')
 
 
-def end_of_epoch(tr: Training, epoch: int, valset, train_stats: dict) -> None:
+def end_of_epoch(tr: Training, epoch: int, valset, train_stats: dict, evaluate: bool = True) -> None:
     """Evaluate student (and EMA), update best figures, save latest/best checkpoints and results.json.
     best.pth follows the figure the task reports: the EMA model's when the task says so
-    (`Task.reports_ema`) and there is one, else the student's."""
+    (`Task.reports_ema`) and there is one, else the student's. Without `evaluate` (`evaluation_due`)
+    only latest.pth and results.json are written; the history holds evaluated epochs."""
     run, state, task = tr.run, tr.state, tr.run.task
+    if not evaluate:
+        state.epoch = epoch
+        run.log.info(f'epoch {epoch}: not evaluated (eval_interval {run.cfg.eval_interval})')
+        save_checkpoint(tr)
+        save_results(tr)
+        return
     m = task.metric
     t0 = time.time()
     res = task.evaluate(tr.student, valset, run.device)

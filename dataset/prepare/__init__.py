@@ -22,6 +22,8 @@ class DatasetSpec:
     nclass: int
     sources: str                                 # what to download, for --help and errors
     change_detection: bool = False
+    published: str | None = None                 # the archive of it the original's repository holds
+                                                 # (tools/prepare_data.py fetches it when no --src is given)
 
 
 DATASETS = {
@@ -32,8 +34,10 @@ DATASETS = {
                               '(optionally leftImg8bit_trainextra.zip)'),
     'ade20k': DatasetSpec(converters.ade20k, 150, 'ADEChallengeData2016.zip'),
     'coco': DatasetSpec(converters.coco, 81, 'train2017.zip, val2017.zip and annotations_trainval2017.zip'),
-    'levir': DatasetSpec(converters.change_detection, 2, "the original's LEVIR-CD.zip", change_detection=True),
-    'whu': DatasetSpec(converters.change_detection, 2, "the original's WHU-CD.zip", change_detection=True),
+    'levir': DatasetSpec(converters.change_detection, 2, "the original's LEVIR-CD.zip", change_detection=True,
+                         published='LEVIR-CD.zip'),
+    'whu': DatasetSpec(converters.change_detection, 2, "the original's WHU-CD.zip", change_detection=True,
+                       published='WHU-CD.zip'),
 }
 
 

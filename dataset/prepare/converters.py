@@ -13,8 +13,10 @@ Conventions (mask values are class ids; 255 = ignore):
 - coco: 81 classes, 0 = background and 1..80 = the 80 categories in increasing category id
   (`dataset.registry.COCO_CLASSES`, checked against the annotation file's names). Every instance
   of `instances_<split>2017.json`, crowd regions included, is painted with its class, largest
-  first, so a smaller object lying on a larger one stays visible. Polygons are rasterised with
-  Pillow, RLE (compressed and uncompressed) decoded here; no pycocotools.
+  first, so a smaller object lying on a larger one stays visible. Each instance's region is the
+  one pycocotools' `COCO.annToMask` gives (polygons rasterised by `frPyObjects`, parts merged, RLE
+  of both encodings decoded by `decode`), as every COCO mask set of the field and the original's;
+  polygon parts of fewer than three points cover no pixel there and are skipped.
 - levir / whu: the original's published `LEVIR-CD.zip` / `WHU-CD.zip` (256 x 256 tiles in `A/`,
   `B/`, `label/`, labels 0 / 255), copied as they are.
 """
@@ -25,7 +27,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from dataset.checks import Problem
 from dataset.prepare.core import (Job, PrepareError, copy_file, find_dir, lookup_mask, read_mask,
@@ -131,52 +132,32 @@ def ade20k(roots: Sequence[Path]) -> list[Job]:
 
 # ---- coco --------------------------------------------------------------------------------------------
 
-def rle_counts_from_string(s: str) -> list[int]:
-    """COCO's compressed RLE string -> run lengths: 6-bit groups (char - 48), 5 data bits each,
-    bit 0x20 = more groups follow, sign from bit 0x10 of the last group; from the third run on,
-    each value is stored as its difference to the run two before."""
-    counts, i = [], 0
-    while i < len(s):
-        value, shift, more = 0, 0, True
-        while more:
-            c = ord(s[i]) - 48
-            value |= (c & 0x1f) << shift
-            more = bool(c & 0x20)
-            i += 1
-            shift += 5
-            if not more and c & 0x10:
-                value |= -1 << shift
-        if len(counts) > 2:
-            value += counts[-2]
-        counts.append(value)
-    return counts
-
-
-def decode_rle(rle: dict) -> np.ndarray:
-    """{'size': [h, w], 'counts': list or string} -> bool (h, w). Runs alternate 0s and 1s, starting
-    with 0s, over the pixels in column-major order."""
-    h, w = rle['size']
-    counts = rle['counts'] if isinstance(rle['counts'], list) else rle_counts_from_string(rle['counts'])
-    if sum(counts) != h * w:
-        raise PrepareError(f'RLE run lengths sum to {sum(counts)}, not {h} x {w}')
-    flat = np.repeat(np.arange(len(counts)) % 2 == 1, counts)
-    return flat.reshape(w, h).T
-
-
-def paint_instance(canvas: Image.Image, segmentation, value: int) -> None:
-    """Paint one instance (polygons or RLE) onto the 'L' canvas with `value`."""
+def instance_region(segmentation, height: int, width: int) -> np.ndarray:
+    """The bool (height, width) region of one instance, as pycocotools' `COCO.annToMask` makes it:
+    polygons -> one RLE per part (`frPyObjects`), merged; uncompressed RLE (crowd regions) ->
+    `frPyObjects`; compressed RLE as it is; then `decode`."""
+    from pycocotools import mask as coco_mask
     if isinstance(segmentation, list):
-        draw = ImageDraw.Draw(canvas)
-        for polygon in segmentation:
-            if len(polygon) >= 6:
-                draw.polygon([(x, y) for x, y in zip(polygon[::2], polygon[1::2])], fill=value, outline=value)
-        return
-    region = decode_rle(segmentation)
-    if region.shape != (canvas.height, canvas.width):
-        raise PrepareError(f'RLE size {region.shape} differs from the image {canvas.height} x {canvas.width}')
-    arr = np.array(canvas)
-    arr[region] = value
-    canvas.paste(Image.fromarray(arr, mode='L'))
+        parts = [p for p in segmentation if len(p) >= 6]    # annToMask covers nothing with a shorter one
+        if not parts:
+            return np.zeros((height, width), bool)
+        return coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(parts, height, width))).astype(bool)
+    if list(segmentation['size']) != [height, width]:
+        raise PrepareError(f'RLE size {segmentation["size"]} differs from the image {height} x {width}')
+    counts = segmentation['counts']
+    if isinstance(counts, list):
+        if sum(counts) != height * width:
+            raise PrepareError(f'RLE run lengths sum to {sum(counts)}, not {height} x {width}')
+        return coco_mask.decode(coco_mask.frPyObjects(segmentation, height, width)).astype(bool)
+    try:
+        region = coco_mask.decode(segmentation)
+    except Exception as err:       # pycocotools: runs past the image
+        raise PrepareError(f'compressed RLE {counts[:20]!r}...: {err}') from None
+    # Runs that stop short of height x width leave the rest of the decoded array uninitialised:
+    # a well-formed string is the one encode gives back for what it decodes to.
+    if coco_mask.encode(np.asfortranarray(region))['counts'] != (counts.encode() if isinstance(counts, str) else counts):
+        raise PrepareError(f'compressed RLE {counts[:20]!r}... does not cover {height} x {width} pixels')
+    return region.astype(bool)
 
 
 def coco_classes(annotations: dict, path: Path) -> dict[int, int]:
@@ -190,12 +171,18 @@ def coco_classes(annotations: dict, path: Path) -> dict[int, int]:
     return {c['id']: i + 1 for i, c in enumerate(categories)}
 
 
+def coco_mask(image: dict, instances: list[dict], classes: dict[int, int]) -> np.ndarray:
+    """The uint8 class map of one image: every instance painted with its class, largest first (by
+    the annotation's `area`), so a smaller object lying on a larger one stays visible."""
+    mask = np.zeros((image['height'], image['width']), np.uint8)
+    for ann in sorted(instances, key=lambda a: -a['area']):
+        mask[instance_region(ann['segmentation'], image['height'], image['width'])] = classes[ann['category_id']]
+    return mask
+
+
 def coco_mask_writer(image: dict, instances: list[dict], classes: dict[int, int]) -> Callable[[Path, Path], None]:
     def write(src: Path, tmp: Path) -> None:
-        canvas = Image.new('L', (image['width'], image['height']), 0)
-        for ann in sorted(instances, key=lambda a: -a['area']):   # largest first: small ones stay on top
-            paint_instance(canvas, ann['segmentation'], classes[ann['category_id']])
-        save_mask(np.array(canvas), tmp)
+        save_mask(coco_mask(image, instances, classes), tmp)
     return write
 
 
