@@ -46,7 +46,6 @@ import methods
 import tasks
 from methods.step import SemiOptions, mix_strong_views, pseudo_label, semi_step, strong_losses
 from model.dpt import to_input_size
-from model.presets import PATCH_SIZE
 from util.config import Config, fused_attention, load_config
 from util.dist import ddp
 from util.ema import EMATeacher
@@ -226,8 +225,10 @@ def profile_default(cfg: Config, device: torch.device, steps: int) -> dict[str, 
         w = t.opt.lossu_weight
         return (t.criterion(pred_x, batch_l['mask']) + w * loss_u) / (1 + w)
 
+    patch = student.patch_size
+
     def decode(features, grid):        # DPTSegmentor.forward after the encoder
-        return to_input_size(student.head(features, grid), (grid[0] * PATCH_SIZE, grid[1] * PATCH_SIZE))
+        return to_input_size(student.head(features, grid), (grid[0] * patch, grid[1] * patch))
 
     parts = {}
     for i in range(steps + 1):
@@ -240,7 +241,7 @@ def profile_default(cfg: Config, device: torch.device, steps: int) -> dict[str, 
             t2 = now()
             features = student.perturb(student.decoder_inputs(x), True, n, False)
             t3 = now()
-            grid = (x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE)
+            grid = (x.shape[-2] // patch, x.shape[-1] // patch)
             logits = decode(features, grid)
             t4 = now()
             loss = losses(logits, targets)

@@ -194,8 +194,9 @@ class AllSparkSegmentor(DPTSegmentor):
 
     def forward(self, x: torch.Tensor, comp_drop: bool = False, n_clean: int = 0, need_fp: bool = False,
                 n_labeled: int | None = None, group_prob: torch.Tensor | None = None, use_memory: bool = False):
-        grid = (x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE)
-        out_size = (grid[0] * PATCH_SIZE, grid[1] * PATCH_SIZE)
+        p = self.patch_size
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        out_size = (grid[0] * p, grid[1] * p)
         features = self.encode(x)
         features = [*features[:-1], self.allspark(features[-1], grid, n_labeled, group_prob, use_memory)]
         features = self.perturb(features, comp_drop, n_clean, need_fp)
@@ -214,10 +215,11 @@ class Keys:
 
 
 @torch.no_grad()
-def grouping_probabilities(logits_w: torch.Tensor, batch_u: dict, views: int) -> torch.Tensor:
+def grouping_probabilities(logits_w: torch.Tensor, batch_u: dict, views: int, patch: int = PATCH_SIZE
+                           ) -> torch.Tensor:
     """The teacher's weak-view softmax CutMix-ed to each strong view like the pseudo-labels,
     area-resized to the patch grid: (B * views, K, h, w), for Channel Semantic Grouping."""
-    grid = (logits_w.shape[-2] // PATCH_SIZE, logits_w.shape[-1] // PATCH_SIZE)
+    grid = (logits_w.shape[-2] // patch, logits_w.shape[-1] // patch)
     prob = logits_w.softmax(1)
     return torch.cat([F.interpolate(cutmix(prob, batch_u['boxes'][:, v]), size=grid, mode='area')
                       for v in range(views)])
@@ -247,6 +249,7 @@ class AllSpark(Method):
     def __init__(self, cfg, student, device):
         super().__init__(cfg, student, device)
         self.memory = self.state = student.allspark.memory
+        self.patch_size = student.patch_size
         self.use_memory = False
 
     @classmethod
@@ -260,4 +263,4 @@ class AllSpark(Method):
 
     def student_kwargs(self, s: StepContext) -> dict:
         return {'n_labeled': len(s.batch_l['image']), 'use_memory': self.use_memory,
-                'group_prob': grouping_probabilities(s.logits_w, s.batch_u, s.opt.views)}
+                'group_prob': grouping_probabilities(s.logits_w, s.batch_u, s.opt.views, self.patch_size)}

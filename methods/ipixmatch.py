@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from methods.base import LossMethod, register
 from methods.step import StepContext, Term, mix_targets
 from model.presets import PATCH_SIZE
+from util.inference import patch_of
 
 LOSSES = ('kl', 'cr')
 RESOLUTIONS = ('native', 'crop', 'patch')
@@ -52,6 +53,7 @@ class IPixOptions:
     temperature: float = 4.0     # t of the spatial softmax
     loss: str = 'kl'             # 'kl' or 'cr' (1 - Pearson correlation)
     resolution: str = 'native'   # 'native', 'crop' or 'patch' (see the module docstring)
+    patch_size: int = PATCH_SIZE  # the student's (DINOv2: 14, DINOv3: 16)
 
 
 def warmup_ramp(step: int, warmup_steps: int) -> float:
@@ -62,19 +64,19 @@ def warmup_ramp(step: int, warmup_steps: int) -> float:
     return math.exp(-RAMP_SHARPNESS * (1.0 - step / warmup_steps) ** 2)
 
 
-def loss_size(height: int, width: int, resolution: str) -> tuple[int, int]:
+def loss_size(height: int, width: int, resolution: str, patch: int = PATCH_SIZE) -> tuple[int, int]:
     """Grid on which L_IPix is computed for logits of (height, width) (a multiple of the patch)."""
     if resolution == 'crop':
         return height, width
     per_patch = NATIVE_PER_PATCH if resolution == 'native' else 1
-    return height // PATCH_SIZE * per_patch, width // PATCH_SIZE * per_patch
+    return height // patch * per_patch, width // patch * per_patch
 
 
-def resample(teacher: torch.Tensor, student: torch.Tensor, valid: torch.Tensor, resolution: str
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def resample(teacher: torch.Tensor, student: torch.Tensor, valid: torch.Tensor, resolution: str,
+             patch: int = PATCH_SIZE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher and student logits (B, C, H, W) and valid (B, H, W) bool at the loss grid. A resampled
     pixel is valid only when every crop pixel it is interpolated from is."""
-    size = loss_size(*teacher.shape[-2:], resolution)
+    size = loss_size(*teacher.shape[-2:], resolution, patch)
     if size == tuple(teacher.shape[-2:]):
         return teacher, student, valid
     resize = lambda x: F.interpolate(x, size=size, mode='bilinear', align_corners=True)  # noqa: E731
@@ -145,7 +147,7 @@ def ipix_view_loss(teacher: torch.Tensor, student: torch.Tensor, valid: torch.Te
                    opt: IPixOptions) -> torch.Tensor:
     """`ipix_loss` at the options' resolution, threshold, temperature and variant (in fp32, also the
     resampling: bf16 logits under autocast would be rounded to ~3 digits)."""
-    teacher, student, valid = resample(teacher.float(), student.float(), valid, opt.resolution)
+    teacher, student, valid = resample(teacher.float(), student.float(), valid, opt.resolution, opt.patch_size)
     return ipix_loss(teacher, student, valid, opt.thresh, opt.temperature, opt.loss)
 
 
@@ -192,7 +194,7 @@ class IPixMatch(LossMethod):
     def __init__(self, cfg, student, device):
         super().__init__(cfg, student, device)
         self.ipix = IPixOptions(self.weight(cfg), cfg.ipix_thresh, cfg.ipix_temperature, cfg.ipix_loss,
-                                cfg.ipix_resolution)
+                                cfg.ipix_resolution, patch_of(student))
         self.alpha_peak = self.ipix.weight
 
     @classmethod

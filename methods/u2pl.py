@@ -34,7 +34,7 @@ from torch import nn
 from methods.base import Method, register
 from methods.step import StepContext, Term
 from model.dpt import DPTSegmentor, to_input_size
-from model.presets import PATCH_SIZE, ModelPreset
+from model.presets import ModelPreset
 from util import dist
 from util.losses import IGNORE_INDEX, cutmix
 
@@ -259,8 +259,9 @@ class U2PLSegmentor(DPTSegmentor):
         if not need_rep:
             return super().forward(x, comp_drop, n_clean, need_fp)
         assert not need_fp, 'need_rep and need_fp together are not supported'
-        grid = (x.shape[-2] // PATCH_SIZE, x.shape[-1] // PATCH_SIZE)
-        out_size = (grid[0] * PATCH_SIZE, grid[1] * PATCH_SIZE)
+        p = self.patch_size
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        out_size = (grid[0] * p, grid[1] * p)
         features = self.perturb(self.encode(x), comp_drop, n_clean, False)
         fused = self.head.fuse(features, grid)
         logits = to_input_size(self.head.scratch.output_conv(fused), out_size)

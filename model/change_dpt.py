@@ -29,12 +29,12 @@ def split_pair(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class ChangeDPT(DPTSegmentor):
-    """DINOv2 + DPT on the absolute difference of the two dates' features. `forward(x)` with x
+    """DINOv2 (or DINOv3) + DPT on the absolute difference of the two dates' features. `forward(x)` with x
     (B, 6, H, W) -> logits (B, nclass, H, W)."""
 
     def __init__(self, spec: ModelPreset, nclass: int = 2, drop_path: float = 0.0):
         if not isinstance(spec, ModelPreset):
-            raise ValueError('change detection runs on a DINOv2 encoder (backbone=dinov2_<size>)')
+            raise ValueError('change detection runs on a DINOv2 or DINOv3 encoder (backbone=dinov2_<size>, dinov3_<size>)')
         super().__init__(spec, nclass, drop_path)
 
     def differences(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -5,9 +5,10 @@ Module and parameter names follow the original release (`backbone.*`, `head.proj
 `head.scratch.output_conv`), so its checkpoints load unchanged.
 
 The encoder is DINOv2 (`model/dinov2.py`: four token maps of one patch grid) or one a library
-builds (`model/encoders.py`: four NCHW maps, each with its own width and stride). The head takes
-per-tap widths and brings the taps to strides r, 2r, 4r, 8r (r = a quarter of the third tap's
-stride) by the original's resize layers, or none where a tap is already there.
+builds (`model/encoders.py`: four NCHW maps, each with its own width and stride; DINOv3's are token
+maps of its 16-pixel patch grid, as DINOv2's). The head takes per-tap widths and brings the taps to
+strides r, 2r, 4r, 8r (r = a quarter of the third tap's stride) by the original's resize layers, or
+none where a tap is already there.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.dinov2 import DinoV2Encoder
-from model.presets import PATCH_SIZE, LibraryPreset, ModelPreset, default_decoder, preset
+from model.presets import PATCH_SIZE, DinoV3Preset, LibraryPreset, ModelPreset, default_decoder, preset
 
 VIT_SCALES = (4, 2, 1, 0.5)    # one-stride taps (a ViT's) -> 4x, 2x, 1x and 1/2x the patch grid
 
@@ -148,12 +149,12 @@ def channel_dropout_masks(n: int, channels: int, like: torch.Tensor, p: float = 
 
 class DPTSegmentor(nn.Module):
     """Encoder + DPT decoder. `forward(x)` -> logits (B, nclass, H // p * p, W // p * p), p the
-    encoder's patch size (DINOv2: 14; BEiT, SAM: 16; ResNet, MiT: 1, the input size)."""
+    encoder's patch size (DINOv2: 14; DINOv3, BEiT, SAM: 16; ResNet, MiT: 1, the input size)."""
     comp_drop_at: str = 'features'     # where complementary dropout acts (`set_comp_drop_at`)
 
     def __init__(self, spec: ModelPreset | LibraryPreset, nclass: int, drop_path: float = 0.0):
         super().__init__()
-        if isinstance(spec, LibraryPreset):
+        if isinstance(spec, (LibraryPreset, DinoV3Preset)):
             from model.encoders import build_encoder
             self.backbone = build_encoder(spec, drop_path)
             self.taps = self.backbone.taps if hasattr(self.backbone, 'taps') else tuple(range(4))
@@ -212,7 +213,7 @@ class DPTSegmentor(nn.Module):
             block.fold_layer_scale = enable
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Four taps: (B, h*w, C) tokens for DINOv2, (B, C_i, h_i, w_i) maps for other encoders."""
+        """Four taps: (B, h*w, C) tokens for DINOv2 and DINOv3, (B, C_i, h_i, w_i) maps for other encoders."""
         if self.is_dinov2:
             return self.backbone.get_intermediate_layers(x, self.taps)
         return self.backbone(x)

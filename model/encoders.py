@@ -10,9 +10,13 @@ never knows which encoder it has:
   gets a gradient.
 - `SegformerEncoder`: the Mix Transformer (MiT) encoder of transformers' `SegformerModel`; the
   library is imported only when this encoder is built.
+- `DinoV3Encoder`: DINOv3 (`backbone=dinov3_<size>`), timm's `vit_*_patch16_dinov3` at a preset's
+  sizes; like DINOv2's encoder it returns the tapped blocks' patch tokens (B, h*w, C) after the
+  final LayerNorm, so the DPT head, complementary dropout and the methods treat both alike.
 
 `from_library(state)` turns a state dict in the library's own format (what the library model saves,
-classifier included) into this encoder's keys; loading it is then strict (`model.loading`).
+classifier included; for DINOv3 also Meta's and Hugging Face's, `model.convert`) into this encoder's
+keys; loading it is then strict (`model.loading`).
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from model.presets import LibraryPreset
+from model.convert import to_timm_dinov3
+from model.presets import DINOV3_PATCH_SIZE, DinoV3Preset, LibraryPreset
 
 
 def crop_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -136,7 +141,50 @@ class SegformerEncoder(LibraryEncoder):
             self.model.gradient_checkpointing_disable()
 
 
-def build_encoder(spec: LibraryPreset, drop_path: float = 0.0) -> LibraryEncoder:
+class DinoV3Encoder(LibraryEncoder):
+    """DINOv3 ViT/16 as timm builds it (`timm.models.eva.Eva`: RoPE on the patch tokens, a class and 4
+    register tokens, LayerScale, q/v biases), at the preset's sizes, cut after its last tap.
+    forward(x) -> per tap the patch tokens (B, h*w, C) of an (H // 16, W // 16) grid, after the final
+    LayerNorm (Meta's `get_intermediate_layers(norm=True)`), class and register tokens dropped.
+
+    Positions are those of evaluation in training too: Meta's and transformers' models rescale the
+    RoPE coordinates at random in train mode (pretraining's augmentation), timm's do not."""
+
+    def __init__(self, spec: DinoV3Preset, drop_path: float = 0.0):
+        super().__init__()
+        import timm
+        # timm's SwiGLU width is int(embed_dim * mlp_ratio), Meta's (and the preset's) 2/3 of that.
+        ratio = spec.mlp_ratio * 2 / 3 if spec.ffn == 'swiglu' else spec.mlp_ratio
+        model = timm.create_model(spec.timm_name, pretrained=False, embed_dim=spec.embed_dim, depth=spec.depth,
+                                  num_heads=spec.num_heads, mlp_ratio=ratio, drop_path_rate=drop_path)
+        assert model.patch_embed.patch_size == (DINOV3_PATCH_SIZE,) * 2, model.patch_embed.patch_size
+        self.taps = tuple(spec.taps)
+        self.widths = (spec.embed_dim,) * len(self.taps)
+        self.reductions = (DINOV3_PATCH_SIZE,) * len(self.taps)
+        self.patch_size = DINOV3_PATCH_SIZE
+        full = set(model.state_dict())
+        model.prune_intermediate_layers(list(self.taps), prune_norm=False, prune_head=True)
+        self.model = model
+        self.unused_keys = frozenset(full - set(model.state_dict()))    # blocks after the last tap
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = crop_to_multiple(x, self.patch_size)
+        return self.model.forward_intermediates(x, indices=list(self.taps), norm=True, output_fmt='NLC',
+                                                intermediates_only=True)
+
+    def from_library(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Meta's, Hugging Face's or timm's DINOv3 weights under this module's keys."""
+        has_bias = self.model.blocks[0].attn.q_bias is not None
+        state, _ = to_timm_dinov3(state, self.model.rope.periods, has_bias)
+        return {f'model.{k}': v for k, v in state.items() if k not in self.unused_keys}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+
+def build_encoder(spec: LibraryPreset | DinoV3Preset, drop_path: float = 0.0) -> LibraryEncoder:
+    if isinstance(spec, DinoV3Preset):
+        return DinoV3Encoder(spec, drop_path)
     if spec.library == 'timm':
         return TimmEncoder(spec.name, spec.taps, dict(spec.kwargs), drop_path)
     if spec.library == 'transformers' and spec.name == 'SegformerModel':

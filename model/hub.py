@@ -204,6 +204,13 @@ def encoder_file(backbone: str, verify: Callable[[Path], None], progress: bool =
     local = PRETRAINED_DIR / f'{backbone}.pth'
     if local.is_file():
         return local
+    if backbone.startswith('dinov3_'):     # licence-gated: looked for on disk and explained, never fetched
+        from model.loading import dinov3_weights_help, find_dinov3_weights
+        folders = (PRETRAINED_DIR, cache_dir())
+        found = find_dinov3_weights(backbone, folders)
+        if found is None:
+            raise WeightsUnavailableError(dinov3_weights_help(backbone, folders))
+        return found
     if backbone not in DINOV2_WEIGHTS:
         raise WeightsUnavailableError(
             f'no official weights exist for {backbone}: put an encoder at {local}, set '

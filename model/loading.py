@@ -8,20 +8,23 @@
     .safetensors);
 (d) for encoders a library builds (`model/encoders.py`: ResNet, BEiT, SAM, MiT, timm:<name>), the
     library's own state dict of that model (timm's, or transformers' SegformerModel and its task
-    models), classifier and unused parts dropped by the encoder's `from_library`.
+    models), classifier and unused parts dropped by the encoder's `from_library`;
+(e) DINOv3 encoders: Meta's release files `dinov3_vit*16_pretrain_lvd1689m-*.pth`, timm's and
+    Hugging Face's (`model.safetensors`) state dicts of the same models (`model/convert.py`).
 Every file goes through `util.checkpoint.safe_load` (weights only, no code runs). A state dict that
 does not fit raises `WeightsMismatchError` naming missing and unexpected keys and shape mismatches.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from model.convert import to_dinov2_keys
+from model.convert import ConversionError, to_dinov2_keys
 from model.encoders import LibraryEncoder
+from model.presets import DINOV3_LICENCE, DINOV3_PREFIX, DINOV3_PRESETS, DINOV3_WEIGHTS_PAGE
 from util.checkpoint import safe_load
 
 DDP_PREFIX = 'module.'
@@ -106,7 +109,11 @@ def load_pretrained_encoder(model: nn.Module, path: str | Path) -> None:
     (strict after `from_library`)."""
     state, _ = model_state_from(safe_load(path))
     if isinstance(model.backbone, LibraryEncoder):
-        load_checked(model.backbone, model.backbone.from_library(state), str(path), prefix='backbone.')
+        try:
+            state = model.backbone.from_library(state)
+        except ConversionError as err:
+            raise WeightsMismatchError(f'{path}: {err}') from None
+        load_checked(model.backbone, state, str(path), prefix='backbone.')
         return
     state = encoder_state(state)
     if not is_encoder_state(state):
@@ -127,3 +134,34 @@ def load_weights(model: nn.Module, path: str | Path, weights: str | None = None)
         return 'encoder'
     load_checked(model, state, str(path))
     return which
+
+
+# ---- DINOv3's licence-gated weights -------------------------------------------------------------------
+
+def dinov3_weight_files(backbone: str, folders: Sequence[Path]) -> list[Path]:
+    """Where `pretrained: auto` looks for `backbone`'s DINOv3 weights, in order: `<backbone>.pth` or
+    `.safetensors`, then Meta's file name (where `torch.hub.load('facebookresearch/dinov3', ...)` would
+    leave it), in each folder."""
+    spec = DINOV3_PRESETS[backbone[len(DINOV3_PREFIX):]]
+    names = [f'{backbone}.pth', f'{backbone}.safetensors'] + ([spec.meta_file] if spec.meta_arch else [])
+    return [Path(folder) / name for folder in folders for name in names]
+
+
+def find_dinov3_weights(backbone: str, folders: Sequence[Path]) -> Path | None:
+    return next((p for p in dinov3_weight_files(backbone, folders) if p.is_file()), None)
+
+
+def dinov3_weights_help(backbone: str, folders: Sequence[Path]) -> str:
+    """Why `backbone`'s weights are not fetched, which file to get, and where to put it."""
+    spec = DINOV3_PRESETS[backbone[len(DINOV3_PREFIX):]]
+    if not spec.meta_arch:
+        return f'no weights exist for {backbone} (a size for tests): use pretrained=null for random weights'
+    names = [p.name for p in dinov3_weight_files(backbone, folders[:1])]
+    return (f'the {backbone} encoder is not on disk (looked for {", ".join(names)} in '
+            f'{" and ".join(f"{folder}/" for folder in folders)}), and DINOv3 weights are never downloaded '
+            f'here: Meta releases them under the DINOv3 License ({DINOV3_LICENCE}) to those who request them.\n'
+            f'  Request them at {DINOV3_WEIGHTS_PAGE} (Meta e-mails the download links; the file is '
+            f'{spec.meta_file}), or accept the licence at https://huggingface.co/{spec.hf_repo} '
+            f'(model.safetensors; timm\'s copy: timm/{spec.timm_name}.lvd1689m).\n'
+            f'  Put the file in {folders[0]}/ under one of those names, or set pretrained=<path>: Meta\'s, '
+            f'Hugging Face\'s and timm\'s formats all load. pretrained=null trains from random weights.')

@@ -48,8 +48,8 @@ class ChangeDetection(Task):
     @classmethod
     def check(cls, cfg, need) -> None:
         need(cfg.nclass == 2, 'nclass', f'must be 2 for change detection (unchanged, changed), got {cfg.nclass}')
-        need(cfg.backbone.startswith('dinov2_'), 'backbone',
-             f'change detection runs on a DINOv2 encoder (dinov2_<size>), got {cfg.backbone!r}')
+        need(cfg.backbone.startswith(('dinov2_', 'dinov3_')), 'backbone',
+             f'change detection runs on a DINOv2 or DINOv3 encoder (dinov2_<size>, dinov3_<size>), got {cfg.backbone!r}')
         need(cfg.comp_drop_at == 'features', 'comp_drop_at',
              'change detection drops channels of the difference features only (features)')
         need(cls.supports(cfg.method), 'method', f'{cfg.method} brings its own segmentation model; change '

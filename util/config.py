@@ -22,6 +22,7 @@ import methods
 import tasks
 from dataset.registry import DATASETS
 from model.dpt import COMP_DROP_SITES
+from model.presets import required_crop_multiple
 
 EVAL_MODES = ('original', 'center_crop', 'sliding_window')
 PRECISIONS = ('fp32', 'bf16', 'fp16')
@@ -224,6 +225,10 @@ def _check(cfg: Config, source: str) -> None:
          f'must be a non-empty list of folders relative to the unlabeled root, got {cfg.unlabeled_dirs!r}')
     need(cfg.nclass >= 2, 'nclass', f'must be >= 2, got {cfg.nclass}')
     need(cfg.crop_size >= 14, 'crop_size', f'must be >= 14, got {cfg.crop_size}')
+    multiple = required_crop_multiple(cfg.backbone)
+    need(cfg.crop_size % multiple == 0, 'crop_size', f'must be a multiple of {multiple}, the patch of '
+         f'backbone={cfg.backbone}, got {cfg.crop_size} (e.g. {cfg.crop_size // multiple * multiple}; DINOv3 crops: '
+         f'docs/encoders.md)')
     need(cfg.epochs >= 1, 'epochs', f'must be >= 1, got {cfg.epochs}')
     need(cfg.batch_size >= 1, 'batch_size', f'must be >= 1, got {cfg.batch_size}')
     need(cfg.grad_accum >= 1, 'grad_accum', f'must be >= 1, got {cfg.grad_accum}')

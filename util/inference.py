@@ -3,14 +3,15 @@
 They know nothing about datasets: each takes a model in eval mode (call them under
 `torch.inference_mode()`) and a normalised image batch `[B, 3, H, W]`, and returns tensors on the
 image's device at the image's resolution. `model(x)` must return logits `[B, C, h', w']` for an
-input whose sides are multiples of PATCH_SIZE; the DPT model returns them at the input size.
+input whose sides are multiples of its patch (`patch_of`: DINOv2 14, DINOv3 16); the DPT model
+returns them at the input size.
 
 The three modes of the original UniMatch V2 evaluation:
-- `original`: resize the whole image so each side is the nearest multiple of 14 (at least 14),
-  predict, resize the logits back (bilinear, align_corners=True both ways).
+- `original`: resize the whole image so each side is the nearest multiple of the patch (14 for
+  DINOv2, at least one patch), predict, resize the logits back (bilinear, align_corners=True both ways).
 - `sliding_window`: square windows of side `crop_size`, stride int(crop_size * 2 / 3), the last
   window on each axis clamped flush to the border; softmax probabilities summed where windows
-  overlap. Each window goes through `original`, so a window that is not a multiple of 14, or an
+  overlap. Each window goes through `original`, so a window that is not a patch multiple, or an
   axis shorter than the window (then one window spanning that axis), is resized rather than padded.
 - `center_crop`: only the centre `crop_size` square (clipped to the image) is predicted, like
   `original`, and scored; the original release asserts this mode but never implements it.
@@ -41,12 +42,19 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode='bilinear', align_corners=True)
 
 
-def resize_to_patch_multiple(h: float, w: float) -> tuple[int, int]:
-    """Nearest multiple of PATCH_SIZE per side, as the original: int(h / 14 + 0.5) * 14.
-    Sides under 7 pixels, which the original would round to 0, get one patch."""
+def resize_to_patch_multiple(h: float, w: float, patch: int = PATCH_SIZE) -> tuple[int, int]:
+    """Nearest multiple of `patch` per side, as the original: int(h / 14 + 0.5) * 14 for DINOv2.
+    Sides under half a patch, which the original would round to 0, get one patch."""
     def side(n: float) -> int:
-        return max(int(n / PATCH_SIZE + 0.5), 1) * PATCH_SIZE
+        return max(int(n / patch + 0.5), 1) * patch
     return side(h), side(w)
+
+
+def patch_of(model: nn.Module | None) -> int:
+    """The patch of `model`'s grid: its `patch_size` (DINOv2 14; DINOv3, BEiT, SAM 16), else DINOv2's
+    14, also for encoders without a patch grid (ResNet, MiT: patch_size 1), as before they had one."""
+    patch = getattr(model, 'patch_size', PATCH_SIZE)
+    return patch if patch > 1 else PATCH_SIZE
 
 
 def predict_whole(model: nn.Module, image: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -55,7 +63,7 @@ def predict_whole(model: nn.Module, image: torch.Tensor, scale: float = 1.0) -> 
     The image is resized once to the patch multiple nearest (H * scale, W * scale), so a scale
     for test-time augmentation costs no second interpolation."""
     h, w = image.shape[-2:]
-    logits = model(resize(image, resize_to_patch_multiple(h * scale, w * scale)))
+    logits = model(resize(image, resize_to_patch_multiple(h * scale, w * scale, patch_of(model))))
     return resize(logits, (h, w))
 
 
