@@ -417,8 +417,8 @@ METHOD_CROP = 112     # 7 x 7 patches of 16, 8 x 8 of 14: a grid computed with D
 def method_step(method_overrides: list[str]) -> dict:
     """One step of the loop's step function (`trainer.make_step`) with a tiny DINOv3 at crop 112, on
     tests/test_methods.py's base settings; its outputs and the sum of |gradient| of the encoder."""
-    from tests.test_methods import FIXTURE
-    base = [o for o in torch.load(FIXTURE, weights_only=True)['base'] if not o.startswith('crop_size=')]
+    from tests.step_record import FP32_FIXTURE
+    base = [o for o in torch.load(FP32_FIXTURE, weights_only=True)['base'] if not o.startswith('crop_size=')]
     cfg = load_config(ROOT / 'configs/toy.yaml', base + [f'crop_size={METHOD_CROP}', 'backbone=dinov3_tiny']
                       + method_overrides)
     torch.manual_seed(0)
