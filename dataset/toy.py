@@ -7,7 +7,7 @@ v-stripes, diagonal, checker, dots) differ only in texture: every object's two c
 background's colours come from one distribution, so colour says nothing about the class and a
 model has to learn patterns. 400 train images make 1_16 a 25-image labeled set, where labels (not
 optimisation) limit a model started from the shipped pretrained encoder, so unlabeled images can
-help (README, "The toy comparison").
+help (docs/toys.md, "The toy comparison").
 
 Layout: `<root>/images/<id>.jpg` (JPEG q95), `<root>/masks/<id>.png` (8-bit 'L'), split lists
 `<splits_root>/{1_16,1_8,1_4,all}/{labeled,unlabeled}.txt` and `<splits_root>/val.txt` with lines

@@ -1,6 +1,6 @@
 """The method registry: `method=<name>` in a config or on the command line picks one of these.
 
-A method is one module here (see `methods/base.py` for what it declares, and README "Adding a
+A method is one module here (see `methods/base.py` for what it declares, and docs/methods.md, "Adding a
 method"); its name goes into MODULES, in the order the tables list methods. `python -m methods`
 prints the registered methods.
 """

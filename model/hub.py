@@ -256,7 +256,7 @@ def load_pretrained(model: nn.Module, spec: str, backbone: str, progress: bool =
     path = released_file(spec, progress)
     if not path.is_file():
         raise WeightsUnavailableError(
-            f'pretrained encoder {path} not found: put the DINOv2 weights there (see README), '
+            f'pretrained encoder {path} not found: put the DINOv2 weights there (see docs/weights.md), '
             f'use pretrained=auto, or pretrained=null to start from random weights')
     load_weights(model, path) if is_full_model(path) else load_pretrained_encoder(model, path)
     return path

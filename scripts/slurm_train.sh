@@ -11,7 +11,7 @@
 #   sbatch --nodes 2 --gpus-per-node 8 scripts/slurm_train.sh coco 1_512 <method> backbone=dinov2_base
 #
 # Each node runs GPUS_PER_NODE processes (default: SLURM_GPUS_ON_NODE, else 4). The learning rate
-# follows the global batch (see README).
+# follows the global batch (see docs/training.md).
 #
 # Preemption and time limits: SLURM sends SIGTERM to every process of the job step (not only this
 # batch shell) 120 s before the limit, and on preemption. The trainers save latest.pth at the

@@ -42,7 +42,7 @@ mkdir -p "$save_path"
 echo "training $method on $dataset/$split with $gpus process(es) -> $save_path"
 # A stop request -- SIGTERM or Ctrl-C to this shell's process group (a scheduler, a terminal), or
 # to this shell alone (`timeout`, `kill`) -- is for the trainers: they save latest.pth at the
-# current iteration and exit 0 (README, Robustness). The log writer ignores it; this shell passes
+# current iteration and exit 0 (docs/robustness.md). The log writer ignores it; this shell passes
 # it on to torchrun and waits for the run to end.
 fifo=$(mktemp -u); mkfifo "$fifo"
 (trap '' TERM INT; exec tee -a "$save_path/out.log") < "$fifo" &

@@ -287,7 +287,7 @@ def test_logits_size(name, shape, out):
 
 
 def test_beit_runs_only_at_its_built_size():
-    """timm's BEiT sizes its relative-position tables by the input (README: crop 512 for beit_*)."""
+    """timm's BEiT sizes its relative-position tables by the input (docs/encoders.md: crop 512 for beit_*)."""
     with pytest.raises(AssertionError, match='64'), torch.no_grad():
         small_model('beit_base')(images(1, 3, 80, 80))
 

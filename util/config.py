@@ -109,7 +109,7 @@ class RunConfig:
     precision: str = 'bf16'             # autocast dtype of forward passes (fp32: none)
     channels_last: bool = True           # channels-last conv weights and maps (bf16 convs ~3x faster on CPU)
     attention: str = 'auto'              # sdpa | math | auto: sdpa on CUDA and in fp32, math for bf16/fp16
-                                         # on the CPU (its fused backward is slower there: README, Speed)
+                                         # on the CPU (its fused backward is slower there: docs/speed.md)
     compile: bool = False
     grad_checkpointing: bool = False
     grad_accum: int = 1

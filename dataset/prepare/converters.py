@@ -1,5 +1,5 @@
 """One converter per dataset: from the files its publisher distributes to the layout the split
-lists name (README, Real datasets). Each returns the jobs of `core.run_jobs`; the skeleton does
+lists name (docs/data.md). Each returns the jobs of `core.run_jobs`; the skeleton does
 the writing, resuming and checking.
 
 Conventions (mask values are class ids; 255 = ignore):
