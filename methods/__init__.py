@@ -29,9 +29,27 @@ def config_sections() -> list[type]:
     return [cls.Keys for cls in REGISTRY.values() if cls.Keys is not None]
 
 
+def enabled(cfg) -> list[type[Method]]:
+    """The methods taking part in a run of `cfg`: its `method` and every method its keys turn on."""
+    return [cls for cls in REGISTRY.values() if cls.enabled(cfg)]
+
+
+def check_run(cfg, task, need) -> None:
+    """The methods of a run, checked once against each other and against the run's task: the task
+    gives what each needs, and at most one replaces the strong views' losses."""
+    running = enabled(cfg)
+    for cls in running:
+        missing = sorted(cls.needs() - task.provides)
+        need(not missing, 'method', f'{cls.name} needs {" and ".join(missing)}, which the {task.name} task does '
+             f'not give (python -m methods lists the methods and what they need)')
+    replacing = [cls.name for cls in running if cls.overrides('strong_losses')]
+    need(len(replacing) <= 1, 'method', f'{" and ".join(replacing)} both replace the strong views\' losses; '
+         f'a run takes one of them')
+
+
 def create(cfg, student, device) -> MethodSet:
     """The run-time methods of `cfg`: its `method` and every method its keys turn on."""
-    return MethodSet([cls(cfg, student, device) for cls in REGISTRY.values() if cls.enabled(cfg)])
+    return MethodSet([cls(cfg, student, device) for cls in enabled(cfg)])
 
 
 def build_model(cfg):

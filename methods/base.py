@@ -27,6 +27,13 @@ from methods.step import SemiOptions, StepContext, Term
 
 Need = Callable[[bool, str, str], None]     # need(ok, key, message): raise a ConfigError naming the key
 
+# What a method can need of the task it runs on (`Method.needs`); a task lists what it gives
+# (`tasks.base.Task.provides`), and a method runs on a task that gives all it needs.
+OWN_MODEL = 'a model of its own'             # it builds its model: a head or bottleneck on the DPT segmentor
+STEP_HOOKS = 'step hooks on pixel maps'      # it adds to the step through the hooks below, which read
+                                             # per-pixel maps (logits, pseudo-labels, CutMix boxes)
+HOOKS = ('teacher_kwargs', 'student_kwargs', 'strong_losses', 'terms')
+
 
 class Method:
     name: ClassVar[str]
@@ -56,6 +63,18 @@ class Method:
     def has_own_model(cls) -> bool:
         """Whether the method builds its own model (a head or bottleneck of its own)."""
         return cls.build_model.__func__ is not Method.build_model.__func__
+
+    @classmethod
+    def overrides(cls, hook: str) -> bool:
+        """Whether the method defines the step hook `hook` itself."""
+        return getattr(cls, hook) is not getattr(Method, hook)
+
+    @classmethod
+    def needs(cls) -> frozenset[str]:
+        """What it needs of the task (OWN_MODEL, STEP_HOOKS), read from what it defines, so that
+        the answer cannot drift from the code."""
+        return frozenset(({OWN_MODEL} if cls.has_own_model() else set())
+                         | ({STEP_HOOKS} if any(cls.overrides(h) for h in HOOKS) else set()))
 
     # ---- a run ---------------------------------------------------------------------------------------
 
@@ -92,11 +111,16 @@ class Method:
         return {}
 
     def strong_losses(self, s: StepContext) -> dict[str, torch.Tensor] | None:
-        """{'loss_s1': ..., ...} instead of the confidence-masked CE of each strong view, or None."""
+        """{'loss_s1': ..., ...} instead of the confidence-masked CE of each strong view, or None.
+        At most one method of a run may define it (`methods.check_run`)."""
         return None
 
     def terms(self, s: StepContext, out: dict[str, torch.Tensor]) -> dict[str, Term]:
-        """Extra loss terms by name (added to `out` and the total); statistics go into `out`."""
+        """Extra loss terms by name (added to `out` and the total); statistics go into `out`.
+
+        What one hook computes for a later one in the same step goes on the step's context
+        (`s.scratch[<method name>]`), never on the method object: the method's own attributes are
+        its settings and the state it carries between steps."""
         return {}
 
 

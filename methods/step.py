@@ -75,6 +75,8 @@ class StepContext:
     pred_s: list = field(default_factory=list)   # student logits of each strong view
     student_aux: Any = None                      # whatever else the student returned, over [x; strong]
     streams: list = field(default_factory=list)
+    scratch: dict = field(default_factory=dict)  # what a method's hook leaves for its later hooks in
+                                                 # this step, under the method's name
 
     def mixed(self, tensors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
         """Per stream, `tensors` (B, ..., S, S) of the weak view CutMix-ed with that stream's box
@@ -179,8 +181,8 @@ def semi_step(student: nn.Module, teacher: Callable, batch_l: Batch, batch_u: Ba
         s.streams.append(('loss_fp', pred_fp, None, opt.fp_weight))
 
     out = {'loss_x': criterion(s.pred_x, y)}
-    replaced = [r for r in (m.strong_losses(s) for m in methods) if r is not None]
-    out.update(replaced[-1] if replaced else strong_losses(s.pred_s, s.targets, opt.conf_thresh))
+    replaced = [r for r in (m.strong_losses(s) for m in methods) if r is not None]   # one at most (check_run)
+    out.update(replaced[0] if replaced else strong_losses(s.pred_s, s.targets, opt.conf_thresh))
     if opt.fp_weight > 0:
         out['loss_fp'] = masked_unlabeled_loss(pred_fp, s.pseudo, s.conf, valid, opt.conf_thresh)
     loss_u = sum(w * out[name] for name, _, _, w in s.streams)

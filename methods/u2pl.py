@@ -407,13 +407,13 @@ class U2PL(Method):
         return {'need_rep': True}
 
     def strong_losses(self, s: StepContext) -> dict[str, torch.Tensor] | None:
-        """The entropy partition of the weak view (kept for `terms`); the reliable-pixel L_u of
+        """The entropy partition of the weak view (left on the step's context for `terms`); the reliable-pixel L_u of
         each strong view for 'entropy' / 'sce', None (UniMatch V2's) for 'conf'."""
         prob_w = s.logits_w.softmax(1)
-        self.gamma = entropy_threshold(entropy(prob_w), s.batch_u['valid'], self.alpha)
+        gamma = s.scratch[self.name] = entropy_threshold(entropy(prob_w), s.batch_u['valid'], self.alpha)
         if self.cfg.u2pl_unsup == 'conf':
             return None
-        reliable = entropy(prob_w) < self.gamma
+        reliable = entropy(prob_w) < gamma
         sce = (self.cfg.u2pl_sce_ce, self.cfg.u2pl_sce_rce)
         out = {}
         for v, (pred, (pseudo, _, valid)) in enumerate(zip(s.pred_s, s.targets)):
@@ -427,7 +427,7 @@ class U2PL(Method):
             logits_tl, rep_tl = s.teacher(x, need_rep=True)
         rep = s.student_aux
         rep_x, *rep_s = rep.split([len(x)] + [len(p) for p in s.pred_s])
-        loss_c, stats = contrastive_term(self.memory, self.cfg, self.gamma, s.batch_l['mask'], s.batch_u['valid'],
+        loss_c, stats = contrastive_term(self.memory, self.cfg, s.scratch[self.name], s.batch_l['mask'], s.batch_u['valid'],
                                          s.batch_u['boxes'], s.logits_w.softmax(1), s.teacher_aux,
                                          logits_tl.float().softmax(1), rep_tl, rep_x, rep_s)
         if loss_c is None:          # no class qualifies: keep the rep head in the graph (DDP)

@@ -11,7 +11,9 @@ dataset picks it: each spec in `dataset/registry.py` names its task. A task says
   * its evaluation (`evaluate` -> a result dict; `scores` -> the per-epoch figures kept in
     `results.json`; `metric`, the figure whose best picks best.pth; `reports_ema`, whether the
     figure reported is the EMA model's; `format_result` and `headline` for the log and console);
-  * its prediction on arbitrary inputs (`predict`, for predict.py).
+  * its prediction on arbitrary inputs (`predict`, for predict.py);
+  * what it gives the methods (`provides`): a method runs on the task when the task gives all the
+    method needs (`methods.base.Method.needs`; `supports` answers it, `methods.check_run` checks it).
 
 The trainer, evaluate.py, predict.py and benchmark.py call these and never name a task.
 """
@@ -23,6 +25,8 @@ from typing import Callable, ClassVar, Sequence
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+
+from methods.base import OWN_MODEL, STEP_HOOKS
 
 Need = Callable[[bool, str, str], None]     # need(ok, key, message): raise a ConfigError naming the key
 
@@ -36,6 +40,7 @@ class Task:
     reports_ema: ClassVar[bool] = True      # the reported figure is the EMA model's (else the student's)
     in_channels: ClassVar[int] = 3          # channels of one model input (benchmark batches)
     benchmarked: ClassVar[bool] = True      # benchmark.py times its step against the original's
+    provides: ClassVar[frozenset[str]] = frozenset({OWN_MODEL, STEP_HOOKS})   # what its methods may need
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -78,8 +83,9 @@ class Task:
 
     @classmethod
     def supports(cls, method: str) -> bool:
-        """Whether the registered method `method` runs on this task (benchmark.py's recipes)."""
-        return True
+        """Whether the registered method `method` runs on this task: the task gives all it needs."""
+        import methods
+        return methods.get(method).needs() <= cls.provides
 
     # ---- model -----------------------------------------------------------------------------------
 

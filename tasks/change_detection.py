@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torch.utils.data import Dataset
 
+from methods.base import STEP_HOOKS
 from tasks.base import Task, register
 
 CLASS_NAMES = ('unchanged', 'changed')
@@ -44,6 +45,7 @@ class ChangeDetection(Task):
     reports_ema = False                  # the paper's figure is the online model's (module docstring)
     default_weights = 'student'
     in_channels = 6
+    provides = frozenset({STEP_HOOKS})   # its model is the bi-temporal DPT: a method's own segmentor does not fit
 
     @classmethod
     def check(cls, cfg, need) -> None:
@@ -52,13 +54,6 @@ class ChangeDetection(Task):
              f'change detection runs on a DINOv2 or DINOv3 encoder (dinov2_<size>, dinov3_<size>), got {cfg.backbone!r}')
         need(cfg.comp_drop_at == 'features', 'comp_drop_at',
              'change detection drops channels of the difference features only (features)')
-        need(cls.supports(cfg.method), 'method', f'{cfg.method} brings its own segmentation model; change '
-             'detection runs the methods of the plain bi-temporal model (supervised, fixmatch, unimatch_v1/v2, ...)')
-
-    @classmethod
-    def supports(cls, method: str) -> bool:
-        import methods
-        return not methods.get(method).has_own_model()
 
     # ---- data ------------------------------------------------------------------------------------
 

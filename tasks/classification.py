@@ -33,7 +33,6 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tasks.base import Task, register
 
 TOP_K = (1, 5)
-HOOKS = ('build_model', 'teacher_kwargs', 'student_kwargs', 'strong_losses', 'terms')   # methods.base.Method's
 
 
 @dataclass(frozen=True)
@@ -49,13 +48,6 @@ class Part:
         return f'{self.dataset} {self.split} ({self.role} images under {self.root})'
 
 
-def runs_on_any_task(method) -> bool:
-    """A method that runs the core step as it is: no model of its own and no hooks."""
-    from methods.base import Method
-    own = method.__mro__[:method.__mro__.index(Method)]       # the method's classes above the base
-    return not any(h in vars(c) for c in own for h in HOOKS)
-
-
 @register
 class Classification(Task):
     name = 'classification'
@@ -65,6 +57,7 @@ class Classification(Task):
     result_title = 'accuracy'
     reports_ema = True
     benchmarked = False     # benchmark.py's original recipes are the DPT ones; not timed yet
+    provides = frozenset()  # a one-pixel map: no segmentor for a method's own model, no pixel maps for hooks
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -88,16 +81,6 @@ class Classification(Task):
              f'does not apply to {cfg.dataset}: its unlabeled set is its training set')
         need(cfg.comp_drop_at == 'features', 'comp_drop_at',
              f"must be 'features' for {cfg.dataset}: a classifier's features are its classifier's input")
-        for method in methods.REGISTRY.values():
-            if method.enabled(cfg):
-                need(cls.supports(method.name), 'method',
-                     f'{method.name} adds its own model or step hooks, written for pixels; '
-                     f'classification runs the methods of the core step only (python -m methods lists them)')
-
-    @classmethod
-    def supports(cls, method: str) -> bool:
-        import methods
-        return runs_on_any_task(methods.get(method))
 
     # ---- data ------------------------------------------------------------------------------------
 

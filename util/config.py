@@ -237,7 +237,9 @@ def _check(cfg: Config, source: str) -> None:
          f'has {len(cfg.class_names or [])} names but nclass is {cfg.nclass}')
     for method in methods.REGISTRY.values():
         method.check(cfg, need)
-    tasks.of_dataset(cfg.dataset).check(cfg, need)
+    task = tasks.of_dataset(cfg.dataset)
+    task.check(cfg, need)
+    methods.check_run(cfg, task, need)
 
 
 def fused_attention(cfg: Config, device_type: str) -> bool:
