@@ -76,8 +76,13 @@ class Task:
         lists without opening an image or writing a file (`--plan`); a string in place of a count
         says why it is not known."""
         from dataset.splits import read_split
+        roles = ('labeled', 'unlabeled', 'val')
+        try:
+            paths = self.split_paths(split)
+        except FileNotFoundError as err:
+            return {role: str(err) for role in roles}
         return {role: len(read_split(path)) if Path(path).exists() else f'{path} is missing'
-                for role, path in zip(('labeled', 'unlabeled', 'val'), self.split_paths(split))}
+                for role, path in zip(roles, paths)}
 
     def epoch_unlabeled(self, n_unlabeled: int | str, processes: int) -> int | str:
         """Unlabeled samples `dataset(..., 'train_u')` holds for one epoch of `processes`

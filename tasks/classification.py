@@ -144,7 +144,7 @@ class Classification(Task):
         dataset files' (not read here)."""
         from dataset.classification import parse_split
         kind, k = parse_split(split)
-        unread = f'read from the {self.cfg.dataset} files under {self.cfg.data_root} (not read by --plan)'
+        unread = f'in the {self.cfg.dataset} files under {self.cfg.data_root}, not read by --plan'
         return {'labeled': int(k) * self.cfg.nclass if kind == 'per_class' else unread,
                 'unlabeled': unread, 'val': unread}
 

@@ -148,7 +148,7 @@ def format_plan(plan: Plan) -> str:
                  f'({"scale_lr: x processes x grad_accum / reference_gpus" if cfg.scale_lr else "scale_lr off"})')
     for g in plan.groups:
         lines.append(f'  {g.name}: lr {g.lr:.6g}, weight decay {g.weight_decay:g}, '
-                     f'{g.tensors} tensors, {g.elements / 1e6:.2f}M parameters')
+                     f'{g.tensors} tensors, {g.elements:,} parameters')
     if total:
         points = ', '.join(f'{lr_factor(cfg.lr_schedule, min(int(f * total), total - 1), total):.3f} at '
                            f'{min(int(f * total), total - 1):,}' for f in SCHEDULE_POINTS)
@@ -157,8 +157,11 @@ def format_plan(plan: Plan) -> str:
         lines.append(f'schedule: {cfg.lr_schedule} per iteration, no warm-up')
     lines += format_evaluation(plan)
     if plan.semi:
-        lines.append(f'teacher: {"EMA (decay " + format(cfg.ema_decay, "g") + ")" if cfg.teacher == "ema" else "the online student (the EMA is kept and evaluated)"}'
-                     f', confidence threshold {cfg.conf_thresh:g}, loss {cfg.total_loss} of L_x and {cfg.lossu_weight:g} L_u')
+        teacher = (f'the EMA (decay {cfg.ema_decay:g})' if cfg.teacher == 'ema'
+                   else 'the online student (the EMA is kept and evaluated)')
+        w = f'{cfg.lossu_weight:g}'
+        loss = f'(L_x + {w} L_u) / (1 + {w})' if cfg.total_loss == 'mean' else f'L_x + {w} L_u'
+        lines.append(f'pseudo-labels: {teacher}, confidence threshold {cfg.conf_thresh:g}; loss {loss}')
     lines.append('augmentations:')
     views = methods.get(cfg.method).options.views if plan.semi else 0
     for kind, text in task.augmentations(views).items():
@@ -183,7 +186,8 @@ def format_evaluation(plan: Plan) -> list[str]:
         else:
             when += ')'
     count = f'{len(ev)} evaluations' if ev is not None else 'evaluations: unknown'
-    lines = [f'evaluation: {who} on {task.eval_split_path()} ({_n(plan.sizes["val"])} samples), {where}, '
+    n = plan.sizes['val']
+    lines = [f'evaluation: {who} on {task.eval_split_path()}{f" ({n:,} samples)" if isinstance(n, int) else ""}, {where}, '
              f'{when}; {count}']
     reported = plan.semi and task.reports_ema
     lines.append(f'best.pth: the {"EMA teacher" if reported else "student"}\'s best {task.metric_label} '

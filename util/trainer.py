@@ -142,7 +142,7 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
     p.add_argument('--unlabeled-id-path', help='unlabeled split file (original flag)')
     p.add_argument('--save-path', help='run directory (default exp/<dataset>/<method>/<backbone>/<split>)')
     p.add_argument('--check-data', action='store_true', help='check every image and mask, then exit')
-    p.add_argument('--plan', nargs='?', const=0, type=int, metavar='PROCESSES',
+    p.add_argument('--plan', nargs='?', const=0, type=process_count, metavar='PROCESSES',
                    help="print the run's resolved plan for PROCESSES processes (default: the config's "
                         'reference_gpus, the paper\'s) and exit without training (docs/plan.md)')
     p.add_argument('overrides', nargs='*', help='config overrides key=value')
@@ -150,6 +150,14 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
     if not args.split and not args.labeled_id_path:
         p.error('give --split or --labeled-id-path')
     return args
+
+
+def process_count(text: str) -> int:
+    """`--plan`'s PROCESSES: a positive integer (an override right after `--plan` is refused by name)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a process count: give one (--plan 4) or put --plan '
+                                         'after the key=value overrides')
+    return int(text)
 
 
 @dataclass
