@@ -163,6 +163,11 @@ def test_classification_runs_the_torchssl_schedule(config, split):
         assert it // 1024 in plan.evaluated_epochs, it               # the logs' evaluation points fall in evaluated epochs
     supervised = plan_of('supervised', config, split)
     assert supervised.total == 2 ** 20 and supervised.loaders[0].batch == 128
+    # on 2 processes an epoch is still max_iters_per_epoch iterations: the unlabeled set is repeated
+    # to fill them on every process, and the lr doubles with the global batch
+    two = plan_of(None, config, split, processes='2')
+    assert two.total == 2 ** 20 and two.loaders[0].samples == 2 * 1024 * 7 * 64
+    assert all(g.lr == pytest.approx(0.06) for g in two.groups)
 
 
 def test_cifar_evaluates_every_epoch():
