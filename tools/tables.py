@@ -21,7 +21,8 @@ online model (not the EMA) with the OA of that epoch (facts sheet, section 9), a
 
 Runs under a deeper prefix (`EXP_DIR=exp/frozen sh scripts/train.sh ...` puts them in
 `exp/frozen/<dataset>/...`) are shown as extra rows tagged `[frozen]`, never in a paper cell --
-except the ablations' tags (`scripts/reproduce.sh figure5 ... table13` writes them): `TAGS` says
+except the ablations' tags (`scripts/reproduce.sh figure5 ... table13` writes them): the catalogue
+(`tools/catalogue.py`, read here as `TAGS`) says
 which table and paper variant each one is (`figure5/conf_thresh=0.7` is Figure 5's threshold 0.7),
 and `figure5`, `figure6`, `table06` ... `table13` lay those runs out beside the paper's values,
 with the plain runs they compare against (the paper's default setting) as rows of their own.
@@ -39,96 +40,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # the project ro
 import methods  # noqa: E402
 import tasks  # noqa: E402
 from dataset.registry import DATASETS  # noqa: E402
+from tools import catalogue  # noqa: E402
 
 # Metric names in paper_tables.csv: what the paper reports for each kind of method (facts section 9).
 SEMI_METRIC = 'best_mIoU_ema'
 SUPERVISED_METRIC = 'best_mIoU'
-DEFAULT_VARIANT = 'default'
+DEFAULT_VARIANT = catalogue.DEFAULT_VARIANT
 
-# The dataset's own table; its unimatch_v2 / supervised rows also feed table05's comparison rows.
-MAIN_TABLE = {'pascal': 'table01', 'cityscapes': 'table02', 'ade20k': 'table03', 'coco': 'table04'}
-PAPER_TABLES = ('table01', 'table02', 'table03', 'table04', 'table05')
-TITLES = {
-    'table01': 'Table 1: Pascal VOC 2012 (labeled images)',
-    'table02': 'Table 2: Cityscapes',
-    'table03': 'Table 3: ADE20K',
-    'table04': 'Table 4: COCO',
-    'table05': 'Table 5: FixMatch and UniMatch V1 vs UniMatch V2',
-}
+# The tables, their titles, tags and compared rows: the one catalogue of experiments (tools/catalogue.py).
+PAPER_TABLES = catalogue.tables_of('paper')
+ABLATION_TABLES = catalogue.tables_of('ablation')
+CD_TABLE, = catalogue.tables_of('change')
+TITLES = {g.table: g.title for g in catalogue.GRIDS}
+TAGS = catalogue.tags()                  # run directory tag -> (table, the csv's variant)
+BASELINES = {g.table: g.baselines for g in catalogue.GRIDS if g.baselines}
+SEED_TABLES = catalogue.seed_cells()     # table -> its (dataset, split) cells
+SEEDS = catalogue.SEEDS
+# The dataset's own table (a paper grid of one dataset); its unimatch_v2 / supervised rows also feed
+# table05's comparison rows.
+MAIN_TABLE = {datasets.pop(): g.table for g in catalogue.GRIDS if g.kind == 'paper'
+              and len(datasets := {c.dataset for c in g.cells(catalogue.Options())}) == 1}
+
 # Change detection (Table 14): our dataset name -> the csv's, and the csv's metrics.
-CD_TABLE = 'table14'
-CD_TITLE = 'Table 14: change detection (changed IoU / OA, best non-EMA epoch as the paper)'
 CD_DATASETS = {'levir': 'levir_cd', 'whu': 'whu_cd'}
 CD_METRIC, CD_OA = 'best_changed_IoU', 'OA_at_best_changed_IoU'
 
 # Rows a paper table compares against although the csv files them under another table.
 COMPARISON_METHODS = {'table05': ('unimatch_v2',)}
-
-# ---- ablations (scripts/reproduce.sh figure5 ... table13) ----------------------------------------------
-ABLATION_TABLES = ('figure5', 'figure6', 'table06', 'table07', 'table08', 'table09', 'table10', 'table11',
-                   'table12', 'table13')
-ABLATION_TITLES = {
-    'figure5': 'Figure 5: confidence threshold',
-    'figure6': 'Figure 6: unlabeled loss weight',
-    'table06': 'Table 6: FixMatch + feature perturbation, + dual stream, + both',
-    'table07': 'Table 7: frozen encoder',
-    'table08': 'Table 8: DINOv2-L',
-    'table09': 'Table 9: other encoders (best mIoU of the model, not the EMA, as the paper)',
-    'table10': 'Table 10: pseudo-labels from the online model (best mIoU of the model, not the EMA)',
-    'table11': 'Table 11: FixMatch with twice the batch and the epochs',
-    'table12': 'Table 12: complementary dropout on the classifier input',
-    'table13': 'Table 13: all labels plus extra unlabeled images',
-}
-# Run directory tag (reproduce.sh's tag=) -> (table, the csv's variant).
-TAGS = {
-    **{f'figure5/conf_thresh={t}': ('figure5', f'conf_thresh={t}') for t in ('0', '0.7', '0.9', '0.98')},
-    **{f'figure6/lossu_weight={w}': ('figure6', f'unlabeled_loss_weight={float(w)}') for w in ('0.5', '2', '4')},
-    'table07/frozen': ('table07', 'frozen_encoder(lock_backbone=True)'),
-    'table09': ('table09', DEFAULT_VARIANT),
-    'table10/teacher=online': ('table10', 'noEMA(online_model_as_teacher)'),
-    'table11/doubled': ('table11', 'fixmatch_doubled_batch_and_epochs'),
-    'table12/comp_drop_at=classifier': ('table12', 'comp_dropout_at_decoder_classifier'),
-    'table13/train_extra': ('table13', 'extra_unlabeled_20K'),
-    # the csv's log name says 123K; the facts sheet (section 1) has ADE20K + COCO train2017 (118K)
-    'table13/coco_train2017': ('table13', 'extra_unlabeled_123K_COCO'),
-    'table13/coco_train2017+unlabeled2017': ('table13', 'extra_unlabeled_241K_COCO'),
-    'table13/unlabeled2017': ('table13', 'extra_unlabeled_123K'),
-}
 # Our methods that are a paper variant of another: method -> (table, csv method, csv variant).
 METHOD_VARIANTS = {
     'fixmatch_addfeataug': ('table06', 'fixmatch', 'figure4a_fixmatch+feature_perturbation(addfeataug)'),
     'fixmatch_dualstream': ('table06', 'fixmatch', 'figure4b_fixmatch+dual_stream'),
     'fixmatch_addfeataug_dualstream': ('table06', 'fixmatch', 'figure4c_fixmatch+feature_perturbation+dual_stream'),
 }
-# The paper's default setting each ablation is compared with: (method, encoder) rows of plain runs.
-BASELINES = {
-    'figure5': (('unimatch_v2', 'dinov2_base'),),
-    'figure6': (('unimatch_v2', 'dinov2_base'),),
-    'table06': (('fixmatch', 'dinov2_base'), ('unimatch_v2', 'dinov2_base')),
-    'table07': (('unimatch_v2', 'dinov2_small'), ('unimatch_v2', 'dinov2_base')),
-    'table10': (('unimatch_v2', 'dinov2_base'),),
-    'table11': (('fixmatch', 'dinov2_base'), ('unimatch_v2', 'dinov2_base')),
-    'table12': (('unimatch_v2', 'dinov2_base'),),
-}
 # Tables whose paper value is another statistic than the method's usual one (facts sheet, section 6).
 TABLE_METRIC = {'table09': 'best_mIoU', 'table10': 'best_mIoU'}
 # The default setting's value of a swept key, for the baseline row's label.
 DEFAULT_LABEL = {'figure5': 'conf_thresh=0.95', 'figure6': 'unlabeled_loss_weight=1.0'}
 
-# ---- classification (scripts/reproduce.sh table15 ... table18): UniMatch V2 over three seeds -------------------
-SEED_TABLES = {      # table -> its (dataset, split) cells
-    'table15': (('cifar10', '25_labels_per_class'),),
-    'table16': (('stl10', '25_labels_per_class'),),
-    'table17': (('svhn', '4_labels_per_class'), ('svhn', '25_labels_per_class')),
-    'table18': (('imagenet', '10%'),),
-}
-SEED_TITLES = {
-    'table15': 'Table 15: CIFAR-10 (WRN-28-2)',
-    'table16': "Table 16: STL-10 (USB's WideResNetVar)",
-    'table17': 'Table 17: SVHN (WRN-28-2)',
-    'table18': 'Table 18: ImageNet-1K (our settings: configs/imagenet.yaml; the paper\'s log is absent)',
-}
-SEEDS = (0, 1, 2)
 # The csv's name of each seed's best EMA top-1 (facts sheet, section 9): CIFAR's own script, USB's eval.
 PAPER_TOP1 = ('best_top1_acc_ema', 'best_top1_acc_EMAeval(BEST_EVAL_ACC)')
 
@@ -488,7 +437,7 @@ def cd_cell(run: dict | None, entry: dict[str, float] | None, digits: int) -> st
 
 def change_table(runs: list[dict], paper: dict, digits: int) -> str:
     """Table 14: per dataset, rows method x encoder, columns splits; our plain runs of levir / whu."""
-    parts = [f'## {CD_TITLE}']
+    parts = [f'## {TITLES[CD_TABLE]}']
     for ours, theirs in CD_DATASETS.items():
         keys = [k for k in paper if k[0] == CD_TABLE and k[1] == theirs and k[5] == DEFAULT_VARIANT]
         mine = [r for r in runs if r['dataset'] == ours and r['tag'] == '']
@@ -553,10 +502,10 @@ def make_table(table: str, runs: list[dict], paper: dict, digits: int = 1) -> st
         return change_table(runs, paper, digits)
     if table in SEED_TABLES:
         # two decimals at least: the seeds differ by tenths (FACTS §9: SVHN 98.21 ± 0.01)
-        return f'## {SEED_TITLES[table]}\n\n{seed_table(table, runs, paper, max(digits, 2))}\n\n{SEED_LEGEND}\n'
+        return f'## {TITLES[table]}\n\n{seed_table(table, runs, paper, max(digits, 2))}\n\n{SEED_LEGEND}\n'
     if table in PAPER_TABLES or table in ABLATION_TABLES:
         section = paper_table_section if table in PAPER_TABLES else ablation_section
-        parts = [f'## {TITLES.get(table) or ABLATION_TITLES[table]}']
+        parts = [f'## {TITLES[table]}']
         for dataset in table_datasets(paper, table):
             if len(table_datasets(paper, table)) > 1:
                 parts.append(f'### {dataset}')

@@ -294,6 +294,11 @@ def save_config(cfg: Config, path: str | Path) -> None:
     tmp.replace(path)
 
 
+def run_directory(exp_root: str | Path, dataset: str, method: str, backbone: str, split: str) -> Path:
+    """A run's directory under an experiment root: `<exp>/<dataset>/<method>/<backbone>/<split>`."""
+    return Path(exp_root) / dataset / method / backbone / split
+
+
 if __name__ == '__main__':
     # `python -m util.config CONFIG KEY [key=value ...]` prints one resolved value (for shell scripts).
     import sys
