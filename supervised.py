@@ -11,12 +11,14 @@ and resumes from latest.pth, mid-epoch included.
 """
 from __future__ import annotations
 
+from tools import plan
 from util import trainer
 
 
 @trainer.guarded
 def main(argv: list[str] | None = None) -> None:
-    trainer.train(trainer.parse_args(__doc__.splitlines()[0], argv), method='supervised')
+    args = trainer.parse_args(__doc__.splitlines()[0], argv)
+    plan.print_plan(args, method='supervised') if args.plan is not None else trainer.train(args, method='supervised')
 
 
 if __name__ == '__main__':

@@ -13,12 +13,14 @@ mid-epoch included. SIGTERM saves a checkpoint at the current iteration and exit
 """
 from __future__ import annotations
 
+from tools import plan
 from util import trainer
 
 
 @trainer.guarded
 def main(argv: list[str] | None = None) -> None:
-    trainer.train(trainer.parse_args(__doc__.splitlines()[0], argv))
+    args = trainer.parse_args(__doc__.splitlines()[0], argv)
+    plan.print_plan(args) if args.plan is not None else trainer.train(args)
 
 
 if __name__ == '__main__':

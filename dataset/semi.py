@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dataset.splits import Sample, derive_labeled_all, derive_unlabeled, read_split
+from dataset.splits import EXPECTED_IMAGES, Sample, derive_labeled_all, derive_unlabeled, list_images, read_split
 from dataset.transforms import (IGNORE_INDEX, cutmix_box, hflip, normalize, pad_and_crop, resize,
                                 strong_color)
 
@@ -169,33 +169,59 @@ def coco_root(data_root: str | os.PathLike | None) -> str | os.PathLike:
     return data_root
 
 
-def split_paths(dataset: str, split: str, splits_root: str | os.PathLike = 'splits',
-                data_root: str | os.PathLike | None = None) -> SplitPaths:
-    """The split files of `dataset`/`split` under `splits_root`.
-
-    labeled: `<split>/labeled.txt` (Cityscapes 'all': `train.txt`). unlabeled: `<split>/
-    unlabeled.txt`; for COCO it is derived from `data_root/train2017` and cached there on first
-    use (and so is COCO's 'all' labeled list: every train2017 image); for an 'all' split without
-    one it is the labeled list. val: `<dataset>/val.txt`.
-    """
+def listed_paths(dataset: str, split: str, splits_root: str | os.PathLike = 'splits') -> SplitPaths:
+    """Where `split_paths` finds the lists of `dataset`/`split`, whether or not they exist yet:
+    labeled `<split>/labeled.txt` (or `train.txt`, Cityscapes 'all'), unlabeled `<split>/unlabeled.txt`
+    (an 'all' split without one: the labeled list), val `<dataset>/val.txt`."""
     base = Path(splits_root) / dataset
     split_dir = base / split
     labeled = split_dir / 'labeled.txt'
     if not labeled.exists() and (split_dir / 'train.txt').exists():
         labeled = split_dir / 'train.txt'
-    if not labeled.exists() and dataset == 'coco' and split == 'all':
-        derive_labeled_all(coco_root(data_root), labeled)
-    if not labeled.exists():
-        raise FileNotFoundError(f'no labeled list for {dataset}/{split}: {labeled} is missing')
     unlabeled = split_dir / 'unlabeled.txt'
-    if not unlabeled.exists():
-        if split == 'all':
-            unlabeled = labeled
-        elif dataset == 'coco':
-            derive_unlabeled(coco_root(data_root), labeled, unlabeled)
-        else:
-            raise FileNotFoundError(f'no unlabeled list for {dataset}/{split}: {unlabeled}')
+    if not unlabeled.exists() and split == 'all':
+        unlabeled = labeled
     return SplitPaths(labeled, unlabeled, base / 'val.txt')
+
+
+def split_paths(dataset: str, split: str, splits_root: str | os.PathLike = 'splits',
+                data_root: str | os.PathLike | None = None) -> SplitPaths:
+    """The split files of `dataset`/`split` under `splits_root` (`listed_paths`). For COCO, the
+    unlabeled list is derived from `data_root/train2017` and cached there on first use (and so is
+    COCO's 'all' labeled list: every train2017 image)."""
+    paths = listed_paths(dataset, split, splits_root)
+    if not paths.labeled.exists() and dataset == 'coco' and split == 'all':
+        derive_labeled_all(coco_root(data_root), paths.labeled)
+    if not paths.labeled.exists():
+        raise FileNotFoundError(f'no labeled list for {dataset}/{split}: {paths.labeled} is missing')
+    if not paths.unlabeled.exists():
+        if dataset == 'coco':
+            derive_unlabeled(coco_root(data_root), paths.labeled, paths.unlabeled)
+        else:
+            raise FileNotFoundError(f'no unlabeled list for {dataset}/{split}: {paths.unlabeled}')
+    return paths
+
+
+def split_sizes(dataset: str, split: str, splits_root: str | os.PathLike = 'splits',
+                data_root: str | os.PathLike | None = None) -> dict[str, int | str]:
+    """Samples in the labeled, unlabeled and val lists of `split` (`listed_paths`), counted without
+    opening an image or writing a list; a string says why a count is not known. A COCO list not
+    derived yet counts the images of `data_root/train2017` (less the labeled ones), or the
+    release's count of them when the folder is absent ('note' says which)."""
+    paths = listed_paths(dataset, split, splits_root)
+    sizes: dict[str, int | str] = {role: len(read_split(path)) if path.exists() else f'{path} is missing'
+                                   for role, path in vars(paths).items()}
+    if dataset == 'coco' and (not paths.labeled.exists() or not paths.unlabeled.exists()):
+        folder = Path(coco_root(data_root)) / 'train2017'
+        found = folder.is_dir()
+        images = len(list_images(folder)) if found else EXPECTED_IMAGES['train2017']
+        if not paths.labeled.exists() and split == 'all':
+            sizes['labeled'] = images
+        if not paths.unlabeled.exists() and isinstance(sizes['labeled'], int):
+            sizes['unlabeled'] = images - sizes['labeled'] if split != 'all' else images
+        sizes['note'] = (f'lists derived from the {images} images of {folder}' if found else
+                         f'lists derived from train2017 ({images} images in the release; {folder} is absent)')
+    return sizes
 
 
 def build_semi_datasets(dataset: str, data_root: str | os.PathLike, split: str, crop_size: int,

@@ -76,6 +76,29 @@ class Task:
         dict layout), the list repeated to `nsample`; under `root` (default: the data root)."""
         raise NotImplementedError
 
+    def split_sizes(self, split: str) -> dict[str, int | str]:
+        """Samples in each part of `split` ('labeled', 'unlabeled', 'val'), counted from its split
+        lists without opening an image or writing a file (`--plan`); a string in place of a count
+        says why it is not known."""
+        from dataset.splits import read_split
+        roles = ('labeled', 'unlabeled', 'val')
+        try:
+            paths = self.split_paths(split)
+        except FileNotFoundError as err:
+            return {role: str(err) for role in roles}
+        return {role: len(read_split(path)) if Path(path).exists() else f'{path} is missing'
+                for role, path in zip(roles, paths)}
+
+    def epoch_unlabeled(self, n_unlabeled: int | str, processes: int) -> int | str:
+        """Unlabeled samples `dataset(..., 'train_u')` holds for one epoch of `processes`
+        processes, given the set's size: the set once."""
+        return n_unlabeled
+
+    def augmentations(self, num_strong: int) -> dict[str, str]:
+        """What the training samples go through, by kind of view ('labeled', 'weak', 'strong'), in
+        words (`--plan`); `num_strong`: strong views per unlabeled sample."""
+        return {}
+
     def demo_dataset(self, root: Path) -> Dataset:
         """A few generated unlabeled training samples under `root` (benchmark.py times the data
         pipeline on them)."""

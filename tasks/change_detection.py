@@ -88,6 +88,17 @@ class ChangeDetection(Task):
         from dataset.change import check_change_inputs
         return check_change_inputs(self.cfg.data_root, splits, full=full, roots=roots)
 
+    def augmentations(self, num_strong: int) -> dict[str, str]:
+        from dataset.change import RESIZE_RATIO
+        from dataset.semi import CUTMIX_P
+        crop = self.cfg.crop_size
+        return {'labeled': f'both dates and the label rescaled x U{RESIZE_RATIO} together, padded to and randomly '
+                           f'cropped to {crop}, horizontal flip p 0.5 (dataset/change.py aligned_geometry)',
+                'weak': "the labeled view's geometry",
+                'strong': f'{num_strong} view(s) of the weak pair, each: dates A and B jittered independently '
+                          '(ColorJitter(0.5, 0.5, 0.5, 0.25) p 0.8, Gaussian blur sigma U(0.1, 2) p 0.5, no grayscale), '
+                          f'one CutMix box p {CUTMIX_P} shared by A and B'}
+
     def dataset(self, split_file: Path, mode: str, nsample: int | None = None, num_strong: int = 2,
                 root: str | None = None) -> Dataset:
         from dataset.change import ChangeDataset

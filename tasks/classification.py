@@ -122,6 +122,33 @@ class Classification(Task):
                 return [Problem('error', str(part), str(err))]
         return []
 
+    def split_sizes(self, split: str) -> dict[str, int | str]:
+        """The labeled count of `<N>_labels_per_class` (N x nclass); the other counts are the
+        dataset files' (not read here)."""
+        from dataset.classification import parse_split
+        kind, k = parse_split(split)
+        unread = f'in the {self.cfg.dataset} files under {self.cfg.data_root}, not read by --plan'
+        return {'labeled': int(k) * self.cfg.nclass if kind == 'per_class' else unread,
+                'unlabeled': unread, 'val': unread}
+
+    def epoch_unlabeled(self, n_unlabeled: int | str, processes: int) -> int:
+        """The unlabeled set repeated to one epoch of `max_iters_per_epoch` iterations of
+        `batch_size x unlabeled_ratio` images on every process, whatever its size."""
+        cfg = self.cfg
+        return cfg.max_iters_per_epoch * cfg.batch_size * cfg.unlabeled_ratio * processes
+
+    def augmentations(self, num_strong: int) -> dict[str, str]:
+        from dataset.classification import CROP_RATIO, CUTOUT_MAX, PAD_PIXELS, get_spec
+        from dataset.randaugment import NUM_OPS
+        spec, size = get_spec(self.cfg.dataset), self.cfg.crop_size
+        weak = (f'random {size} crop of the image, short side resized to {size} / {CROP_RATIO}' if self.cfg.dataset == 'imagenet'
+                else f'random {size} crop of the image padded by {PAD_PIXELS} pixels (reflect)')
+        weak += ', horizontal flip p 0.5' if spec.hflip else ''
+        return {'labeled': weak, 'weak': weak,
+                'strong': f'{num_strong} view(s), each: RandAugment({NUM_OPS} operations, magnitudes uniform over '
+                          f'their ranges; dataset/randaugment.py), Cutout (a square of up to {CUTOUT_MAX} of the '
+                          'side), then the weak geometry'}
+
     def dataset(self, split_file: Part, mode: str, nsample: int | None = None, num_strong: int = 2,
                 root: str | None = None) -> Dataset:
         """The part's samples; the unlabeled set is repeated to one epoch of `max_iters_per_epoch`
@@ -133,7 +160,7 @@ class Classification(Task):
                            'unlabeled': (data.unlabeled, np.arange(len(data.unlabeled))),
                            'val': (data.test, np.arange(len(data.test)))}[split_file.role]
         if mode == 'train_u' and nsample is None:
-            nsample = cfg.max_iters_per_epoch * cfg.batch_size * cfg.unlabeled_ratio * dist.world_size()
+            nsample = self.epoch_unlabeled(len(indices), dist.world_size())
         spec = replace(data.spec, size=cfg.crop_size)
         return ClassificationDataset(spec, images, indices, mode, nsample, num_strong)
 

@@ -49,6 +49,25 @@ class Segmentation(Task):
         from dataset.checks import check_inputs
         return check_inputs(self.cfg.data_root, splits, self.cfg.nclass, full=full, roots=roots)
 
+    def split_sizes(self, split: str) -> dict[str, int | str]:
+        from dataset.semi import split_sizes
+        from dataset.splits import read_split
+        cfg, val = self.cfg, self.eval_split_path()
+        sizes = split_sizes(cfg.dataset, split, cfg.splits_root, cfg.data_root)
+        sizes['val'] = len(read_split(val)) if val.exists() else f'{val} is missing'
+        return sizes
+
+    def augmentations(self, num_strong: int) -> dict[str, str]:
+        from dataset.semi import CUTMIX_P, RESIZE_RATIO, UNLABELED_PAD
+        from dataset.transforms import IGNORE_INDEX
+        crop = self.cfg.crop_size
+        return {'labeled': f'long side rescaled x U{RESIZE_RATIO}, padded to and randomly cropped to {crop} '
+                           f'(mask padding {IGNORE_INDEX}), horizontal flip p 0.5, ImageNet normalisation',
+                'weak': f"the labeled view's geometry (padding marked {UNLABELED_PAD}: left out of the loss)",
+                'strong': f'{num_strong} view(s) of the weak crop, each: ColorJitter(0.5, 0.5, 0.5, 0.25) p 0.8, '
+                          f'grayscale p 0.2, Gaussian blur sigma U(0.1, 2) p 0.5, its own CutMix box p {CUTMIX_P} '
+                          '(dataset/transforms.py strong_color, cutmix_box)'}
+
     def dataset(self, split_file: Path, mode: str, nsample: int | None = None, num_strong: int = 2,
                 root: str | None = None) -> Dataset:
         from dataset.semi import SemiDataset

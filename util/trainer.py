@@ -94,13 +94,22 @@ def train_loaders(run: 'Run', options: SemiOptions | None) -> list[DataLoader]:
     list repeated to `labeled_upsample` samples when it is shorter."""
     cfg, task = run.cfg, run.task
     if options is None:
-        n_labeled = len(task.dataset(run.labeled, 'train_l'))
-        trainset = task.dataset(run.labeled, 'train_l', nsample=max(n_labeled, cfg.labeled_upsample))
-        return [make_loader(trainset, cfg, cfg.batch_size * 2)]
+        ((n, batch),) = epoch_samples(cfg, options, len(task.dataset(run.labeled, 'train_l')))
+        return [make_loader(task.dataset(run.labeled, 'train_l', nsample=n), cfg, batch)]
     trainset_u = task.dataset(run.unlabeled, 'train_u', num_strong=options.views, root=unlabeled_root(cfg))
-    trainset_l = task.dataset(run.labeled, 'train_l', nsample=len(trainset_u) // cfg.unlabeled_ratio)
-    return [make_loader(trainset_u, cfg, cfg.batch_size * cfg.unlabeled_ratio),
-            make_loader(trainset_l, cfg, cfg.batch_size, seed_offset=1)]
+    (_, batch_u), (n_l, batch_l) = epoch_samples(cfg, options, None, len(trainset_u))
+    return [make_loader(trainset_u, cfg, batch_u),
+            make_loader(task.dataset(run.labeled, 'train_l', nsample=n_l), cfg, batch_l, seed_offset=1)]
+
+
+def epoch_samples(cfg: Config, options: SemiOptions | None, n_labeled: int | None,
+                  n_unlabeled: int | None = None) -> list[tuple[int, int]]:
+    """(samples per epoch, batch size per process) of each of `train_loaders`' loaders, from the
+    labeled list's length (labeled only) or the unlabeled set's (semi-supervised, as the task's
+    dataset holds it: `Task.epoch_unlabeled`)."""
+    if options is None:
+        return [(max(n_labeled, cfg.labeled_upsample), cfg.batch_size * 2)]
+    return [(n_unlabeled, cfg.batch_size * cfg.unlabeled_ratio), (n_unlabeled // cfg.unlabeled_ratio, cfg.batch_size)]
 
 
 def make_step(tr: 'Training', options: SemiOptions | None, iters_per_epoch: int) -> Callable:
@@ -133,11 +142,22 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
     p.add_argument('--unlabeled-id-path', help='unlabeled split file (original flag)')
     p.add_argument('--save-path', help='run directory (default exp/<dataset>/<method>/<backbone>/<split>)')
     p.add_argument('--check-data', action='store_true', help='check every image and mask, then exit')
+    p.add_argument('--plan', nargs='?', const=0, type=process_count, metavar='PROCESSES',
+                   help="print the run's resolved plan for PROCESSES processes (default: the config's "
+                        'reference_gpus, the paper\'s) and exit without training (docs/plan.md)')
     p.add_argument('overrides', nargs='*', help='config overrides key=value')
     args = p.parse_args(argv)
     if not args.split and not args.labeled_id_path:
         p.error('give --split or --labeled-id-path')
     return args
+
+
+def process_count(text: str) -> int:
+    """`--plan`'s PROCESSES: a positive integer (an override right after `--plan` is refused by name)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a process count: give one (--plan 4) or put --plan '
+                                         'after the key=value overrides')
+    return int(text)
 
 
 @dataclass
@@ -331,12 +351,15 @@ def build_student(cfg: Config, device: torch.device, log=None, task: Task | None
     return model.to(device)
 
 
-def lr_scale(cfg: Config) -> float:
-    """The paper's lr is for `reference_gpus` processes; it follows the global batch linearly."""
-    return dist.world_size() * cfg.grad_accum / cfg.reference_gpus if cfg.scale_lr else 1.0
+def lr_scale(cfg: Config, processes: int | None = None) -> float:
+    """The paper's lr is for `reference_gpus` processes; it follows the global batch linearly.
+    processes: this run's (default) or a planned count (`--plan`)."""
+    processes = dist.world_size() if processes is None else processes
+    return processes * cfg.grad_accum / cfg.reference_gpus if cfg.scale_lr else 1.0
 
 
-def build_optimizer(model: nn.Module, cfg: Config, fused: bool = True) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: Config, fused: bool = True,
+                    processes: int | None = None) -> torch.optim.Optimizer:
     """Two groups: trainable encoder parameters at lr, everything else at lr * lr_multi. AdamW (the
     paper's segmentation recipe; weight decay on every parameter) or, `optimizer: sgd`, SGD with
     momentum (its classification recipe, TorchSSL's and USB's FixMatch): as theirs, no weight decay
@@ -344,8 +367,9 @@ def build_optimizer(model: nn.Module, cfg: Config, fused: bool = True) -> torch.
     exempt, head's exempt] (set_lr gives odd groups the head's lr).
 
     fused: one fused AdamW kernel per parameter group (this project's default; on the CPU about 3x
-    faster than False, torch's default there, a Python loop over the tensors, which the original used)."""
-    base = cfg.lr * lr_scale(cfg)
+    faster than False, torch's default there, a Python loop over the tensors, which the original used).
+    processes: as `lr_scale`."""
+    base = cfg.lr * lr_scale(cfg, processes)
     enc = [p for n, p in model.named_parameters() if n.startswith('backbone.') and p.requires_grad]
     head = [p for n, p in model.named_parameters() if not n.startswith('backbone.') and p.requires_grad]
     if cfg.optimizer == 'sgd':
@@ -583,7 +607,12 @@ class Preemption:
 def epoch_iterations(loader: DataLoader, cfg: Config) -> int:
     """Optimizer steps per epoch: batches of the (drop_last) loader over grad_accum, at most
     max_iters_per_epoch."""
-    n = loader.sampler.num_samples // loader.batch_size // cfg.grad_accum
+    return steps_per_epoch(loader.sampler.num_samples, loader.batch_size, cfg)
+
+
+def steps_per_epoch(samples_per_process: int, batch_size: int, cfg: Config) -> int:
+    """`epoch_iterations` of a loader whose sampler gives each process `samples_per_process`."""
+    n = samples_per_process // batch_size // cfg.grad_accum
     return min(n, cfg.max_iters_per_epoch) if cfg.max_iters_per_epoch > 0 else n
 
 
