@@ -80,7 +80,7 @@ def export(segmenter: Segmenter, output: Path, size: tuple[int, int] | None = No
                      3: patch * torch.export.Dim('cols', min=1, max=MAX_SIDE // patch)})
     output.parent.mkdir(parents=True, exist_ok=True)
     program = torch.onnx.export(wrapped, example, dynamo=True, opset_version=OPSET, input_names=names,
-                                output_names=['logits'], dynamic_shapes=tuple(dims for _ in names),
+                                output_names=['logits'], dynamic_shapes=(tuple(dims for _ in names),),  # *images: one tuple
                                 verbose=False)
     meta = {'checkpoint': checkpoint, 'weights': segmenter.weights, 'task': task.name,
             'dataset': cfg.dataset, 'backbone': cfg.backbone, 'nclass': cfg.nclass, 'patch': patch,
