@@ -1,8 +1,8 @@
 """Predict with a trained checkpoint on arbitrary inputs: segmentation maps of images, or change
 maps of co-registered image pairs (the config's dataset says which task).
 
-    python predict.py --checkpoint exp/pascal/unimatch_v2/dinov2_small/92/best.pth --input photos/ --output out/
-    python predict.py --checkpoint released:pascal_unimatch_v2_92labels_dinov2_base --input photo.jpg --output out/
+    python predict.py --checkpoint exp/pascal/92/best.pth --input photos/ --output out/
+    python predict.py --checkpoint released:<name> --input photo.jpg --output out/      # --list-released
     python predict.py --config configs/cityscapes.yaml --checkpoint best.pth --input street.jpg \
         --output out/ --mode sliding_window --flip --scales 0.75,1.0,1.25
     python predict.py --config configs/levir.yaml --checkpoint best.pth --input before/ after/ \

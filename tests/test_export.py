@@ -5,9 +5,9 @@ batch and size).
 
 Tolerance: both sides compute in float32; onnxruntime's kernels (its GEMMs, fused LayerNorm and
 attention, the normalisation folded into the graph) add in other orders than PyTorch's, which moves
-logits by rounding: measured up to 3e-7 on these tiny models (Intel Xeon). LOGIT_ATOL = 1e-4 leaves
-room for other CPUs' kernels and is ~1000x below what a wrong export does (EMA vs student weights,
-a skipped normalisation: differences of 0.1 and more).
+logits by rounding: measured up to 2e-7 on these tiny models (Intel Xeon). LOGIT_ATOL = 1e-4 leaves
+room for other CPUs' kernels and is far below what a wrong export does (the student exported for
+the EMA: 0.38; the normalisation skipped: 0.04 and more).
 
     python -m pytest tests/test_export.py -q        # ~2 min on 2 shared cores: two exports
 """
