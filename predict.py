@@ -1,8 +1,8 @@
 """Predict with a trained checkpoint on arbitrary inputs: segmentation maps of images, or change
 maps of co-registered image pairs (the config's dataset says which task).
 
-    python predict.py --config configs/pascal.yaml --checkpoint exp/pascal/92/best.pth \
-        --input photos/ --output out/
+    python predict.py --checkpoint exp/pascal/92/best.pth --input photos/ --output out/
+    python predict.py --checkpoint released:<name> --input photo.jpg --output out/      # --list-released
     python predict.py --config configs/cityscapes.yaml --checkpoint best.pth --input street.jpg \
         --output out/ --mode sliding_window --flip --scales 0.75,1.0,1.25
     python predict.py --config configs/levir.yaml --checkpoint best.pth --input before/ after/ \
@@ -18,7 +18,11 @@ B); for each pair `<stem>.png`, the change mask (0 unchanged, 255 changed), and 
 A | B | label (from --labels, else blank) | prediction.
 Classification: one image file or a directory; `predictions.csv` holds each file's class, its
 probability and the top-5 classes (images normalised with the dataset's mean/std).
-Images are otherwise normalised with the ImageNet mean/std. Trailing `key=value` words override the config.
+Images are otherwise normalised with the ImageNet mean/std. The config is the checkpoint's own (this
+project's checkpoints carry it; a released name gives configs/<dataset>.yaml with its encoder), or
+--config; trailing `key=value` words override it. The model, its preprocessing and evaluation mode
+are those of `segmenter.Segmenter` (docs/export.md). No checkpoint, a file that is not one, or no
+image to predict ends with one line and exit status 1.
 """
 from __future__ import annotations
 
@@ -26,11 +30,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import tasks
 from model.hub import format_released
-from util.config import EVAL_MODES, load_config
+from segmenter import Segmenter
+from util.config import EVAL_MODES
 from util.dist import setup
-from util.evaluation import build_eval_model, parse_scales
+from util.evaluation import parse_scales
+from util.trainer import guarded
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     listing = '--list-released' in (sys.argv[1:] if argv is None else argv)   # needs nothing else
     p.add_argument('--list-released', action='store_true', help='print the released checkpoint names and exit')
-    p.add_argument('--config', required=not listing)
+    p.add_argument('--config', default=None, help="default: the checkpoint's own (or the released name's)")
     p.add_argument('--checkpoint', required=not listing, help='a file, or released:<name> (see --list-released)')
     p.add_argument('--input', required=not listing, nargs='+',
                    help='an image file or a directory of images; change detection: the A and B directories')
@@ -52,23 +57,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list_released:
         print(format_released())
         return 0
-    device = setup()
-    cfg = load_config(args.config, args.overrides)
-    task = tasks.for_config(cfg)
-    scales = parse_scales(args.scales)
-    model, _ = build_eval_model(args.checkpoint, args.weights, cfg, args.config)
-    model.to(device).eval()
-
+    segmenter = Segmenter.from_checkpoint(args.checkpoint, args.config, weights=args.weights, device=setup(),
+                                          mode=args.mode, flip=args.flip, scales=parse_scales(args.scales),
+                                          overrides=args.overrides)
     out_dir = Path(args.output)
+    existed = out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = task.predict(model, [Path(p) for p in args.input], out_dir, device,
-                           labels=Path(args.labels) if args.labels else None, mode=args.mode, flip=args.flip,
-                           scales=scales)
+    written = segmenter.write_predictions([Path(p) for p in args.input], out_dir,
+                                          Path(args.labels) if args.labels else None)
+    if not written:
+        if not existed and not any(out_dir.iterdir()):
+            out_dir.rmdir()          # made for nothing
+        raise SystemExit(f'error: no image to predict in {" ".join(args.input)}')
     print(f'wrote {written} predictions to {out_dir}')
     return written
 

@@ -153,6 +153,28 @@ class Task:
 
     # ---- prediction ------------------------------------------------------------------------------
 
+    images_per_input: ClassVar[int] = 1     # images that make one model input (change detection: 2 dates)
+
+    def model_input(self, images: Sequence) -> torch.Tensor:
+        """The model input float [in_channels, H, W] of one sample's images (8-bit RGB PIL images
+        of one size, `images_per_input` of them), normalised as in training and evaluation."""
+        raise NotImplementedError(f'{self.name} predicts no maps (predict.py writes its predictions)')
+
+    def infer(self, model: nn.Module, images: Sequence, device: torch.device | None = None, *,
+              mode: str | None = None, flip: bool = False, scales: Sequence[float] = (1.0,)):
+        """`util.inference.Prediction` (probs float [1, nclass, H, W], valid bool [1, H, W]) of one
+        sample's images, as the task's evaluation predicts: its inference mode (`eval_mode`), crop
+        size and class count; flips and scales as asked."""
+        from util.inference import predict
+        if len(images) != self.images_per_input:
+            raise ValueError(f'{self.name} predicts from {self.images_per_input} image(s) at a time, got {len(images)}')
+        x = self.model_input(images)[None]
+        if device is None:
+            device = next(model.parameters(), x).device
+        with torch.inference_mode():
+            return predict(model, x.to(device), self.eval_mode(mode), self.cfg.crop_size, self.cfg.nclass,
+                           flip, scales)
+
     def predict(self, model: nn.Module, inputs: list[Path], out_dir: Path, device: torch.device, *,
                 labels: Path | None = None, mode: str | None = None, flip: bool = False,
                 scales: Sequence[float] = (1.0,)) -> int:

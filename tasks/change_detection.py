@@ -150,6 +150,12 @@ class ChangeDetection(Task):
 
     # ---- prediction ------------------------------------------------------------------------------
 
+    images_per_input = 2                 # the two dates, A and B
+
+    def model_input(self, images: Sequence) -> torch.Tensor:
+        from dataset.change import pair_tensor
+        return pair_tensor(*images)
+
     def predict(self, model: nn.Module, inputs: list[Path], out_dir: Path, device: torch.device, *,
                 labels: Path | None = None, mode: str | None = None, flip: bool = False,
                 scales: Sequence[float] = (1.0,)) -> int:
@@ -158,17 +164,14 @@ class ChangeDetection(Task):
         `labels` or blank | prediction). Every pair is checked before anything is written."""
         from tqdm import tqdm
 
-        from dataset.change import load_label, pair_tensor
+        from dataset.change import load_label
         from util.evaluation import load_rgb, save_panels
-        from util.inference import predict
         if len(inputs) != 2 or not all(p.is_dir() for p in inputs):
             raise SystemExit(f'error: change detection takes --input A_DIR B_DIR (two folders), got {inputs}')
         pairs = matched_pairs(*inputs)
         for path in tqdm(pairs, desc='predict', dynamic_ncols=True):
             a, b = load_rgb(path), load_rgb(inputs[1] / path.name)
-            with torch.inference_mode():
-                probs, _ = predict(model, pair_tensor(a, b)[None].to(device), self.eval_mode(mode), self.cfg.crop_size,
-                                   self.cfg.nclass, flip, scales)
+            probs, _ = self.infer(model, [a, b], device, mode=mode, flip=flip, scales=scales)
             change = change_mask(probs.argmax(dim=1)[0])
             change.save(out_dir / f'{path.stem}.png')
             label_path = labels / path.name if labels is not None else None

@@ -120,6 +120,10 @@ class Segmentation(Task):
 
     # ---- prediction ------------------------------------------------------------------------------
 
+    def model_input(self, images: Sequence) -> torch.Tensor:
+        from dataset.transforms import normalize
+        return normalize(images[0])
+
     def predict(self, model: nn.Module, inputs: list[Path], out_dir: Path, device: torch.device, *,
                 labels: Path | None = None, mode: str | None = None, flip: bool = False,
                 scales: Sequence[float] = (1.0,)) -> int:
@@ -129,9 +133,7 @@ class Segmentation(Task):
         from tqdm import tqdm
 
         from dataset.registry import get_palette
-        from dataset.transforms import normalize
         from util.evaluation import list_inputs, load_rgb, output_stem, overlay, save_prediction
-        from util.inference import predict
         from util.metrics import IGNORE_INDEX
         if len(inputs) != 1:
             raise SystemExit(f'error: segmentation takes one --input (a file or a folder), got {len(inputs)}')
@@ -144,9 +146,7 @@ class Segmentation(Task):
             except (UnidentifiedImageError, OSError) as err:
                 tqdm.write(f'warning: skipping {path}: not a readable image ({err})', file=sys.stderr)
                 continue
-            with torch.inference_mode():
-                probs, valid = predict(model, normalize(img)[None].to(device), self.eval_mode(mode), cfg.crop_size,
-                                       cfg.nclass, flip, scales)
+            probs, valid = self.infer(model, [img], device, mode=mode, flip=flip, scales=scales)
             ids = probs.argmax(dim=1)[0].masked_fill(~valid[0], IGNORE_INDEX).cpu()
             stem = output_stem(path, taken)
             save_prediction(ids, palette, out_dir / f'{stem}.png')

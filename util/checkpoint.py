@@ -11,6 +11,7 @@ import contextlib
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,25 @@ class UnsafeCheckpointError(RuntimeError):
     """The file holds more than tensors and plain containers; it was not loaded."""
 
 
+class NotACheckpointError(RuntimeError):
+    """The file is not one torch.save writes (a YAML config, an image, a truncated file...)."""
+
+
+PICKLE_PROTO = 0x80   # first byte of a pickle of protocol >= 2: torch.save's legacy (non-zip) format
+
+
+def _check_torch_file(path: Path) -> None:
+    """Raise NotACheckpointError unless `path` is a zip archive (torch.save's format) or a pickle."""
+    if zipfile.is_zipfile(path):
+        return
+    with open(path, 'rb') as f:
+        head = f.read(32)
+    if head[:1] != bytes([PICKLE_PROTO]):
+        text = head.decode('utf-8', 'replace').splitlines()[0] if head else ''
+        raise NotACheckpointError(f'{path} is not a checkpoint: not a file torch.save writes (it starts with '
+                                  f'{text!r}{"; a config goes to --config" if path.suffix in (".yaml", ".yml") else ""})')
+
+
 def safe_load(path: str | Path, map_location: str | torch.device = 'cpu') -> Any:
     path = Path(path)
     if not path.is_file():
@@ -28,6 +48,7 @@ def safe_load(path: str | Path, map_location: str | torch.device = 'cpu') -> Any
     if path.suffix == '.safetensors':
         from safetensors.torch import load_file
         return load_file(str(path), device=str(map_location))
+    _check_torch_file(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -36,7 +57,7 @@ def safe_load(path: str | Path, map_location: str | torch.device = 'cpu') -> Any
             f'which could run code when unpickled. Only weights are accepted.\n  ({_refusal_reason(err)})'
         ) from None
     except (RuntimeError, EOFError) as err:
-        raise RuntimeError(f'{path} is not a readable checkpoint (truncated or not a torch file): {err}') from None
+        raise NotACheckpointError(f'{path} is not a readable checkpoint (truncated or not a torch file): {err}') from None
 
 
 def _refusal_reason(err: Exception) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -47,30 +47,60 @@ def check_checkpoint_config(ckpt: dict, path: str | Path, backbone: str, nclass:
                 f'{key}={ours!r}; use the matching config or override it ({key}={saved[key]})')
 
 
-def build_eval_model(path: str | Path, weights: str | None, cfg, config_path: str | Path = 'the config'
-                     ) -> tuple[nn.Module, str]:
+class LoadedModel(NamedTuple):
+    model: nn.Module      # eval mode, on the CPU
+    weights: str          # which weights: 'ema', 'student' or 'plain'
+    cfg: object           # the config the model was built from: the checkpoint's saved keys over the given one
+
+
+def checkpoint_config(ckpt: object, path: str | Path, overrides: Sequence[str] = ()):
+    """The config saved inside one of this project's checkpoints (keys this version does not know
+    are dropped), with `key=value` overrides; ConfigError when the file holds none."""
+    import dataclasses
+
+    from util.config import ConfigError, Config, apply_overrides, from_dict
+    saved = ckpt.get('config') if isinstance(ckpt, dict) else None
+    if not isinstance(saved, dict):
+        raise ConfigError(f'checkpoint {path} holds no config (not one this project trained): '
+                          f'pass the config it was trained with (--config)')
+    known = {f.name for f in dataclasses.fields(Config)}
+    return from_dict(apply_overrides({k: v for k, v in saved.items() if k in known}, list(overrides)),
+                     source=f'the config saved in {path}')
+
+
+def load_eval_model(path: str | Path, weights: str | None = None, cfg=None,
+                    config_path: str | Path = 'the config', overrides: Sequence[str] = ()) -> LoadedModel:
     """The model of a checkpoint's task and method (its extra head or bottleneck, with that method's
-    keys as the checkpoint's saved config has them, else as `cfg`) with its weights, and which weights
-    those are ('ema', 'student' or 'plain'; by default the task's `default_weights`, else EMA where
-    there is one). Takes ours, released UniMatch V2 checkpoints (`module.` keys)
-    and plain state dicts, or `released:<name>` for one of the original's published checkpoints;
-    refuses one whose saved config names another class count or encoder.
-    Reads the file once."""
+    keys as the checkpoint's saved config has them, else as `cfg`) with its weights, in eval mode.
+    weights: 'ema' or 'student' for a checkpoint holding both (default: the task's
+    `default_weights`, else EMA where there is one). Takes ours, released UniMatch V2 checkpoints
+    (`module.` keys) and plain state dicts, or `released:<name>` for one of the original's published
+    checkpoints; refuses one whose saved config names another class count or encoder.
+    cfg None: the config saved in the checkpoint (with `overrides`). Reads the file once."""
     import dataclasses
 
     import tasks
     path = released_file(path)   # `released:<name>`: fetched into the cache once
     ckpt = safe_load(path)
+    if cfg is None:
+        cfg = checkpoint_config(ckpt, path, overrides)
     check_checkpoint_config(ckpt, path, cfg.backbone, cfg.nclass, config_path)
-    task = tasks.for_config(cfg)
     saved = ckpt.get('config') if isinstance(ckpt, dict) else None
     if isinstance(saved, dict):
         fields = {f.name for f in dataclasses.fields(cfg)}
         cfg = dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k in fields and k != 'criterion'})
+    task = tasks.for_config(cfg)
     model = task.build_model(cfg)
     state, which = model_state_from(ckpt, weights or task.default_weights)
     load_checked(model, state, str(path))
-    return model, which
+    return LoadedModel(model.eval(), which, cfg)
+
+
+def build_eval_model(path: str | Path, weights: str | None, cfg, config_path: str | Path = 'the config'
+                     ) -> tuple[nn.Module, str]:
+    """(model, which weights) of `load_eval_model`."""
+    loaded = load_eval_model(path, weights, cfg, config_path)
+    return loaded.model, loaded.weights
 
 
 # ---- evaluation ------------------------------------------------------------------------------
@@ -217,6 +247,12 @@ def load_rgb(path: Path) -> Image.Image:
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
         img.load()
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An image of any mode as 8-bit RGB: gray of more than 8 bits stretched to 0..255, palette and
+    alpha images flattened."""
     if img.mode in HIGH_BIT_DEPTH_MODES:  # stretch to 8 bit; convert('RGB') would clip at 255
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = arr.min(), arr.max()

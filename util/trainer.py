@@ -41,7 +41,7 @@ from model.dpt import DPTSegmentor
 from model.hub import load_pretrained
 from tasks.base import Task
 from util import dist
-from util.checkpoint import UnsafeCheckpointError, safe_load, save_atomic, write_text_atomic
+from util.checkpoint import NotACheckpointError, UnsafeCheckpointError, safe_load, save_atomic, write_text_atomic
 from util.config import Config, ConfigError, fused_attention, load_config, save_config, to_dict
 from util.ema import EMATeacher
 from util.logger import Meter, TensorBoard, get_logger
@@ -718,8 +718,8 @@ def guarded(main: Callable[[], None]) -> Callable[[], None]:
             logging.getLogger('semiseg').info('stopped on request: checkpoint saved, exiting')
             dist.cleanup()
             raise SystemExit(0)
-        except (DataError, ConfigError, WeightsMismatchError, UnsafeCheckpointError, NonFiniteLoss,
-                FileNotFoundError) as err:
+        except (DataError, ConfigError, WeightsMismatchError, UnsafeCheckpointError, NotACheckpointError,
+                NonFiniteLoss, FileNotFoundError) as err:
             if dist.is_main() or not isinstance(err, NonFiniteLoss):
                 print(f'error: {err}', file=sys.stderr, flush=True)
             raise SystemExit(1)
