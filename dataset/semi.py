@@ -170,15 +170,15 @@ def coco_root(data_root: str | os.PathLike | None) -> str | os.PathLike:
 
 
 def split_paths(dataset: str, split: str, splits_root: str | os.PathLike = 'splits',
-                data_root: str | os.PathLike | None = None) -> SplitPaths:
-    """The split files of `dataset`/`split` under `splits_root`.
+                data_root: str | os.PathLike | None = None, name: str | None = None) -> SplitPaths:
+    """The split files of `dataset`/`split` under `splits_root`/`name` (default: `dataset`).
 
     labeled: `<split>/labeled.txt` (Cityscapes 'all': `train.txt`). unlabeled: `<split>/
     unlabeled.txt`; for COCO it is derived from `data_root/train2017` and cached there on first
     use (and so is COCO's 'all' labeled list: every train2017 image); for an 'all' split without
     one it is the labeled list. val: `<dataset>/val.txt`.
     """
-    base = Path(splits_root) / dataset
+    base = Path(splits_root) / (name or dataset)
     split_dir = base / split
     labeled = split_dir / 'labeled.txt'
     if not labeled.exists() and (split_dir / 'train.txt').exists():
@@ -186,7 +186,7 @@ def split_paths(dataset: str, split: str, splits_root: str | os.PathLike = 'spli
     if not labeled.exists() and dataset == 'coco' and split == 'all':
         derive_labeled_all(coco_root(data_root), labeled)
     if not labeled.exists():
-        raise FileNotFoundError(f'no labeled list for {dataset}/{split}: {labeled} is missing')
+        raise FileNotFoundError(f'no labeled list for {name or dataset}/{split}: {labeled} is missing')
     unlabeled = split_dir / 'unlabeled.txt'
     if not unlabeled.exists():
         if split == 'all':
@@ -194,7 +194,7 @@ def split_paths(dataset: str, split: str, splits_root: str | os.PathLike = 'spli
         elif dataset == 'coco':
             derive_unlabeled(coco_root(data_root), labeled, unlabeled)
         else:
-            raise FileNotFoundError(f'no unlabeled list for {dataset}/{split}: {unlabeled}')
+            raise FileNotFoundError(f'no unlabeled list for {name or dataset}/{split}: {unlabeled} is missing')
     return SplitPaths(labeled, unlabeled, base / 'val.txt')
 
 

@@ -133,8 +133,8 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
     p.add_argument('--unlabeled-id-path', help='unlabeled split file (original flag)')
     p.add_argument('--save-path', help='run directory (default exp/<dataset>/<method>/<backbone>/<split>)')
     p.add_argument('--check-data', action='store_true', help='check every image and mask, then exit')
-    p.add_argument('overrides', nargs='*', help='config overrides key=value')
-    args = p.parse_args(argv)
+    p.add_argument('overrides', nargs='*', help='config overrides key=value, anywhere among the flags')
+    args = p.parse_intermixed_args(argv)
     if not args.split and not args.labeled_id_path:
         p.error('give --split or --labeled-id-path')
     return args
@@ -180,7 +180,7 @@ def setup_run(args: argparse.Namespace, method: str | None = None) -> Run:
         print(f'checked every file of {", ".join(str(p) for p in splits.values())}: no errors')
         raise SystemExit(0)
 
-    run_dir = Path(args.save_path or f'exp/{cfg.dataset}/{cfg.method}/{cfg.backbone}/{split}')
+    run_dir = Path(args.save_path or f'exp/{cfg.data_name}/{cfg.method}/{cfg.backbone}/{split}')
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
