@@ -80,8 +80,8 @@ def test_train_sh_misspelled_key(tmp_path):
 def test_key_value_before_a_flag(toy, tmp_path):
     """`key=value` may come before a flag (argparse's intermixed parsing)."""
     run_dir = tmp_path / 'run'
-    args = [sys.executable, str(ROOT / 'unimatch_v2.py'), '--config', str(ROOT / 'configs/toy.yaml'), *toy,
-            'epochs=1', '--split', '1_16', '--save-path', str(run_dir), '--check-data']
+    args = [sys.executable, str(ROOT / 'unimatch_v2.py'), '--config', str(ROOT / 'configs/toy.yaml'), 'epochs=1',
+            '--split', '1_16', *toy, '--save-path', str(run_dir), 'seed=1', '--check-data']
     code, out, err, _ = launch(args)
     assert code == 0, err
     assert 'no errors' in out
