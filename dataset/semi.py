@@ -169,11 +169,13 @@ def coco_root(data_root: str | os.PathLike | None) -> str | os.PathLike:
     return data_root
 
 
-def listed_paths(dataset: str, split: str, splits_root: str | os.PathLike = 'splits') -> SplitPaths:
-    """Where `split_paths` finds the lists of `dataset`/`split`, whether or not they exist yet:
-    labeled `<split>/labeled.txt` (or `train.txt`, Cityscapes 'all'), unlabeled `<split>/unlabeled.txt`
-    (an 'all' split without one: the labeled list), val `<dataset>/val.txt`."""
-    base = Path(splits_root) / dataset
+def listed_paths(dataset: str, split: str, splits_root: str | os.PathLike = 'splits',
+                 name: str | None = None) -> SplitPaths:
+    """Where `split_paths` finds the lists of `dataset`/`split` under `splits_root`/`name` (default:
+    `dataset`), whether or not they exist yet: labeled `<split>/labeled.txt` (or `train.txt`,
+    Cityscapes 'all'), unlabeled `<split>/unlabeled.txt` (an 'all' split without one: the labeled
+    list), val `val.txt`."""
+    base = Path(splits_root) / (name or dataset)
     split_dir = base / split
     labeled = split_dir / 'labeled.txt'
     if not labeled.exists() and (split_dir / 'train.txt').exists():
@@ -185,30 +187,30 @@ def listed_paths(dataset: str, split: str, splits_root: str | os.PathLike = 'spl
 
 
 def split_paths(dataset: str, split: str, splits_root: str | os.PathLike = 'splits',
-                data_root: str | os.PathLike | None = None) -> SplitPaths:
-    """The split files of `dataset`/`split` under `splits_root` (`listed_paths`). For COCO, the
-    unlabeled list is derived from `data_root/train2017` and cached there on first use (and so is
-    COCO's 'all' labeled list: every train2017 image)."""
-    paths = listed_paths(dataset, split, splits_root)
+                data_root: str | os.PathLike | None = None, name: str | None = None) -> SplitPaths:
+    """The split files of `dataset`/`split` under `splits_root`/`name` (`listed_paths`). For COCO,
+    the unlabeled list is derived from `data_root/train2017` and cached there on first use (and so
+    is COCO's 'all' labeled list: every train2017 image)."""
+    paths = listed_paths(dataset, split, splits_root, name)
     if not paths.labeled.exists() and dataset == 'coco' and split == 'all':
         derive_labeled_all(coco_root(data_root), paths.labeled)
     if not paths.labeled.exists():
-        raise FileNotFoundError(f'no labeled list for {dataset}/{split}: {paths.labeled} is missing')
+        raise FileNotFoundError(f'no labeled list for {name or dataset}/{split}: {paths.labeled} is missing')
     if not paths.unlabeled.exists():
         if dataset == 'coco':
             derive_unlabeled(coco_root(data_root), paths.labeled, paths.unlabeled)
         else:
-            raise FileNotFoundError(f'no unlabeled list for {dataset}/{split}: {paths.unlabeled}')
+            raise FileNotFoundError(f'no unlabeled list for {name or dataset}/{split}: {paths.unlabeled} is missing')
     return paths
 
 
 def split_sizes(dataset: str, split: str, splits_root: str | os.PathLike = 'splits',
-                data_root: str | os.PathLike | None = None) -> dict[str, int | str]:
+                data_root: str | os.PathLike | None = None, name: str | None = None) -> dict[str, int | str]:
     """Samples in the labeled, unlabeled and val lists of `split` (`listed_paths`), counted without
     opening an image or writing a list; a string says why a count is not known. A COCO list not
     derived yet counts the images of `data_root/train2017` (less the labeled ones), or the
     release's count of them when the folder is absent ('note' says which)."""
-    paths = listed_paths(dataset, split, splits_root)
+    paths = listed_paths(dataset, split, splits_root, name)
     sizes: dict[str, int | str] = {role: len(read_split(path)) if path.exists() else f'{path} is missing'
                                    for role, path in vars(paths).items()}
     if dataset == 'coco' and (not paths.labeled.exists() or not paths.unlabeled.exists()):

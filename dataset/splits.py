@@ -184,18 +184,23 @@ def _default_split_name(fraction: float | None, count: int | None) -> str:
     return f'{fraction * 100:g}%'
 
 
+DEFAULT_VAL_FRACTION = 0.2    # of a custom dataset's images, held out as val.txt when it has none
+
+
 def make_custom_split(root: str | os.PathLike, name: str, fraction: float | None = None,
                       count: int | None = None, split: str | None = None,
                       val_fraction: float | None = None, seed: int = 0,
                       splits_root: str | os.PathLike = 'splits', force: bool = False,
-                      ) -> dict[str, Path]:
+                      unlabeled: str | None = None) -> dict[str, Path]:
     """Write seeded `labeled.txt` / `unlabeled.txt` for a custom dataset (`root/images/*` with
     single-channel `root/masks/<stem>.png`) under `splits_root/name/split/`.
 
-    `val_fraction` first carves `splits_root/name/val.txt` out of the images; without it an
-    existing `val.txt` is kept and its images are left out of the training pool. A labeled set
-    covering the whole pool gets unlabeled = labeled (the 'all' convention). Existing files are
-    not overwritten unless `force`. Returns the written paths by role ('labeled', 'unlabeled',
+    `val_fraction` first carves `splits_root/name/val.txt` out of the images (default: an existing
+    `val.txt` is kept and its images are left out of the training pool; without one,
+    `DEFAULT_VAL_FRACTION`; 0: no val list). `unlabeled`: a folder under `root` of images without
+    masks, added to the unlabeled list as image-only lines. A labeled set covering the whole pool
+    gets unlabeled = labeled (the 'all' convention) when there are no such images. Existing files
+    are not overwritten unless `force`. Returns the written paths by role ('labeled', 'unlabeled',
     and 'val' when written).
     """
     if (fraction is None) == (count is None):
@@ -204,24 +209,30 @@ def make_custom_split(root: str | os.PathLike, name: str, fraction: float | None
         raise ValueError(f'fraction must be in (0, 1], got {fraction}')
     if count is not None and count < 1:
         raise ValueError(f'count must be >= 1, got {count}')
-    if val_fraction is not None and not 0 < val_fraction < 1:
-        raise ValueError(f'val_fraction must be in (0, 1), got {val_fraction}')
+    if val_fraction is not None and not 0 <= val_fraction < 1:
+        raise ValueError(f'val_fraction must be in [0, 1), got {val_fraction}')
 
     root = Path(root)
     images = list_images(root / 'images')
+    if not images:
+        raise FileNotFoundError(f'no images in {root / "images"} ({", ".join(IMAGE_EXTENSIONS)})')
     missing = [p.name for p in images if not (root / 'masks' / f'{p.stem}.png').is_file()]
     if missing:
         raise FileNotFoundError(f'{len(missing)} images in {root / "images"} have no mask '
-                                f'masks/<stem>.png, e.g. {missing[:3]}')
+                                f'masks/<stem>.png, e.g. {missing[:3]} (images without masks go in '
+                                f'another folder, given as unlabeled)')
     if len({p.stem for p in images}) != len(images):
         raise ValueError(f'{root / "images"}: several images share a stem; masks would collide')
     lines = [f'images/{p.name} masks/{p.stem}.png' for p in images]
     random.Random(seed).shuffle(lines)
+    extra = _image_only(root, unlabeled) if unlabeled else []
 
     out_dir = Path(splits_root) / name
     val_path = out_dir / 'val.txt'
+    if val_fraction is None and not val_path.exists():
+        val_fraction = DEFAULT_VAL_FRACTION
     outputs: dict[str, list[str]] = {}
-    if val_fraction is not None:
+    if val_fraction:
         n_val = max(1, round(val_fraction * len(lines)))
         outputs['val'], lines = lines[:n_val], lines[n_val:]
     elif val_path.exists():
@@ -235,14 +246,24 @@ def make_custom_split(root: str | os.PathLike, name: str, fraction: float | None
         raise ValueError(f'count {n_labeled} exceeds the {len(lines)} training images')
     split = split or _default_split_name(fraction, count)
     outputs['labeled'] = lines[:n_labeled]
-    outputs['unlabeled'] = lines[n_labeled:] or lines
+    outputs['unlabeled'] = (lines[n_labeled:] + extra) or lines
 
     paths = {role: out_dir / split / f'{role}.txt' for role in ('labeled', 'unlabeled')}
     if 'val' in outputs:
         paths['val'] = val_path
     existing = [str(p) for p in paths.values() if p.exists()]
     if existing and not force:
-        raise FileExistsError(f'split files exist (pass force to overwrite): {existing}')
+        raise FileExistsError(f'split files exist: {", ".join(existing)}')
     for role, path in paths.items():
         write_lines_atomic(path, outputs[role])
     return paths
+
+
+def _image_only(root: Path, folder: str) -> list[str]:
+    """Lines of every image under `root/folder` (paths relative to `root`, no mask)."""
+    if Path(folder).is_absolute() or '..' in Path(folder).parts:
+        raise ValueError(f'unlabeled folder {folder!r} must be a folder under {root}, relative to it')
+    found = list_images_recursive(root / folder)
+    if not found:
+        raise FileNotFoundError(f'no images in {root / folder} ({", ".join(IMAGE_EXTENSIONS)})')
+    return [p.relative_to(root).as_posix() for p in found]

@@ -11,6 +11,7 @@ parameter counts (`PAPER_PARAMS_M`). `python -m model --params` prints ours besi
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 PATCH_SIZE = 14
@@ -165,8 +166,26 @@ def preset(backbone: str) -> tuple[str, ModelPreset | LibraryPreset]:
     return size, PRESETS[size]
 
 
-def required_crop_multiple(backbone: str) -> int:
-    """What a training crop side must be a multiple of for `backbone`: DINOv3's patch (16); 1 for
-    every other encoder (DINOv2 and the library encoders crop their input to their patch grid)."""
-    return DINOV3_PATCH_SIZE if backbone.startswith(DINOV3_PREFIX) else 1
+def patch_size(backbone: str) -> int:
+    """The encoder's patch: the model's output covers the input cropped to a multiple of it
+    (`DPTSegmentor.forward`). DINOv2 14, DINOv3 16; a library ViT's is in its timm name
+    (BEiT's and SAM's `..._patch16...`: 16); 1 for ResNet, MiT and the other pyramid encoders."""
+    name, spec = preset(backbone)
+    if isinstance(spec, DinoV3Preset):
+        return DINOV3_PATCH_SIZE
+    if isinstance(spec, ModelPreset):
+        return PATCH_SIZE
+    found = re.search(r'patch(\d+)', spec.name)
+    return int(found.group(1)) if found else 1
 
+
+def required_crop_multiple(backbone: str) -> int:
+    """What a training crop side must be a multiple of for `backbone`: its patch, so that the
+    model's logits have the crop's size (the losses and CutMix compare them pixel for pixel)."""
+    return patch_size(backbone)
+
+
+def nearest_multiples(value: int, multiple: int) -> list[int]:
+    """The multiples of `multiple` either side of `value`: 100, 14 -> [98, 112]."""
+    below = value // multiple * multiple
+    return [m for m in (below, below + multiple) if m > 0]

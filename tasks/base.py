@@ -31,6 +31,21 @@ from methods.base import OWN_MODEL, STEP_HOOKS
 Need = Callable[[bool, str, str], None]     # need(ok, key, message): raise a ConfigError naming the key
 
 
+def check_crop(cfg, need: Need) -> None:
+    """A dense task's training crop is a multiple of the encoder's patch: the model's logits cover
+    the input cropped to its patch grid, and the losses and CutMix compare them with the crop."""
+    from model.presets import nearest_multiples, patch_size
+    try:
+        patch = patch_size(cfg.backbone)
+    except ValueError as err:
+        choices = str(err).removeprefix(f'unknown backbone {cfg.backbone!r}; choose one of ')
+        need(False, 'backbone', f'must be one of {choices}, got {cfg.backbone!r}')
+        return
+    need(cfg.crop_size % patch == 0, 'crop_size',
+         f'must be a multiple of {patch}, the patch of backbone={cfg.backbone}, got {cfg.crop_size}; '
+         f'nearest: {" or ".join(map(str, nearest_multiples(cfg.crop_size, patch)))}')
+
+
 class Task:
     name: ClassVar[str]
     summary: ClassVar[str] = ''
@@ -47,7 +62,8 @@ class Task:
 
     @classmethod
     def check(cls, cfg, need: Need) -> None:
-        """Validate the keys of a config whose dataset has this task."""
+        """Validate the keys of a config whose dataset has this task (a dense one: the crop)."""
+        check_crop(cfg, need)
 
     # ---- data ------------------------------------------------------------------------------------
 

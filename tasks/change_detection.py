@@ -49,6 +49,7 @@ class ChangeDetection(Task):
 
     @classmethod
     def check(cls, cfg, need) -> None:
+        super().check(cfg, need)
         need(cfg.nclass == 2, 'nclass', f'must be 2 for change detection (unchanged, changed), got {cfg.nclass}')
         need(cfg.backbone.startswith(('dinov2_', 'dinov3_')), 'backbone',
              f'change detection runs on a DINOv2 or DINOv3 encoder (dinov2_<size>, dinov3_<size>), got {cfg.backbone!r}')
@@ -62,13 +63,13 @@ class ChangeDetection(Task):
         cfg = self.cfg
         if get_spec(cfg.dataset).generated:
             from dataset.toy_cd import ensure_toy_cd
-            ensure_toy_cd(cfg.data_root, Path(cfg.splits_root) / cfg.dataset, seed=cfg.toy_seed,
+            ensure_toy_cd(cfg.data_root, Path(cfg.splits_root) / cfg.data_name, seed=cfg.toy_seed,
                           n_train=cfg.toy_train, n_val=max(1, cfg.toy_val // 2), n_test=cfg.toy_val)
 
     def split_paths(self, split: str) -> tuple[Path, Path, Path]:
         """`<split>/labeled.txt` and `<split>/unlabeled.txt` (`all`: train.txt for both), and the
         evaluation list."""
-        base = Path(self.cfg.splits_root) / self.cfg.dataset
+        base = Path(self.cfg.splits_root) / self.cfg.data_name
         if split == 'all':
             labeled = unlabeled = base / 'train.txt'
         else:
@@ -81,7 +82,7 @@ class ChangeDetection(Task):
     def eval_split_path(self) -> Path:
         from dataset.registry import get_spec
         name = self.cfg.eval_split or get_spec(self.cfg.dataset).eval_split
-        return Path(self.cfg.splits_root) / self.cfg.dataset / f'{name}.txt'
+        return Path(self.cfg.splits_root) / self.cfg.data_name / f'{name}.txt'
 
     def check_inputs(self, splits: dict[str, Path], full: bool = False,
                      roots: dict[str, str] | None = None) -> list:

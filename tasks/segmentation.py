@@ -31,18 +31,19 @@ class Segmentation(Task):
         cfg = self.cfg
         if get_spec(cfg.dataset).generated:
             from dataset.toy import ensure_toy
-            ensure_toy(cfg.data_root, Path(cfg.splits_root) / cfg.dataset, seed=cfg.toy_seed,
+            ensure_toy(cfg.data_root, Path(cfg.splits_root) / cfg.data_name, seed=cfg.toy_seed,
                        n_train=cfg.toy_train, n_val=cfg.toy_val)
 
     def split_paths(self, split: str) -> tuple[Path, Path, Path]:
         from dataset.semi import split_paths
-        paths = split_paths(self.cfg.dataset, split, self.cfg.splits_root, self.cfg.data_root)
+        paths = split_paths(self.cfg.dataset, split, self.cfg.splits_root, self.cfg.data_root,
+                            self.cfg.data_name)
         return paths.labeled, paths.unlabeled, self.eval_split_path()
 
     def eval_split_path(self) -> Path:
         from dataset.registry import get_spec
         name = self.cfg.eval_split or get_spec(self.cfg.dataset).eval_split
-        return Path(self.cfg.splits_root) / self.cfg.dataset / f'{name}.txt'
+        return Path(self.cfg.splits_root) / self.cfg.data_name / f'{name}.txt'
 
     def check_inputs(self, splits: dict[str, Path], full: bool = False,
                      roots: dict[str, str] | None = None) -> list:
@@ -53,7 +54,7 @@ class Segmentation(Task):
         from dataset.semi import split_sizes
         from dataset.splits import read_split
         cfg, val = self.cfg, self.eval_split_path()
-        sizes = split_sizes(cfg.dataset, split, cfg.splits_root, cfg.data_root)
+        sizes = split_sizes(cfg.dataset, split, cfg.splits_root, cfg.data_root, cfg.data_name)
         sizes['val'] = len(read_split(val)) if val.exists() else f'{val} is missing'
         return sizes
 

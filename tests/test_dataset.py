@@ -475,4 +475,4 @@ def test_make_custom_split_cli(tmp_path):
     assert out.returncode == 0, out.stderr
     assert len(read_split(splits / 'mine/2/labeled.txt')) == 2
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
-    assert again.returncode != 0 and 'FileExistsError' in again.stderr
+    assert again.returncode == 1 and again.stderr.startswith('error: split files exist') and '--force' in again.stderr

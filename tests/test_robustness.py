@@ -353,7 +353,7 @@ def test_gray_and_rgba_accepted_with_warning(baseline, toy, bad_files, tmp_path,
 
 
 @pytest.mark.parametrize('override, expected', [
-    ('no_such_key=1', "unknown config key(s) ['no_such_key']"),
+    ('no_such_key=1', "command line: no_such_key=1: unknown config key 'no_such_key'"),
     ('epochs=two', "config key 'epochs': expected int, got str 'two'"),
 ])
 def test_bad_config_refused(baseline, toy, tmp_path, capsys, override, expected):

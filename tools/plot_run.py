@@ -27,10 +27,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from dataset.registry import class_names  # noqa: E402
 
 
+class RunError(RuntimeError):
+    """The run directory cannot be plotted; the message names the file."""
+
+
 def load_run(run_dir: str | Path) -> tuple[dict, dict]:
     """(results.json, config.yaml as a dict; empty when the run has none)."""
     run_dir = Path(run_dir)
-    results = json.loads((run_dir / 'results.json').read_text())
+    path = run_dir / 'results.json'
+    if not run_dir.is_dir():
+        raise RunError(f'{run_dir} is not a directory')
+    if not path.is_file():
+        raise RunError(f'{path} does not exist: not a run directory, or its run has not finished an epoch')
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RunError(f'{path} is not valid JSON ({err})') from None
     cfg_path = run_dir / 'config.yaml'
     cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
     return results, cfg or {}
@@ -146,7 +158,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument('run_dir', help='run directory holding results.json (and config.yaml)')
     p.add_argument('--out', help='output directory (default: the run directory)')
     args = p.parse_args(argv)
-    for path in plot_run(args.run_dir, args.out):
+    try:
+        paths = plot_run(args.run_dir, args.out)
+    except RunError as err:
+        raise SystemExit(f'error: {err}') from None
+    for path in paths:
         print(path)
 
 

@@ -4,11 +4,13 @@ One flat YAML per dataset (`configs/<dataset>.yaml`) loads into `Config`. The ke
 UniMatch V2 configs keep their names and meaning, so an original config loads unchanged; every other
 field is an addition with a default. Unknown keys and wrong types are errors that name the key.
 `key=value` overrides from the command line are parsed as YAML scalars (`lr=1e-5`, `lock_backbone=true`,
-`criterion.name=OHEM`).
+`criterion.name=OHEM`). An error names where the value came from: the config file, or the command
+line's `key=value`; a misspelled key gets the closest known one ("did you mean").
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -22,7 +24,6 @@ import methods
 import tasks
 from dataset.registry import DATASETS
 from model.dpt import COMP_DROP_SITES
-from model.presets import required_crop_multiple
 
 EVAL_MODES = ('original', 'center_crop', 'sliding_window')
 PRECISIONS = ('fp32', 'bf16', 'fp16')
@@ -122,10 +123,18 @@ class RunConfig:
     eval_interval_final: int = 0         # 0 = eval_interval
     checkpoint_minutes: float = 10.0     # also write latest.pth mid-epoch this often (0 = per epoch only)
     on_nonfinite: str = 'stop'           # a NaN/inf loss: 'stop' the run or 'skip' the step
-    splits_root: str = 'splits'          # split lists live in <splits_root>/<dataset>/
+    splits_root: str = 'splits'          # split lists live in <splits_root>/<data_name>/
+    name: str | None = None              # the data's own name (null: `dataset`): splits/<name>/ and the
+                                         # default run directory exp/<name>/...; one per custom dataset
+                                         # (tools/make_custom_split.py --name, docs/custom_data.md)
     toy_seed: int = 0                    # toy dataset: generator seed and size (train, val images)
     toy_train: int = 400
     toy_val: int = 100
+
+    @property
+    def data_name(self) -> str:
+        """The folder name of this data under splits/ and exp/: `name`, else `dataset`."""
+        return self.name or self.dataset
 
 
 # Every method's keys (methods/<name>.py, `Keys`) join the config, flat: `Config` is `RunConfig`
@@ -158,47 +167,88 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
+class Sources:
+    """Where each value of a config came from, for error messages: the config file, or the
+    command line's `key=value` text (`overrides`: dotted key -> that text)."""
+
+    def __init__(self, source: str, overrides: dict[str, str] | None = None):
+        self.source, self.overrides = source, overrides or {}
+
+    def of(self, key: str) -> str:
+        """'command line: crop_size=abc' when `key` (or a key inside it, or the mapping holding it)
+        was set on the command line, else the config file."""
+        for dotted, text in reversed(list(self.overrides.items())):
+            if dotted == key or dotted.startswith(key + '.') or key.startswith(dotted + '.'):
+                return f'command line: {text}'
+        return self.source
+
+
+def _unknown(keys: list[str], known: list[str], prefix: str = '') -> str:
+    """"unknown config key 'crop_sise' (did you mean 'crop_size'?)", for each key."""
+    parts = []
+    for key in keys:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ''
+        parts.append(f"'{prefix}{key}'{hint}")
+    tail = '' if any('did you mean' in p for p in parts) else '; the keys are RunConfig\'s in util/config.py and each method\'s Keys'
+    return f'unknown config key{"s" if len(keys) > 1 else ""} {", ".join(parts)}{tail}'
+
+
+def _coerce(key: str, value: Any, hint: Any, where: str = '<dict>') -> Any:
     if not _type_ok(value, hint):
-        raise ConfigError(f'config key {key!r}: expected {getattr(hint, "__name__", hint)}, '
+        raise ConfigError(f'{where}: config key {key!r}: expected {getattr(hint, "__name__", hint)}, '
                           f'got {type(value).__name__} {value!r}')
     return float(value) if hint is float else value
 
 
-def from_dict(raw: dict, source: str = '<dict>') -> Config:
-    """Build a validated `Config` from a plain dict (a parsed YAML file or a saved checkpoint)."""
+def from_dict(raw: dict, source: str = '<dict>', overrides: dict[str, str] | None = None) -> Config:
+    """Build a validated `Config` from a plain dict (a parsed YAML file or a saved checkpoint).
+    `overrides` (dotted key -> 'key=value' text) says which values came from the command line."""
+    sources = Sources(source, overrides)
     if not isinstance(raw, dict):
         raise ConfigError(f'{source}: expected a mapping of keys to values, got {type(raw).__name__}')
     hints = typing.get_type_hints(Config)
-    known = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(raw) - known)
+    known = sorted(f.name for f in dataclasses.fields(Config))
+    unknown = sorted(set(raw) - set(known))
     if unknown:
-        raise ConfigError(f'{source}: unknown config key(s) {unknown}; known keys: {sorted(known)}')
+        raise ConfigError(f'{sources.of(unknown[0])}: {_unknown(unknown, known)}')
     values = {}
     for key, value in raw.items():
         if key == 'criterion':
-            value = _criterion(value, source)
+            value = _criterion(value, sources)
         else:
-            value = _coerce(key, value, hints[key])
+            value = _coerce(key, value, hints[key], sources.of(key))
         values[key] = value
     cfg = Config(**values)
-    _check(cfg, source)
+    _check(cfg, sources)
     return cfg
 
 
-def _criterion(value: Any, source: str) -> Criterion:
+def _criterion(value: Any, sources: Sources) -> Criterion:
     if isinstance(value, Criterion):
         return value
-    if not isinstance(value, dict) or set(value) - {'name', 'kwargs'}:
-        raise ConfigError(f'{source}: config key "criterion" must be a mapping with "name" and "kwargs"')
-    crit = Criterion(name=value.get('name', 'CELoss'), kwargs=dict(value.get('kwargs') or {}))
-    return crit
+    if not isinstance(value, dict):
+        raise ConfigError(f'{sources.of("criterion")}: config key \'criterion\' must be a mapping with '
+                          f'"name" and "kwargs", got {type(value).__name__} {value!r}')
+    unknown = sorted(set(value) - {'name', 'kwargs'})
+    if unknown:
+        raise ConfigError(f'{sources.of("criterion." + unknown[0])}: '
+                          f'{_unknown(unknown, ["name", "kwargs"], prefix="criterion.")}')
+    kwargs = value.get('kwargs') or {}
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f'{sources.of("criterion.kwargs")}: config key \'criterion.kwargs\' must be a '
+                          f'mapping of keyword arguments, got {type(kwargs).__name__} {kwargs!r}')
+    name = value.get('name', 'CELoss')
+    if not isinstance(name, str):
+        raise ConfigError(f'{sources.of("criterion.name")}: config key \'criterion.name\': expected str, '
+                          f'got {type(name).__name__} {name!r}')
+    return Criterion(name=name, kwargs=dict(kwargs))
 
 
-def _check(cfg: Config, source: str) -> None:
+def _check(cfg: Config, sources: Sources) -> None:
     def need(ok: bool, key: str, msg: str) -> None:
         if not ok:
-            raise ConfigError(f'{source}: config key {key!r} {msg}')
+            raise ConfigError(f'{sources.of(key)}: config key {key!r} {msg}')
 
     need(cfg.method in methods.names(), 'method', f'must be one of {methods.names()}, got {cfg.method!r}')
     need(cfg.dataset in DATASETS, 'dataset', f'must be one of {sorted(DATASETS)}, got {cfg.dataset!r}')
@@ -225,10 +275,8 @@ def _check(cfg: Config, source: str) -> None:
          f'must be a non-empty list of folders relative to the unlabeled root, got {cfg.unlabeled_dirs!r}')
     need(cfg.nclass >= 2, 'nclass', f'must be >= 2, got {cfg.nclass}')
     need(cfg.crop_size >= 14, 'crop_size', f'must be >= 14, got {cfg.crop_size}')
-    multiple = required_crop_multiple(cfg.backbone)
-    need(cfg.crop_size % multiple == 0, 'crop_size', f'must be a multiple of {multiple}, the patch of '
-         f'backbone={cfg.backbone}, got {cfg.crop_size} (e.g. {cfg.crop_size // multiple * multiple}; DINOv3 crops: '
-         f'docs/encoders.md)')
+    need(cfg.name is None or (bool(cfg.name) and '/' not in cfg.name and cfg.name not in ('.', '..')), 'name',
+         f'must be a folder name (splits/<name>/), got {cfg.name!r}')
     need(cfg.epochs >= 1, 'epochs', f'must be >= 1, got {cfg.epochs}')
     need(cfg.batch_size >= 1, 'batch_size', f'must be >= 1, got {cfg.batch_size}')
     need(cfg.grad_accum >= 1, 'grad_accum', f'must be >= 1, got {cfg.grad_accum}')
@@ -253,23 +301,40 @@ def fused_attention(cfg: Config, device_type: str) -> bool:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'criterion.kwargs.thresh=0.7' -> (['criterion', 'kwargs', 'thresh'], 0.7)."""
     if '=' not in text:
-        raise ConfigError(f'override {text!r} is not of the form key=value')
+        raise ConfigError(f'command line: {text!r} is neither a flag nor an override of the form key=value')
     key, value = text.split('=', 1)
-    return key.strip().split('.'), yaml.load(value, Loader=_Loader) if value != '' else None
+    path = key.strip().split('.')
+    if not all(path):
+        raise ConfigError(f'command line: {text}: {key!r} is not a config key')
+    try:
+        return path, yaml.load(value, Loader=_Loader) if value != '' else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f'command line: {text}: the value is not valid YAML '
+                          f'({" ".join(str(err).split())})') from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    raw = dict(raw)
+    raw, _ = apply_overrides_traced(raw, overrides)
+    return raw
+
+
+def apply_overrides_traced(raw: dict, overrides: list[str]) -> tuple[dict, dict[str, str]]:
+    """(raw with the overrides applied, dotted key -> the override's text)."""
+    raw, origins = dict(raw), {}
     for text in overrides:
         path, value = parse_override(text)
         node = raw
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1]):
             child = node.get(part)
-            child = dict(child) if isinstance(child, dict) else {}
+            if child is not None and not isinstance(child, dict):
+                raise ConfigError(f'command line: {text}: config key {".".join(path[:depth + 1])!r} holds '
+                                  f'{child!r}, not a mapping of keys')
+            child = dict(child or {})
             node[part] = child
             node = child
         node[path[-1]] = value
-    return raw
+        origins['.'.join(path)] = text
+    return raw, origins
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -279,10 +344,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raw = yaml.load(path.read_text(), Loader=_Loader) or {}
     except FileNotFoundError:
         raise ConfigError(f'config file {path} does not exist') from None
+    except IsADirectoryError:
+        raise ConfigError(f'config file {path} is a directory') from None
     except yaml.YAMLError as err:
-        raise ConfigError(f'{path}: not valid YAML: {err}') from None
-    raw = apply_overrides(raw, overrides or [])
-    return from_dict(raw, source=str(path))
+        raise ConfigError(f'{path}: not valid YAML: {" ".join(str(err).split())}') from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f'{path}: expected a mapping of keys to values, got {type(raw).__name__}')
+    raw, origins = apply_overrides_traced(raw, overrides or [])
+    return from_dict(raw, source=str(path), overrides=origins)
 
 
 def to_dict(cfg: Config) -> dict:
@@ -306,4 +375,7 @@ if __name__ == '__main__':
     import sys
     if len(sys.argv) < 3:
         raise SystemExit('usage: python -m util.config CONFIG KEY [key=value ...]')
-    print(getattr(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2]))
+    try:
+        print(getattr(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2]))
+    except ConfigError as err:
+        raise SystemExit(f'error: {err}') from None

@@ -145,8 +145,8 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
     p.add_argument('--plan', nargs='?', const=0, type=process_count, metavar='PROCESSES',
                    help="print the run's resolved plan for PROCESSES processes (default: the config's "
                         'reference_gpus, the paper\'s) and exit without training (docs/plan.md)')
-    p.add_argument('overrides', nargs='*', help='config overrides key=value')
-    args = p.parse_args(argv)
+    p.add_argument('overrides', nargs='*', help='config overrides key=value, anywhere among the flags')
+    args = p.parse_intermixed_args(argv)
     if not args.split and not args.labeled_id_path:
         p.error('give --split or --labeled-id-path')
     return args
@@ -200,7 +200,7 @@ def setup_run(args: argparse.Namespace, method: str | None = None) -> Run:
         print(f'checked every file of {", ".join(str(p) for p in splits.values())}: no errors')
         raise SystemExit(0)
 
-    run_dir = Path(args.save_path or f'exp/{cfg.dataset}/{cfg.method}/{cfg.backbone}/{split}')
+    run_dir = Path(args.save_path or f'exp/{cfg.data_name}/{cfg.method}/{cfg.backbone}/{split}')
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
