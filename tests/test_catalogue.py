@@ -81,3 +81,17 @@ def test_reproduce_runs_exactly_the_catalogues_cells(tmp_path):
 def test_reproduce_usage_lists_every_grid():
     header = (ROOT / 'scripts' / 'reproduce.sh').read_text().split('\nset -e')[0]
     assert all(g.name in header for g in catalogue.GRIDS), [g.name for g in catalogue.GRIDS if g.name not in header]
+
+
+@pytest.mark.parametrize('grid', catalogue.GRIDS, ids=lambda g: g.name)
+def test_every_cell_is_a_valid_run(grid):
+    """Each cell's own overrides load: a cell the config check refuses (a crop that is not a multiple
+    of its encoder's patch, a method its task cannot run) would fail at launch, hours into a grid."""
+    from util.config import ConfigError, load_config
+    refused = []
+    for cell in CELLS[grid.name]:
+        try:
+            load_config(ROOT / 'configs' / f'{cell.dataset}.yaml', [f'method={cell.method}', *cell.words()])
+        except ConfigError as err:
+            refused.append(f'{cell.dataset} {cell.split} {cell.method} {cell.backbone}: {err}')
+    assert not refused, refused
