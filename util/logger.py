@@ -27,6 +27,17 @@ def get_logger(run_dir: str | Path | None = None, name: str = 'semiseg') -> logg
     return logger
 
 
+
+def to_file_only(logger: logging.Logger, msg: str, exc_info=None) -> bool:
+    """An error line (with `exc_info`'s traceback) into train.log only, not on the console; False
+    when there is no train.log yet."""
+    files = [h for h in logger.handlers if isinstance(h, logging.FileHandler)]
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, msg, None, exc_info)
+    for h in files:
+        h.handle(record)
+    return bool(files)
+
+
 class TensorBoard:
     """SummaryWriter on the main process, nothing elsewhere (and nothing if tensorboard is missing)."""
 

@@ -17,8 +17,10 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import threading
 import time
+import traceback
 import warnings
 from typing import Callable
 from dataclasses import dataclass, field, replace
@@ -44,7 +46,8 @@ from util import dist
 from util.checkpoint import NotACheckpointError, UnsafeCheckpointError, safe_load, save_atomic, write_text_atomic
 from util.config import Config, ConfigError, fused_attention, load_config, save_config, to_dict
 from util.ema import EMATeacher
-from util.logger import Meter, TensorBoard, get_logger
+from util.exits import hard_exit, one_line
+from util.logger import Meter, TensorBoard, get_logger, to_file_only
 from util.losses import build_criterion
 from util.memory import peak_memory_mib
 from util.precision import Precision
@@ -708,22 +711,57 @@ def handle_nonfinite(tr: Training, epoch: int, i: int) -> None:
     raise NonFiniteLoss(msg)
 
 
-def guarded(main: Callable[[], None]) -> Callable[[], None]:
-    """Wrap an entry script's main: a preempted run exits 0 after its checkpoint; input and config
-    errors end with their message and exit code 1 (no traceback)."""
+# Errors whose message says all (the key, file or line and what to do): printed as they are.
+EXPLAINED_ERRORS = (DataError, ConfigError, WeightsMismatchError, UnsafeCheckpointError, NotACheckpointError,
+                    NonFiniteLoss, FileNotFoundError)
+INTERRUPTED_EXIT = 130     # 128 + SIGINT, what shells report for a job ended by Ctrl-C
+
+
+def guarded(main: Callable[..., None]) -> Callable[..., None]:
+    """Wrap an entry script's main. A preempted run exits 0 after its checkpoint. Any failure -- a
+    step, a data-loader worker, the evaluation, a save; any exception -- ends with one line on
+    stderr, `error: <message>` (`error: <Type>: <message>` for an unexpected one), the traceback in
+    train.log when the run has one, and exit status 1 (130 for a Ctrl-C that is not a stop
+    request). From the command line the end is `hard_exit`: data-loader workers (which ignore
+    SIGTERM, `_init_worker`) are killed and no exit handler can wait for them. Called with
+    arguments (tests, notebooks) it raises SystemExit instead."""
     def wrapper(*args, **kwargs):
+        from_command_line = not args and not kwargs      # main() parses sys.argv: this process is the run
         try:
             return main(*args, **kwargs)
         except Preempted:
             logging.getLogger('semiseg').info('stopped on request: checkpoint saved, exiting')
             dist.cleanup()
             raise SystemExit(0)
-        except (DataError, ConfigError, WeightsMismatchError, UnsafeCheckpointError, NotACheckpointError,
-                NonFiniteLoss, FileNotFoundError) as err:
-            if dist.is_main() or not isinstance(err, NonFiniteLoss):
-                print(f'error: {err}', file=sys.stderr, flush=True)
-            raise SystemExit(1)
+        except SystemExit:
+            raise
+        except BaseException as err:            # noqa: BLE001 -- every failure ends the same way
+            code = report_failure(err)
+        if from_command_line:
+            hard_exit(code)
+        raise SystemExit(code)
     return wrapper
+
+
+def report_failure(err: BaseException) -> int:
+    """The one line on stderr and the traceback in train.log (or in a file the line names, before
+    there is a train.log); the exit status."""
+    log = logging.getLogger('semiseg')
+    if isinstance(err, KeyboardInterrupt):
+        to_file_only(log, 'interrupted (Ctrl-C): exiting without a checkpoint')
+        print('error: interrupted (Ctrl-C); the last checkpoint is left as it was', file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT
+    explained = isinstance(err, EXPLAINED_ERRORS)
+    line = str(err) if explained else one_line(err)
+    logged = to_file_only(log, f'error: {line}', (type(err), err, err.__traceback__))
+    if not explained and not logged:
+        trace = Path(tempfile.gettempdir()) / f'semiseg-error-{os.getpid()}.txt'
+        trace.write_text(''.join(traceback.format_exception(err)))
+        line += f' (traceback in {trace})'
+    prefix = f'rank {dist.rank()}: ' if dist.world_size() > 1 else ''
+    if dist.is_main() or not isinstance(err, NonFiniteLoss):     # every process finds a NaN; one says so
+        print(f'error: {prefix}{line}', file=sys.stderr, flush=True)
+    return 1
 
 
 # ---- evaluation at the end of an epoch ----------------------------------------------------------------
