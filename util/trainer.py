@@ -744,23 +744,25 @@ def guarded(main: Callable[..., None]) -> Callable[..., None]:
 
 
 def report_failure(err: BaseException) -> int:
-    """The one line on stderr and the traceback in train.log (or in a file the line names, before
-    there is a train.log); the exit status."""
+    """The one line on stderr -- and, for an unexpected error, its traceback in train.log (or in a
+    file the line names, before there is a train.log); the exit status. An explained error (a
+    check's: the key, file or line) leaves the run directory as it was."""
     log = logging.getLogger('semiseg')
     if isinstance(err, KeyboardInterrupt):
         to_file_only(log, 'interrupted (Ctrl-C): exiting without a checkpoint')
         print('error: interrupted (Ctrl-C); the last checkpoint is left as it was', file=sys.stderr, flush=True)
         return INTERRUPTED_EXIT
-    explained = isinstance(err, EXPLAINED_ERRORS)
-    line = str(err) if explained else one_line(err)
-    logged = to_file_only(log, f'error: {line}', (type(err), err, err.__traceback__))
-    if not explained and not logged:
+    if isinstance(err, EXPLAINED_ERRORS):      # found by a check, often before the run may write anything
+        if dist.is_main() or not isinstance(err, NonFiniteLoss):     # every process finds a NaN; one says so
+            print(f'error: {err}', file=sys.stderr, flush=True)
+        return 1
+    line = one_line(err)
+    if not to_file_only(log, f'error: {line}', (type(err), err, err.__traceback__)):
         trace = Path(tempfile.gettempdir()) / f'semiseg-error-{os.getpid()}.txt'
         trace.write_text(''.join(traceback.format_exception(err)))
         line += f' (traceback in {trace})'
     prefix = f'rank {dist.rank()}: ' if dist.world_size() > 1 else ''
-    if dist.is_main() or not isinstance(err, NonFiniteLoss):     # every process finds a NaN; one says so
-        print(f'error: {prefix}{line}', file=sys.stderr, flush=True)
+    print(f'error: {prefix}{line}', file=sys.stderr, flush=True)
     return 1
 
 
