@@ -44,7 +44,7 @@ from model.hub import load_pretrained
 from tasks.base import Task
 from util import dist
 from util.checkpoint import NotACheckpointError, UnsafeCheckpointError, safe_load, save_atomic, write_text_atomic
-from util.config import Config, ConfigError, fused_attention, load_config, save_config, to_dict
+from util.config import Config, ConfigError, fused_attention, load_config, run_directory, save_config, to_dict
 from util.ema import EMATeacher
 from util.exits import hard_exit, one_line
 from util.logger import Meter, TensorBoard, get_logger, to_file_only
@@ -203,7 +203,7 @@ def setup_run(args: argparse.Namespace, method: str | None = None) -> Run:
         print(f'checked every file of {", ".join(str(p) for p in splits.values())}: no errors')
         raise SystemExit(0)
 
-    run_dir = Path(args.save_path or f'exp/{cfg.data_name}/{cfg.method}/{cfg.backbone}/{split}')
+    run_dir = Path(args.save_path) if args.save_path else run_directory('exp', cfg.data_name, cfg.method, cfg.backbone, split)
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
