@@ -1,7 +1,10 @@
 """Checkpoint files: atomic writes and loads that never execute code.
 
 `save_atomic` writes to a temporary file in the same directory, flushes it to disk and renames it
-into place, so `latest.pth` is either the old file or the new one, never half of either.
+into place, so `latest.pth` is either the old file or the new one, never half of either; with
+`keep_previous` the file it replaces stays under that name (`latest.prev.pth`: a hard link made
+before the rename), so there is always a complete `latest.pth` and, after two saves, a way back.
+A write that fails (a full disk, a quota) raises `CheckpointWriteError` naming the file and cause.
 `safe_load` uses `torch.load(weights_only=True)`: a pickle that carries code (a class to build, a
 function to call) is refused before any of it runs.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -26,6 +30,11 @@ class NotACheckpointError(RuntimeError):
     """The file is not one torch.save writes (a YAML config, an image, a truncated file...)."""
 
 
+class CheckpointWriteError(OSError):
+    """A file could not be written (full disk, quota); the file it would replace is left as it was."""
+
+
+ZIP_MAGIC = b'PK\x03\x04'   # first bytes of a zip archive (torch.save's format): its index is at the end
 PICKLE_PROTO = 0x80   # first byte of a pickle of protocol >= 2: torch.save's legacy (non-zip) format
 
 
@@ -35,6 +44,9 @@ def _check_torch_file(path: Path) -> None:
         return
     with open(path, 'rb') as f:
         head = f.read(32)
+    if head[:4] == ZIP_MAGIC:
+        raise NotACheckpointError(f'{path} is not a readable checkpoint: truncated or damaged (a zip archive '
+                                  f'torch.save began, without its end)')
     if head[:1] != bytes([PICKLE_PROTO]):
         text = head.decode('utf-8', 'replace').splitlines()[0] if head else ''
         raise NotACheckpointError(f'{path} is not a checkpoint: not a file torch.save writes (it starts with '
@@ -68,28 +80,70 @@ def _refusal_reason(err: Exception) -> str:
     return reason.removeprefix('WeightsUnpickler error:').split('. ')[0].strip()
 
 
+class _WriteRecorder:
+    """A file object that remembers the OSError of a failed write: torch.save turns it into a
+    RuntimeError that says only 'unexpected pos' (its zip writer checks positions, not errno)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 @contextlib.contextmanager
-def _atomic_file(path: str | Path, mode: str):
+def _atomic_file(path: str | Path, mode: str, keep_previous: str | Path | None = None):
     """A file opened in `mode` that replaces `path` only once fully written and synced to disk;
-    on any failure the temporary file is removed and `path` is left as it was."""
+    on any failure the temporary file is removed and `path` is left as it was. `keep_previous`:
+    the file `path` held until then is kept under that name (`_keep_copy`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    recorder = None
     try:
         with os.fdopen(fd, mode) as f:
-            yield f
+            recorder = _WriteRecorder(f)
+            yield recorder
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            _keep_copy(path, Path(keep_previous))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        cause = recorder.error if recorder is not None and recorder.error else err
+        if isinstance(cause, OSError) and not isinstance(cause, CheckpointWriteError):
+            failure = CheckpointWriteError(f'could not write {path}: {cause.strerror or cause}; '
+                                           f'the file there before (if any) is left as it was')
+            failure.errno = cause.errno
+            raise failure from err
         raise
 
 
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to `path` via a temporary file in the same directory and an atomic rename."""
-    with _atomic_file(path, 'wb') as f:
+def _keep_copy(path: Path, keep: Path) -> None:
+    """`keep` becomes a complete copy of `path` in one rename: a hard link (no bytes copied), or a
+    copy where the filesystem has no hard links."""
+    tmp = keep.with_name(f'.{keep.name}.{os.getpid()}.tmp')
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, keep)
+
+
+def save_atomic(obj: Any, path: str | Path, keep_previous: str | Path | None = None) -> None:
+    """torch.save to `path` via a temporary file in the same directory and an atomic rename
+    (`keep_previous`: the replaced file's new name)."""
+    with _atomic_file(path, 'wb', keep_previous) as f:
         torch.save(obj, f)
 
 

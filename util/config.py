@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import re
 import types
 import typing
@@ -24,11 +25,12 @@ import methods
 import tasks
 from dataset.registry import DATASETS
 from model.dpt import COMP_DROP_SITES
+from util.losses import CRITERIA
 
 EVAL_MODES = ('original', 'center_crop', 'sliding_window')
 PRECISIONS = ('fp32', 'bf16', 'fp16')
 ATTENTIONS = ('auto', 'sdpa', 'math')
-CRITERIA = ('CELoss', 'OHEM')
+RESUME_CHANGES = ('refuse', 'allow')
 TEACHERS = ('ema', 'online')
 OPTIMIZERS = ('adamw', 'sgd')
 LR_SCHEDULES = ('poly', 'cosine')
@@ -130,6 +132,9 @@ class RunConfig:
     toy_seed: int = 0                    # toy dataset: generator seed and size (train, val images)
     toy_train: int = 400
     toy_val: int = 100
+    resume_changes: str = 'refuse'       # resuming latest.pth with settings that change the run (lr, crop,
+                                         # data, schedule, ...): 'refuse' (naming them) or 'allow'
+                                         # (docs/robustness.md#resuming)
 
     @property
     def data_name(self) -> str:
@@ -259,7 +264,10 @@ def _check(cfg: Config, sources: Sources) -> None:
     need(cfg.eval_mode is None or cfg.eval_mode in EVAL_MODES, 'eval_mode',
          f'must be one of {EVAL_MODES}, got {cfg.eval_mode!r}')
     need(cfg.criterion.name in CRITERIA, 'criterion.name',
-         f'must be one of {CRITERIA}, got {cfg.criterion.name!r}')
+         f'must be one of {tuple(CRITERIA)}, got {cfg.criterion.name!r}')
+    check_criterion_kwargs(cfg.criterion, need)
+    need(cfg.resume_changes in RESUME_CHANGES, 'resume_changes',
+         f'must be one of {RESUME_CHANGES}, got {cfg.resume_changes!r}')
     need(cfg.optimizer in OPTIMIZERS, 'optimizer', f'must be one of {OPTIMIZERS}, got {cfg.optimizer!r}')
     need(cfg.lr_schedule in LR_SCHEDULES, 'lr_schedule', f'must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}')
     need(cfg.total_loss in TOTAL_LOSSES, 'total_loss', f'must be one of {TOTAL_LOSSES}, got {cfg.total_loss!r}')
@@ -288,6 +296,18 @@ def _check(cfg: Config, sources: Sources) -> None:
     task = tasks.of_dataset(cfg.dataset)
     task.check(cfg, need)
     methods.check_run(cfg, task, need)
+
+
+def check_criterion_kwargs(criterion: Criterion, need) -> None:
+    """`criterion.kwargs` against the arguments its class takes (the signature of its __init__)."""
+    cls = CRITERIA[criterion.name]
+    params = inspect.signature(cls.__init__).parameters
+    takes = [n for n, p in params.items() if n != 'self' and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in criterion.kwargs:
+        close = difflib.get_close_matches(key, takes, n=1)
+        need(key in takes, f'criterion.kwargs.{key}',
+             f'is not an argument of criterion {criterion.name} ({cls.__name__}), which takes {takes}'
+             + (f'; did you mean criterion.kwargs.{close[0]}?' if close else ''))
 
 
 def fused_attention(cfg: Config, device_type: str) -> bool:
@@ -369,13 +389,3 @@ def run_directory(exp_root: str | Path, dataset: str, method: str, backbone: str
     """A run's directory under an experiment root: `<exp>/<dataset>/<method>/<backbone>/<split>`."""
     return Path(exp_root) / dataset / method / backbone / split
 
-
-if __name__ == '__main__':
-    # `python -m util.config CONFIG KEY [key=value ...]` prints one resolved value (for shell scripts).
-    import sys
-    if len(sys.argv) < 3:
-        raise SystemExit('usage: python -m util.config CONFIG KEY [key=value ...]')
-    try:
-        print(getattr(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2]))
-    except ConfigError as err:
-        raise SystemExit(f'error: {err}') from None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -9,23 +10,43 @@ from pathlib import Path
 from util import dist
 
 
-def get_logger(run_dir: str | Path | None = None, name: str = 'semiseg') -> logging.Logger:
-    """Console + `<run_dir>/train.log` on the main process; warnings only elsewhere."""
+FORMAT = logging.Formatter('[%(asctime)s] %(message)s', datefmt='%Y-%m-%d %H:%M:%S')
+
+
+def get_logger(run_dir: str | Path | None = None, name: str = 'semiseg', hold: bool = False) -> logging.Logger:
+    """Console + `<run_dir>/train.log` on the main process; warnings only elsewhere. `hold`: the
+    lines logged until `open_log_file` are kept and written into train.log then (a run writes
+    nothing into its directory before it is built, checked, and the directory is its own)."""
     logger = logging.getLogger(name)
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO if dist.is_main() else logging.WARNING)
-    fmt = logging.Formatter('[%(asctime)s] %(message)s', datefmt='%Y-%m-%d %H:%M:%S')
     console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(fmt)
+    console.setFormatter(FORMAT)
     logger.addHandler(console)
-    if run_dir is not None and dist.is_main():
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(Path(run_dir) / 'train.log')
-        handler.setFormatter(fmt)
-        logger.addHandler(handler)
+    if hold:
+        logger.addHandler(logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1))
+    elif run_dir is not None:
+        open_log_file(logger, run_dir)
     return logger
 
+
+def open_log_file(logger: logging.Logger, run_dir: str | Path) -> None:
+    """Append to `<run_dir>/train.log` from now on (main process), after the lines held so far."""
+    held = [h for h in logger.handlers if isinstance(h, logging.handlers.MemoryHandler)]
+    for h in held:
+        logger.removeHandler(h)
+    if dist.is_main():
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(Path(run_dir) / 'train.log')
+        handler.setFormatter(FORMAT)
+        logger.addHandler(handler)
+        for h in held:
+            for record in h.buffer:
+                handler.handle(record)
+    for h in held:
+        h.buffer.clear()
+        h.close()
 
 
 def to_file_only(logger: logging.Logger, msg: str, exc_info=None) -> bool:
@@ -39,15 +60,16 @@ def to_file_only(logger: logging.Logger, msg: str, exc_info=None) -> bool:
 
 
 class TensorBoard:
-    """SummaryWriter on the main process, nothing elsewhere (and nothing if tensorboard is missing)."""
+    """SummaryWriter on the main process, nothing elsewhere; made (with `<run_dir>/tb/`) at the first
+    scalar, so that building a run writes nothing into its directory."""
 
     def __init__(self, run_dir: str | Path):
-        self.writer = None
-        if dist.is_main():
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(Path(run_dir) / 'tb'))
+        self.run_dir, self.writer = Path(run_dir), None
 
     def scalars(self, values: dict[str, float], step: int, prefix: str = '') -> None:
+        if self.writer is None and dist.is_main():
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.run_dir / 'tb'))
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(prefix + k, v, step)

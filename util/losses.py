@@ -46,12 +46,15 @@ class CrossEntropy(nn.Module):
         return F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index)
 
 
+# The labeled loss by its config name (`criterion.name`); its `criterion.kwargs` are the class's
+# arguments, checked against its signature when the config loads (`util/config.py`).
+CRITERIA: dict[str, type[nn.Module]] = {'CELoss': CrossEntropy, 'OHEM': OhemCrossEntropy}
+
+
 def build_criterion(name: str, kwargs: dict) -> nn.Module:
-    if name == 'CELoss':
-        return CrossEntropy(**kwargs)
-    if name == 'OHEM':
-        return OhemCrossEntropy(**kwargs)
-    raise ValueError(f'unknown criterion {name!r} (CELoss or OHEM)')
+    if name not in CRITERIA:
+        raise ValueError(f'unknown criterion {name!r} ({" or ".join(CRITERIA)})')
+    return CRITERIA[name](**kwargs)
 
 
 def masked_unlabeled_loss(logits: torch.Tensor, pseudo: torch.Tensor, conf: torch.Tensor,

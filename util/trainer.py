@@ -43,14 +43,16 @@ from model.dpt import DPTSegmentor
 from model.hub import load_pretrained
 from tasks.base import Task
 from util import dist
-from util.checkpoint import NotACheckpointError, UnsafeCheckpointError, safe_load, save_atomic, write_text_atomic
+from util.checkpoint import (CheckpointWriteError, NotACheckpointError, UnsafeCheckpointError, safe_load, save_atomic,
+                             write_text_atomic)
 from util.config import Config, ConfigError, fused_attention, load_config, run_directory, save_config, to_dict
 from util.ema import EMATeacher
 from util.exits import hard_exit, one_line
-from util.logger import Meter, TensorBoard, get_logger, to_file_only
+from util.logger import Meter, TensorBoard, get_logger, open_log_file, to_file_only
 from util.losses import build_criterion
 from util.memory import peak_memory_mib
 from util.precision import Precision
+from util.run_lock import RunDirBusy, RunDirLock
 
 
 # ---- a training run -----------------------------------------------------------------------------
@@ -70,22 +72,25 @@ def train(args: argparse.Namespace, method: str | None = None) -> 'Training':
     tr = Training(run, student, wrap_ddp(student, run.device, cfg.compile), teacher, build_optimizer(student, cfg),
                   Precision(cfg.precision, run.device), TrainState(), TensorBoard(run.run_dir),
                   methods.create(cfg, student, run.device))
-    resume(tr)
     iters = epoch_iterations(loaders[0], cfg)
-    step = make_step(tr, options, iters)
+    step = make_step(tr, options, iters)     # the criterion: the last thing built before the run directory
 
-    run.log.info(f'{" + ".join(m.name for m in tr.methods)}: '
-                 + ', '.join(f'{len(loader.dataset)} {name} samples per epoch'
-                             for name, loader in zip(('unlabeled', 'labeled') if options else ('labeled',), loaders))
-                 + f', {iters} iterations per epoch')
-    preemption = Preemption()
-    try:
-        for epoch in range(tr.state.epoch + 1, cfg.epochs):
-            stats = train_epoch(tr, epoch, loaders, step, preemption)
-            end_of_epoch(tr, epoch, valset, stats, evaluation_due(cfg, epoch, iters))
-    finally:
-        preemption.close()
-    tr.tb.close()
+    with run_dir_owned(run):                 # one run per directory: a second one stops here
+        ckpt = read_checkpoint(run)          # latest.pth, its settings checked against these
+        start_run_files(run)                 # only now: config.yaml, train.log
+        resume(tr, ckpt)
+        run.log.info(f'{" + ".join(m.name for m in tr.methods)}: '
+                     + ', '.join(f'{len(loader.dataset)} {name} samples per epoch'
+                                 for name, loader in zip(('unlabeled', 'labeled') if options else ('labeled',), loaders))
+                     + f', {iters} iterations per epoch')
+        preemption = Preemption()
+        try:
+            for epoch in range(tr.state.epoch + 1, cfg.epochs):
+                stats = train_epoch(tr, epoch, loaders, step, preemption)
+                end_of_epoch(tr, epoch, valset, stats, evaluation_due(cfg, epoch, iters))
+        finally:
+            preemption.close()
+        tr.tb.close()
     dist.cleanup()
     return tr
 
@@ -181,11 +186,9 @@ class Run:
 
 
 def setup_run(args: argparse.Namespace, method: str | None = None) -> Run:
-    """Config, data checks, then (only if the inputs are sound) the run directory and its log.
-
-    Nothing in the run directory is written or truncated before the config and every split file
-    have passed their checks; `--check-data` checks every file and exits.
-    """
+    """Config and data checks; `--check-data` checks every file and exits. Writes nothing into the
+    run directory: its log lines are held until `start_run_files`, once the whole run is built and
+    the directory is this run's (`run_dir_owned`)."""
     device = dist.setup()
     overrides = list(args.overrides) + ([f'method={method}'] if method else [])
     cfg = load_config(args.config, overrides)
@@ -204,13 +207,10 @@ def setup_run(args: argparse.Namespace, method: str | None = None) -> Run:
         raise SystemExit(0)
 
     run_dir = Path(args.save_path) if args.save_path else run_directory('exp', cfg.data_name, cfg.method, cfg.backbone, split)
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
     seed_everything(cfg.seed + dist.rank())
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True   # autotuned convolutions, as the original
-    log = get_logger(run_dir)
+    log = get_logger(hold=True)
     log.info(f'config {args.config} ({" ".join(overrides) or "no overrides"}) -> {run_dir}, '
              f'{dist.world_size()} process(es) on {device.type}')
     return Run(cfg, run_dir, device, log, split, labeled, unlabeled, val, task)
@@ -486,28 +486,71 @@ def checkpoint_dict(tr: Training) -> dict:
         'best_epoch_ema': s.best_epoch_ema,
         'history': s.history,
         'config': to_dict(cfg),
+        'split': tr.run.split,
         **tr.methods.state_dicts(),
     }
+
+
+LATEST, PREVIOUS = 'latest.pth', 'latest.prev.pth'    # the file it replaced: a way back from a bad one
 
 
 def save_checkpoint(tr: Training, best: bool = False) -> None:
     if dist.is_main():
         ckpt = checkpoint_dict(tr)
-        save_atomic(ckpt, tr.run.run_dir / 'latest.pth')
+        save_atomic(ckpt, tr.run.run_dir / LATEST, keep_previous=tr.run.run_dir / PREVIOUS)
         if best:
             save_atomic(ckpt, tr.run.run_dir / 'best.pth')
     dist.barrier()
 
 
-def resume(tr: Training) -> None:
-    """Continue from `<run_dir>/latest.pth` when it exists (after its last epoch, or mid-epoch)."""
-    path = tr.run.run_dir / 'latest.pth'
-    ckpt = safe_load(path) if path.exists() else None
-    if ckpt is not None:
-        check_compatible(ckpt.get('config'), tr.run.cfg, path)
-    if dist.is_main():     # written only once the config is known to fit the run's checkpoint
-        save_config(tr.run.cfg, tr.run.run_dir / 'config.yaml')
-        (tr.run.run_dir / STOP_MARKER).unlink(missing_ok=True)
+@contextlib.contextmanager
+def run_dir_owned(run: Run):
+    """The run directory's lock (`util/run_lock.py`) for the time of the block, taken by the main
+    process; every process gets its outcome, so all stop together when the directory is busy."""
+    lock, busy = None, None
+    if dist.is_main():
+        try:
+            lock = RunDirLock(run.run_dir)
+        except RunDirBusy as err:
+            busy = str(err)
+    busy = dist.broadcast_object(busy)
+    if busy:
+        raise RunDirBusy(busy)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def read_checkpoint(run: Run) -> dict | None:
+    """`<run_dir>/latest.pth` if there is one, its settings checked against the run's
+    (`check_resume`); an unreadable one is refused with the ways out."""
+    path = run.run_dir / LATEST
+    if not path.exists():
+        return None
+    try:
+        ckpt = safe_load(path)
+    except NotACheckpointError as err:
+        previous = run.run_dir / PREVIOUS
+        back = f'to resume from the checkpoint before it: mv {previous} {path}; ' if previous.exists() else ''
+        raise NotACheckpointError(f'{err}. {back}to start the run over: move {path} aside') from None
+    check_resume(ckpt.get('config'), ckpt.get('split'), run, path)
+    return ckpt
+
+
+def start_run_files(run: Run) -> None:
+    """What a run writes first into its (owned) directory: config.yaml and train.log (with the
+    lines held so far); the `stopped` marker a stopped run left goes."""
+    if dist.is_main():
+        save_config(run.cfg, run.run_dir / 'config.yaml')
+        (run.run_dir / STOP_MARKER).unlink(missing_ok=True)
+    open_log_file(run.log, run.run_dir)
+
+
+def resume(tr: Training, ckpt: dict | None) -> None:
+    """Continue from the run directory's checkpoint `ckpt` (`read_checkpoint`), if any: after its
+    last epoch, or mid-epoch."""
     if ckpt is None:
         return
     tr.student.load_state_dict(ckpt['model'])
@@ -522,16 +565,43 @@ def resume(tr: Training) -> None:
                           ckpt.get('best_epoch_ema', -1), ckpt.get('history', []))
     where = f'epoch {tr.state.epoch + 1} iteration {tr.state.iteration}' if tr.state.iteration \
         else f'the end of epoch {tr.state.epoch}'
-    tr.run.log.info(f'resumed from {path} at {where} (step {tr.state.global_step})')
+    tr.run.log.info(f'resumed from {tr.run.run_dir / LATEST} at {where} (step {tr.state.global_step})')
 
 
-def check_compatible(saved: dict | None, cfg: Config, path: Path) -> None:
+# Keys a checkpoint cannot be resumed with another value of: its weights and state belong to them
+# (another seed is another run).
+FIXED_ON_RESUME = ('nclass', 'backbone', 'model', 'dataset', 'method', 'seed')
+# Keys that do not change what a run computes (speed, logging, workers, where the initial weights
+# came from): a resume takes any value of these, and a larger `epochs`. Any other key that differs
+# from the checkpoint's config stops the resume unless `resume_changes: allow`.
+FREE_ON_RESUME = ('num_workers', 'log_interval', 'checkpoint_minutes', 'compile', 'grad_checkpointing',
+                  'channels_last', 'attention', 'pretrained', 'download', 'eval_batch_size', 'on_nonfinite',
+                  'resume_changes')
+
+
+def check_resume(saved: dict | None, saved_split: str | None, run: Run, path: Path) -> None:
+    """The run's settings against those `path` was trained with: a FIXED_ON_RESUME key that differs
+    is refused; other differences (but FREE_ON_RESUME keys and a larger `epochs`) are named and
+    refused unless `resume_changes: allow`, which logs them."""
     if not saved:
         return
-    for key in ('nclass', 'backbone', 'dataset', 'method', 'seed'):   # another seed is another run
-        if key in saved and saved[key] != getattr(cfg, key):
+    new = to_dict(run.cfg)
+    for key in FIXED_ON_RESUME:
+        if key in saved and saved[key] != new[key]:
             raise ConfigError(f'{path} was trained with {key}={saved[key]!r} but the config has '
-                              f'{key}={getattr(cfg, key)!r}; use another --save-path or fix the config')
+                              f'{key}={new[key]!r}; use another --save-path or fix the config')
+    changes = [f'{key}: {saved[key]!r} -> {new[key]!r}' for key in new
+               if key in saved and saved[key] != new[key] and key not in FREE_ON_RESUME
+               and not (key == 'epochs' and new[key] >= saved[key])]
+    if saved_split is not None and saved_split != run.split:
+        changes.append(f'split: {saved_split!r} -> {run.split!r}')
+    if not changes:
+        return
+    if run.cfg.resume_changes != 'allow':
+        raise ConfigError(f'{path} was trained with other settings ({"; ".join(changes)}): resuming would '
+                          f'change the run. Undo the changes, use another --save-path, or add '
+                          f'resume_changes=allow to resume with them')
+    run.log.warning(f'resuming {path} with changed settings (resume_changes=allow): {"; ".join(changes)}')
 
 
 def save_results(tr: Training) -> None:
@@ -713,7 +783,7 @@ def handle_nonfinite(tr: Training, epoch: int, i: int) -> None:
 
 # Errors whose message says all (the key, file or line and what to do): printed as they are.
 EXPLAINED_ERRORS = (DataError, ConfigError, WeightsMismatchError, UnsafeCheckpointError, NotACheckpointError,
-                    NonFiniteLoss, FileNotFoundError)
+                    CheckpointWriteError, NonFiniteLoss, RunDirBusy, FileNotFoundError)
 INTERRUPTED_EXIT = 130     # 128 + SIGINT, what shells report for a job ended by Ctrl-C
 
 
@@ -747,6 +817,7 @@ def report_failure(err: BaseException) -> int:
     """The one line on stderr -- and, for an unexpected error, its traceback in train.log (or in a
     file the line names, before there is a train.log); the exit status. An explained error (a
     check's: the key, file or line) leaves the run directory as it was."""
+    logging.raiseExceptions = False             # a full disk: the log's own write errors stay off the console
     log = logging.getLogger('semiseg')
     if isinstance(err, KeyboardInterrupt):
         to_file_only(log, 'interrupted (Ctrl-C): exiting without a checkpoint')
