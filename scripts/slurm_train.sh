@@ -25,15 +25,22 @@ config=configs/$dataset.yaml
 gpus=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-4}}
 master=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 port=${MASTER_PORT:-29500}
-method=$(python -m util.config "$config" method "$@")
-backbone=$(python -m util.config "$config" backbone "$@")
-save_path=exp/$dataset/$method/$backbone/$split
-mkdir -p "$save_path"
+settings=$(python -m tools.launch "$config" "$split" --gpus "$gpus" --port "$port" "$@") || exit 1
+eval "$settings"          # save_path: the trainer's formula
+# The console goes to a file outside the run directory, added to <run dir>/out.log once the run
+# has begun there: a refused command leaves a finished run's files as they were.
+started=$(mktemp); console=$(mktemp)
 code=0
 srun --kill-on-bad-exit=1 torchrun --nnodes="$SLURM_NNODES" --nproc_per_node="$gpus" \
     --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$master:$port" \
     unimatch_v2.py --config "$config" --split "$split" --save-path "$save_path" "$@" \
-    >> "$save_path/out.log" 2>&1 || code=$?
+    > "$console" 2>&1 || code=$?
+if [ -n "$(find "$save_path/train.log" -newer "$started" 2>/dev/null)" ]; then
+    cat "$console" >> "$save_path/out.log"
+else
+    cat "$console" >&2
+fi
+rm -f "$console" "$started"
 if [ -f "$save_path/stopped" ]; then       # stopped on request, checkpoint saved: run again later
     echo "stopped ($(cat "$save_path/stopped")); requeueing job $SLURM_JOB_ID" >> "$save_path/out.log"
     scontrol requeue "$SLURM_JOB_ID"

@@ -29,23 +29,21 @@ done
 cd "$(dirname "$0")/.."
 config=configs/$dataset.yaml
 [ -f "$config" ] || { echo "no config $config" >&2; exit 2; }
-if [ -z "$gpus" ]; then
-    gpus=$(python -c 'import torch; print(max(1, torch.cuda.device_count()))')
-fi
-port=${port:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
-
 [ -z "$method" ] || set -- "method=$method" "$@"
-method=$(python -m util.config "$config" method "$@")
-backbone=$(python -m util.config "$config" backbone "$@")
-save_path=${EXP_DIR:-exp}/$dataset/$method/$backbone/$split
-mkdir -p "$save_path"
-echo "training $method on $dataset/$split with $gpus process(es) -> $save_path"
+# One Python start: the run directory (the trainer's formula), the process count, a free port; a
+# config error ends here with its one line.
+settings=$(python -m tools.launch "$config" "$split" --exp "${EXP_DIR:-exp}" ${gpus:+--gpus "$gpus"} \
+    ${port:+--port "$port"} "$@") || exit 1
+eval "$settings"
+echo "training on $dataset/$split with $gpus process(es) -> $save_path"
 # A stop request -- SIGTERM or Ctrl-C to this shell's process group (a scheduler, a terminal), or
 # to this shell alone (`timeout`, `kill`) -- is for the trainers: they save latest.pth at the
 # current iteration and exit 0 (docs/robustness.md). The log writer ignores it; this shell passes
-# it on to torchrun and waits for the run to end.
-fifo=$(mktemp -u); mkfifo "$fifo"
-(trap '' TERM INT; exec tee -a "$save_path/out.log") < "$fifo" &
+# it on to torchrun and waits for the run to end. The console output is kept in a file outside the
+# run directory and added to <run dir>/out.log once the run has begun there (its train.log was
+# written): a refused command leaves a finished run's files as they were.
+started=$(mktemp); console=$(mktemp); fifo=$(mktemp -u); mkfifo "$fifo"
+(trap '' TERM INT; exec tee "$console") < "$fifo" &
 tee_pid=$!
 torchrun --nproc_per_node="$gpus" --master_addr=127.0.0.1 --master_port="$port" \
     unimatch_v2.py --config "$config" --split "$split" --save-path "$save_path" "$@" > "$fifo" 2>&1 &
@@ -58,6 +56,10 @@ while :; do    # a trapped signal interrupts `wait`: wait again until torchrun h
     kill -0 "$pid" 2>/dev/null || break
 done
 wait "$tee_pid"; rm -f "$fifo"
+if [ -n "$(find "$save_path/train.log" -newer "$started" 2>/dev/null)" ]; then
+    cat "$console" >> "$save_path/out.log"
+fi
+rm -f "$console" "$started"
 # torchrun exits non-zero when it was signalled itself; the trainers leave `stopped` after a stop.
 if [ "$code" -ne 0 ] && [ -f "$save_path/stopped" ]; then
     echo "stopped on request ($(cat "$save_path/stopped")): checkpoint saved; rerun the same command to resume"

@@ -105,3 +105,50 @@ def test_a_failure_in_the_evaluation_ends_the_run_with_one_line(toy_root, tmp_pa
     assert 'Traceback (most recent call last)' not in res.stdout + res.stderr
     assert 'in end_of_epoch' in (run_dir / 'train.log').read_text()    # it failed in the evaluation
     print(f'evaluation failure: exit {res.returncode} after {seconds:.1f} s')
+
+
+def parent_pid(pid: str) -> str:
+    return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[1]
+
+
+def trainer_ranks(run_dir: Path) -> list[str]:
+    """The pids of torchrun's worker processes (the ranks) of the run in `run_dir`."""
+    pids = []
+    for proc in Path('/proc').iterdir():
+        try:
+            cmd = (proc / 'cmdline').read_bytes().replace(b'\0', b' ').decode(errors='replace')
+            if proc.name.isdigit() and str(run_dir) in cmd and 'unimatch_v2.py' in cmd:
+                parent = Path(f'/proc/{parent_pid(proc.name)}/cmdline').read_bytes()
+                if b'torchrun' in parent:
+                    pids.append(proc.name)
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.skipif(sys.platform != 'linux', reason='reads /proc')
+def test_one_rank_killed_ends_the_whole_run_with_a_failure(toy, tmp_path):
+    """A rank that dies (the kernel's OOM killer, a node's fault: SIGKILL, no stop request) ends the
+    run: the other rank and torchrun end too, train.sh exits non-zero and does not call it a stop."""
+    exp = tmp_path / 'exp'
+    run_dir = exp / 'toy/unimatch_v2/dinov2_tiny/1_16'
+    long_run = [o for o in toy if not o.startswith('max_iters_per_epoch=')] + ['epochs=50', 'num_workers=1']
+    proc = subprocess.Popen(['sh', 'scripts/train.sh', 'toy', '1_16', 'unimatch_v2', '2', *long_run],
+                            cwd=ROOT, env={**os.environ, 'EXP_DIR': str(exp), 'OMP_NUM_THREADS': '1',
+                                           'CUDA_VISIBLE_DEVICES': ''},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + CRASH_TIMEOUT_S
+    while not ((run_dir / 'train.log').exists() and ' iter ' in (run_dir / 'train.log').read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, 'the run did not start training'
+        time.sleep(0.5)
+    ranks = trainer_ranks(run_dir)
+    assert len(ranks) == 2, ranks
+    os.kill(int(ranks[1]), 9)
+    try:
+        out, _ = proc.communicate(timeout=CRASH_TIMEOUT_S)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0, out[-3000:]
+    assert 'stopped on request' not in out and not (run_dir / 'stopped').exists()
+    time.sleep(1)
+    assert not live_processes(str(run_dir)), 'processes of the failed run are still alive'

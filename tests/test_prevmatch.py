@@ -22,7 +22,7 @@ import unimatch_v2
 from model import build_model
 from tools import tables
 from util import trainer
-from util.checkpoint import save_atomic
+from util.checkpoint import safe_load, save_atomic
 from util.config import ConfigError, load_config
 from util.ema import EMATeacher
 from util.losses import cutmix, masked_unlabeled_loss
@@ -206,7 +206,7 @@ def test_snapshots_survive_a_checkpoint_and_resume(tmp_path):
 
     second = training(seed=2)
     assert len(bank(second)) == 0
-    trainer.resume(second)
+    trainer.resume(second, safe_load(tmp_path / 'latest.pth'))
     assert bank(second).epochs == [0, 1]
     for a, b in zip(bank(first).snapshots, bank(second).snapshots):
         assert all(torch.equal(a[k], b[k]) for k in a)

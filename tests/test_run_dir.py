@@ -64,6 +64,22 @@ def test_a_refused_command_leaves_the_finished_run_byte_identical(finished, toy,
     assert snapshot(finished) == before                   # not a byte, not a timestamp: no train.log append
 
 
+def test_a_refused_launch_through_train_sh_leaves_out_log_as_it_was(finished, toy, tmp_path):
+    """train.sh keeps the console in a file of its own and adds it to <run>/out.log only once the
+    run has begun there: its refused resume leaves every file of the finished run as it was."""
+    exp = tmp_path / 'exp'
+    run_dir = exp / 'toy/unimatch_v2/dinov2_tiny/1_16'
+    run_dir.parent.mkdir(parents=True)
+    subprocess.run(['cp', '-a', str(finished), str(run_dir)], check=True)
+    (run_dir / 'out.log').write_text('the console of the finished run\n')
+    before = snapshot(run_dir)
+    res, _ = launch(['sh', 'scripts/train.sh', 'toy', '1_16', 'unimatch_v2', '1', *toy, 'epochs=2', 'lr=0.01'],
+                    EXP_DIR=str(exp), CUDA_VISIBLE_DEVICES='')
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    assert 'lr: 0.0002 -> 0.01' in res.stdout                 # the one line, on the console
+    assert snapshot(run_dir) == before
+
+
 def test_resume_changes_allow_resumes_with_the_changes_logged(finished, toy, tmp_path):
     run_dir = tmp_path / 'run'
     subprocess.run(['cp', '-a', str(finished), str(run_dir)], check=True)
