@@ -46,13 +46,13 @@ import methods
 import tasks
 from methods.step import SemiOptions, mix_strong_views, pseudo_label, semi_step, strong_losses
 from model.dpt import to_input_size
-from util.config import Config, fused_attention, load_config
+from engine.config import Config, fused_attention, load_config
 from util.dist import ddp
 from util.ema import EMATeacher
 from util.losses import build_criterion
 from util.memory import peak_memory_mib
 from util.precision import Precision
-from util.trainer import build_optimizer
+from engine.build import build_model, build_optimizer
 
 METHOD_RECIPES = tuple(name for name, cls in methods.REGISTRY.items() if cls.benchmark_recipe)
 RECIPES = ('original', 'default') + METHOD_RECIPES
@@ -62,7 +62,7 @@ def task_recipes(cfg: Config) -> tuple[str, ...]:
     """The recipes that run on the config's task (methods with a segmentation head of their own do
     not run on pairs)."""
     task = tasks.of_dataset(cfg.dataset)
-    return tuple(r for r in RECIPES if r not in METHOD_RECIPES or task.supports(r))
+    return tuple(r for r in RECIPES if r not in METHOD_RECIPES or methods.runs_on(r, task))
 
 # `--op-ratios`: aten operations by class (every other aten operation counts as 'other').
 OP_CLASSES = {
@@ -118,8 +118,7 @@ class Trainer:
         self.r, self.cfg, self.device = r, cfg, device
         method = methods.get(r.name) if r.name in METHOD_RECIPES else None    # None: the core step alone
         task = tasks.for_config(cfg)
-        self.student = (task.build_model(replace(cfg, method=r.name)) if method else
-                        task.build_model(replace(cfg, method=methods.DEFAULT))).to(device)
+        self.student = build_model(replace(cfg, method=r.name if method else methods.DEFAULT), task).to(device)
         if cfg.lock_backbone:
             self.student.lock_backbone()
         self.student.set_fused_attention(not r.original and fused_attention(cfg, device.type))

@@ -32,10 +32,10 @@ from pathlib import Path
 
 from model.hub import format_released
 from segmenter import Segmenter
-from util.config import EVAL_MODES
+from engine.config import EVAL_MODES
 from util.dist import setup
-from util.evaluation import parse_scales
-from util.trainer import guarded
+from engine.eval_model import parse_scales
+from engine.failures import guarded
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

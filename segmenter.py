@@ -31,8 +31,9 @@ from torch import nn
 
 import tasks
 from model.hub import RELEASED, RELEASED_PREFIX
-from util.config import load_config
-from util.evaluation import load_eval_model, load_rgb, to_rgb
+from engine.config import load_config
+from dataset.images import load_rgb, to_rgb
+from engine.eval_model import load_eval_model
 from util.metrics import IGNORE_INDEX
 
 CONFIGS = Path(__file__).resolve().parent / 'configs'

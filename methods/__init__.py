@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import importlib
 
+from torch import nn
+
+from model.presets import preset
+
 from methods.base import REGISTRY, Method, MethodSet, register
 
 DEFAULT = 'unimatch_v2'      # the method of a config that names none
@@ -52,14 +56,20 @@ def create(cfg, student, device) -> MethodSet:
     return MethodSet([cls(cfg, student, device) for cls in enabled(cfg)])
 
 
-def build_model(cfg):
-    """The model of `cfg`'s method (its extra head or bottleneck) with random weights, or the plain
-    DINOv2 + DPT segmentor."""
-    from model import build_model as plain_model
-    from model.presets import preset
+def runs_on(name: str, task) -> bool:
+    """Whether the registered method `name` runs on `task` (a task class or object): the task
+    gives all it needs (`Task.provides`)."""
+    return get(name).needs() <= task.provides
+
+
+def own_model(cfg) -> nn.Module | None:
+    """The model of `cfg`'s method where it has one of its own (an extra head or bottleneck on
+    the DINOv2 + DPT segmentor), with random weights; None for the task's own model."""
+    method = get(cfg.method)
+    if not method.has_own_model():
+        return None
     _, spec = preset(cfg.backbone)
-    model = get(cfg.method).build_model(spec, cfg.nclass, cfg.drop_path, cfg)
-    return model if model is not None else plain_model(cfg.backbone, cfg.nclass, drop_path=cfg.drop_path)
+    return method.build_model(spec, cfg.nclass, cfg.drop_path, cfg)
 
 
 for _module in MODULES:

@@ -17,6 +17,6 @@ for name, cls in methods.REGISTRY.items():
         f'{", fp stream" if cls.options.fp_weight else ""}'
     keys = ', '.join(f.name for f in dataclasses.fields(cls.Keys)) if cls.Keys else '-'
     needs = ', '.join(sorted(cls.needs())) or 'nothing'
-    runs_on = ', '.join(t for t in tasks.names() if tasks.get(t).supports(name))
+    runs_on = ', '.join(t for t in tasks.names() if methods.runs_on(name, tasks.get(t)))
     print(f'{name:12s} {cls.summary}\n{"":12s} step: {steps}; keys: {keys}'
           f'{"; benchmark recipe" if cls.benchmark_recipe else ""}\n{"":12s} needs: {needs}; tasks: {runs_on}')

@@ -1,7 +1,7 @@
 """What a method is: one class in one module, registered by name (`methods/__init__.py`).
 
 A method says, in one place:
-  * `Keys`: its config keys and defaults (a dataclass; the keys join `util.config.Config`, flat, so
+  * `Keys`: its config keys and defaults (a dataclass; the keys join `engine.config.Config`, flat, so
     `key=value` overrides them like any other), and `check` validates them;
   * `options`: the core step it runs (`methods.step.SemiOptions`: views, complementary dropout, ...;
     None = labeled-only training);
@@ -24,14 +24,10 @@ import torch
 from torch import nn
 
 from methods.step import SemiOptions, StepContext, Term
+from util.capabilities import OWN_MODEL, STEP_HOOKS
 
 Need = Callable[[bool, str, str], None]     # need(ok, key, message): raise a ConfigError naming the key
 
-# What a method can need of the task it runs on (`Method.needs`); a task lists what it gives
-# (`tasks.base.Task.provides`), and a method runs on a task that gives all it needs.
-OWN_MODEL = 'a model of its own'             # it builds its model: a head or bottleneck on the DPT segmentor
-STEP_HOOKS = 'step hooks on pixel maps'      # it adds to the step through the hooks below, which read
-                                             # per-pixel maps (logits, pseudo-labels, CutMix boxes)
 HOOKS = ('teacher_kwargs', 'student_kwargs', 'strong_losses', 'terms')
 
 

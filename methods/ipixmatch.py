@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from methods.base import LossMethod, register
 from methods.step import StepContext, Term, mix_targets
 from model.presets import PATCH_SIZE
-from util.inference import patch_of
+from model.inference import patch_of
 
 LOSSES = ('kl', 'cr')
 RESOLUTIONS = ('native', 'crop', 'patch')

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from methods.base import OWN_MODEL, STEP_HOOKS
+from util.capabilities import OWN_MODEL, STEP_HOOKS
 
 Need = Callable[[bool, str, str], None]     # need(ok, key, message): raise a ConfigError naming the key
 
@@ -61,8 +61,9 @@ class Task:
         self.cfg = cfg
 
     @classmethod
-    def check(cls, cfg, need: Need) -> None:
-        """Validate the keys of a config whose dataset has this task (a dense one: the crop)."""
+    def check(cls, cfg, need: Need, semi: bool) -> None:
+        """Validate the keys of a config whose dataset has this task (a dense one: the crop);
+        `semi`: whether the run's method trains on unlabeled data too."""
         check_crop(cfg, need)
 
     # ---- data ------------------------------------------------------------------------------------
@@ -120,12 +121,6 @@ class Task:
         pipeline on them)."""
         raise NotImplementedError
 
-    @classmethod
-    def supports(cls, method: str) -> bool:
-        """Whether the registered method `method` runs on this task: the task gives all it needs."""
-        import methods
-        return methods.get(method).needs() <= cls.provides
-
     # ---- model -----------------------------------------------------------------------------------
 
     def build_model(self, cfg=None) -> nn.Module:
@@ -178,10 +173,10 @@ class Task:
 
     def infer(self, model: nn.Module, images: Sequence, device: torch.device | None = None, *,
               mode: str | None = None, flip: bool = False, scales: Sequence[float] = (1.0,)):
-        """`util.inference.Prediction` (probs float [1, nclass, H, W], valid bool [1, H, W]) of one
+        """`model.inference.Prediction` (probs float [1, nclass, H, W], valid bool [1, H, W]) of one
         sample's images, as the task's evaluation predicts: its inference mode (`eval_mode`), crop
         size and class count; flips and scales as asked."""
-        from util.inference import predict
+        from model.inference import predict
         if len(images) != self.images_per_input:
             raise ValueError(f'{self.name} predicts from {self.images_per_input} image(s) at a time, got {len(images)}')
         x = self.model_input(images)[None]

@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torch.utils.data import Dataset
 
-from methods.base import STEP_HOOKS
+from util.capabilities import STEP_HOOKS
 from tasks.base import Task, register
 
 CLASS_NAMES = ('unchanged', 'changed')
@@ -48,8 +48,8 @@ class ChangeDetection(Task):
     provides = frozenset({STEP_HOOKS})   # its model is the bi-temporal DPT: a method's own segmentor does not fit
 
     @classmethod
-    def check(cls, cfg, need) -> None:
-        super().check(cfg, need)
+    def check(cls, cfg, need, semi: bool) -> None:
+        super().check(cfg, need, semi)
         need(cfg.nclass == 2, 'nclass', f'must be 2 for change detection (unchanged, changed), got {cfg.nclass}')
         need(cfg.backbone.startswith(('dinov2_', 'dinov3_')), 'backbone',
              f'change detection runs on a DINOv2 or DINOv3 encoder (dinov2_<size>, dinov3_<size>), got {cfg.backbone!r}')
@@ -127,7 +127,7 @@ class ChangeDetection(Task):
         """The change metrics (`change_scores`) of `model` on `dataset`, with 'n_images' and the
         2 x 2 'confusion'; `save_dir` gets `<name>.png` (0/255) and `side_by_side/<name>.jpg`
         (A | B | label | prediction)."""
-        from util.evaluation import evaluate
+        from tasks.evaluation import evaluate
         res = evaluate(model, dataset, self.cfg.nclass, self.eval_mode(mode), self.cfg.crop_size, flip, scales, device,
                        save_dir=save_dir, progress=progress, num_workers=num_workers, writer=write_change_pictures)
         return {**change_scores(res['confusion']), 'n_images': res['n_images'], 'confusion': res['confusion']}
@@ -166,7 +166,7 @@ class ChangeDetection(Task):
         from tqdm import tqdm
 
         from dataset.change import load_label
-        from util.evaluation import load_rgb, save_panels
+        from dataset.images import load_rgb, save_panels
         if len(inputs) != 2 or not all(p.is_dir() for p in inputs):
             raise SystemExit(f'error: change detection takes --input A_DIR B_DIR (two folders), got {inputs}')
         pairs = matched_pairs(*inputs)
@@ -203,7 +203,7 @@ def change_scores(confusion) -> dict[str, float]:
 def write_change_pictures(item: dict, pred: torch.Tensor, save_dir: Path) -> None:
     """evaluate's pictures of a pair: `<name>.png` (0/255) and `side_by_side/<name>.jpg`
     (A | B | label | prediction)."""
-    from util.evaluation import denormalize, save_panels
+    from dataset.images import denormalize, save_panels
     a, b = item['image'][:3], item['image'][3:]
     change = change_mask(pred)
     change.save(save_dir / f'{item["name"]}.png')

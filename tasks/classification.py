@@ -8,7 +8,7 @@ logits (B, K, 1, 1), labels (B, 1, 1), CutMix boxes all False (Cutout is in the 
 normalised by the valid pixels, is the mean over unlabeled images of the confidence-masked
 cross-entropy. The recipe of the original's logs (TorchSSL's, docs/classification.md) is in the
 configs: `total_loss: sum` (L_x + L_u), SGD without weight decay on biases and BatchNorm
-(util/trainer.py build_optimizer), TorchSSL's evaluation points (`eval_interval`). Every registered method that runs the core step as it is (two strong views with
+(engine/build.py build_optimizer), TorchSSL's evaluation points (`eval_interval`). Every registered method that runs the core step as it is (two strong views with
 complementary dropout on the pooled features, one view, labeled-only, ...) runs here; methods with a
 model or hooks of their own work on pixels and are refused.
 
@@ -61,11 +61,10 @@ class Classification(Task):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self._data = {}         # split -> dataset.classification.ClassificationData, read once
+        self._data = {}         # split -> (dataset.classification.ClassificationData, with unlabeled), read once
 
     @classmethod
-    def check(cls, cfg, need) -> None:
-        import methods
+    def check(cls, cfg, need, semi: bool) -> None:
         from model.classifiers import classifier_names
         need(cfg.backbone in classifier_names(), 'backbone',
              f'must be one of {classifier_names()} for {cfg.dataset}, got {cfg.backbone!r}')
@@ -73,8 +72,7 @@ class Classification(Task):
              f'must be a positive multiple of the 14-pixel patch, got {cfg.input_size}')
         need(cfg.max_iters_per_epoch > 0, 'max_iters_per_epoch',
              f'must be > 0 for {cfg.dataset}: a classification epoch is that many iterations')
-        need(methods.get(cfg.method).options is not None
-             or cfg.labeled_upsample >= cfg.max_iters_per_epoch * 2 * cfg.batch_size, 'labeled_upsample',
+        need(semi or cfg.labeled_upsample >= cfg.max_iters_per_epoch * 2 * cfg.batch_size, 'labeled_upsample',
              f'must be >= max_iters_per_epoch x 2 x batch_size = {cfg.max_iters_per_epoch * 2 * cfg.batch_size} '
              f'for labeled-only training on {cfg.dataset} (an epoch of max_iters_per_epoch iterations)')
         need(not cfg.unlabeled_dirs and cfg.unlabeled_root is None, 'unlabeled_dirs',
@@ -98,15 +96,17 @@ class Classification(Task):
     def eval_split_path(self) -> Part:
         return Part('val', 'all', self.cfg.dataset, self.cfg.data_root)
 
-    def data(self, split: str):
-        """Every image and label of `split`, read and checked once (DataError otherwise)."""
+    def data(self, split: str, unlabeled: bool = False):
+        """Every image and label of `split`, read and checked once (DataError otherwise);
+        `unlabeled`: with the unlabeled set's extra images too (STL-10's), which a labeled-only
+        run does not read."""
         from dataset.classification import load_classification
-        import methods
-        if split not in self._data:
+        cached = self._data.get(split)
+        if cached is None or (unlabeled and not cached[1]):
             cfg = self.cfg
-            semi = methods.get(cfg.method).options is not None
-            self._data[split] = load_classification(cfg.dataset, cfg.data_root, split, cfg.seed, cfg.download, semi)
-        return self._data[split]
+            self._data[split] = (load_classification(cfg.dataset, cfg.data_root, split, cfg.seed, cfg.download,
+                                                     unlabeled), unlabeled)
+        return self._data[split][0]
 
     def check_inputs(self, splits: dict, full: bool = False, roots: dict | None = None) -> list:
         """The files of each part, read in full (they are read once either way), the labeled subset
@@ -117,7 +117,7 @@ class Classification(Task):
                 return [Problem('error', str(part), f'{self.cfg.dataset} has no split files: give --split '
                                                     '<N>_labels_per_class, <P>% or all')]
             try:
-                self.data(part.split)
+                self.data(part.split, unlabeled='unlabeled' in splits)
             except DataError as err:
                 return [Problem('error', str(part), str(err))]
         return []
@@ -155,7 +155,7 @@ class Classification(Task):
         iterations of `batch_size x unlabeled_ratio` images on every process."""
         from dataset.classification import ClassificationDataset
         from util import dist
-        cfg, data = self.cfg, self.data(split_file.split)
+        cfg, data = self.cfg, self.data(split_file.split, unlabeled=split_file.role == 'unlabeled')
         images, indices = {'labeled': (data.train, data.labeled),
                            'unlabeled': (data.unlabeled, np.arange(len(data.unlabeled))),
                            'val': (data.test, np.arange(len(data.test)))}[split_file.role]
@@ -236,7 +236,7 @@ class Classification(Task):
         from dataset.classification import eval_view, get_spec
         from dataset.registry import class_names
         from util.checkpoint import write_text_atomic
-        from util.evaluation import list_inputs, load_rgb
+        from dataset.images import list_inputs, load_rgb
         if len(inputs) != 1:
             raise SystemExit(f'error: classification takes one --input (a file or a folder), got {len(inputs)}')
         cfg = self.cfg

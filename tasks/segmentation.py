@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from model.dpt import build_model as plain_segmentor
 from tasks.base import Task, register
 
 
@@ -84,8 +85,10 @@ class Segmentation(Task):
     # ---- model -----------------------------------------------------------------------------------
 
     def build_model(self, cfg=None) -> nn.Module:
-        import methods
-        return methods.build_model(cfg or self.cfg)
+        """The plain DINOv2 + DPT segmentor (a method with a model of its own builds that instead:
+        `engine.build.build_model`)."""
+        cfg = cfg or self.cfg
+        return plain_segmentor(cfg.backbone, cfg.nclass, drop_path=cfg.drop_path)
 
     # ---- evaluation ------------------------------------------------------------------------------
 
@@ -100,9 +103,9 @@ class Segmentation(Task):
     def evaluate(self, model: nn.Module, dataset: Dataset, device: torch.device, *, mode: str | None = None,
                  flip: bool = False, scales: Sequence[float] = (1.0,), save_dir: Path | None = None,
                  progress: bool = False, num_workers: int = 0) -> dict:
-        """{'miou', 'iou' (per class), 'pixel_acc', 'n_images', 'confusion'}: util.evaluation.evaluate."""
+        """{'miou', 'iou' (per class), 'pixel_acc', 'n_images', 'confusion'}: tasks.evaluation.evaluate."""
         from dataset.registry import get_palette
-        from util.evaluation import evaluate
+        from tasks.evaluation import evaluate
         cfg = self.cfg
         palette = get_palette(cfg.dataset, cfg.nclass) if save_dir is not None else None
         return evaluate(model, dataset, cfg.nclass, self.eval_mode(mode), cfg.crop_size, flip, scales, device,
@@ -112,7 +115,7 @@ class Segmentation(Task):
         return {'miou': result['miou'], 'iou': result['iou']}
 
     def format_result(self, result: dict) -> str:
-        from util.evaluation import format_iou_table
+        from tasks.evaluation import format_iou_table
         return format_iou_table(result['iou'], self.class_names())
 
     def report(self, result: dict) -> dict:
@@ -134,7 +137,7 @@ class Segmentation(Task):
         from tqdm import tqdm
 
         from dataset.registry import get_palette
-        from util.evaluation import list_inputs, load_rgb, output_stem, overlay, save_prediction
+        from dataset.images import list_inputs, load_rgb, output_stem, overlay, save_prediction
         from util.metrics import IGNORE_INDEX
         if len(inputs) != 1:
             raise SystemExit(f'error: segmentation takes one --input (a file or a folder), got {len(inputs)}')

@@ -66,12 +66,13 @@ def run_case(overrides: list[str], base: list[str]) -> list[dict]:
     EMA update after each; each step's outputs plus the sum of |gradient|."""
     import methods
     from tests.test_steps import make_batch
-    from util import trainer
-    from util.config import load_config
+    import engine.build
+    import engine.state
+    from engine.config import load_config
     from util.ema import EMATeacher
     cfg = load_config(ROOT / 'configs/toy.yaml', base + overrides)
     torch.manual_seed(0)
-    student = methods.build_model(cfg).train()
+    student = engine.build.build_model(cfg).train()
     teacher = EMATeacher(student, cfg.ema_decay)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     run = types.SimpleNamespace(cfg=cfg, device=torch.device('cpu'))
@@ -80,9 +81,9 @@ def run_case(overrides: list[str], base: list[str]) -> list[dict]:
         if m.state_key == 'prev_bank':
             m.bank.add(student)
             m.bank.add(teacher.model)
-    tr = types.SimpleNamespace(run=run, ddp=student, teacher=teacher, state=trainer.TrainState(),
+    tr = types.SimpleNamespace(run=run, ddp=student, teacher=teacher, state=engine.state.TrainState(),
                                methods=run_methods)
-    step = trainer.make_step(tr, methods.get(cfg.method).options, 10)
+    step = engine.build.make_step(tr, methods.get(cfg.method).options, 10)
     outs = []
     for i in range(3):
         tr.state.epoch, tr.state.iteration = (-1, i) if i < 2 else (0, 0)

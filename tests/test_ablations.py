@@ -26,8 +26,12 @@ from methods.step import SemiOptions, semi_step
 from model import build_model
 from tests.test_tables import reproduce, write_run
 from tools import tables
-from util import trainer
-from util.config import Config, ConfigError, from_dict, load_config
+import engine.build
+import engine.data
+import engine.run
+import unimatch_v2
+from util.config import ConfigError
+from engine.config import Config, from_dict, load_config
 from util.ema import EMATeacher
 from util.losses import IGNORE_INDEX, build_criterion, cutmix
 
@@ -77,7 +81,7 @@ def test_online_teacher_labels_with_the_student_without_gradient(teacher):
     ema = EMATeacher(tiny(1))       # other weights: its labels differ from the student's
     student_calls, ema_calls = record_calls(student), record_calls(ema.model)
     x, u = batches()
-    step = trainer.make_step(fake_training(teacher, student, ema), methods.get('unimatch_v2').options, 10)
+    step = engine.build.make_step(fake_training(teacher, student, ema), methods.get('unimatch_v2').options, 10)
     out = step(u, x)
     weak = [c for c in student_calls if torch.equal(c[0], u['image'])]
     if teacher == 'ema':       # the paper: the EMA model labels, the student never sees the weak view
@@ -105,9 +109,9 @@ def test_online_teacher_run_keeps_and_evaluates_the_ema(toy, tmp_path, monkeypat
     monkeypatch.setattr(EMATeacher, 'update', lambda self, s, step: (updates.append(step), original(self, s, step)))
     called = []
     monkeypatch.setattr(EMATeacher, '__call__', lambda self, *a, **k: called.append(1) or self.model(*a, **k))
-    args = trainer.parse_args('t', ['--config', str(ROOT / 'configs/toy.yaml'), '--split', '1_16',
+    args = engine.run.parse_args('t', ['--config', str(ROOT / 'configs/toy.yaml'), '--split', '1_16',
                                     '--save-path', str(tmp_path / 'run'), *toy, 'epochs=1', 'teacher=online'])
-    tr = trainer.train(args)
+    tr = unimatch_v2.train(args)
     assert updates == [0, 1]            # the EMA follows the student at every step
     assert not called                   # ... but never labels
     res = (tmp_path / 'run' / 'results.json').read_text()
@@ -151,9 +155,9 @@ def test_comp_drop_at_is_validated_and_needs_the_plain_model(toy):
         from_dict({'teacher': 'mean'})
     cfg = load_config(ROOT / 'configs/toy.yaml', toy + ['method=u2pl', 'comp_drop_at=classifier'])
     with pytest.raises(ConfigError, match='comp_drop_at'):
-        trainer.build_student(cfg, torch.device('cpu'))
+        engine.build.build_student(cfg, torch.device('cpu'))
     cfg = load_config(ROOT / 'configs/toy.yaml', toy + ['comp_drop_at=classifier'])
-    assert trainer.build_student(cfg, torch.device('cpu')).comp_drop_at == 'classifier'
+    assert engine.build.build_student(cfg, torch.device('cpu')).comp_drop_at == 'classifier'
     assert Config().teacher == 'ema' and Config().comp_drop_at == 'features'
 
 
@@ -224,12 +228,12 @@ def test_labeled_from_one_dataset_unlabeled_from_another(tmp_path):
     cfg = from_dict({'dataset': 'ade20k', 'data_root': str(ade), 'nclass': 150, 'splits_root': str(splits),
                      'unlabeled_root': str(coco), 'unlabeled_dirs': ['train2017', 'unlabeled2017']})
     args = SimpleNamespace(labeled_id_path=None, unlabeled_id_path=None, split='all')
-    labeled, unlabeled, _ = trainer.data_paths(cfg, args)
+    labeled, unlabeled, _ = engine.run.data_paths(cfg, args)
     assert labeled == splits / 'ade20k/all/labeled.txt'
     assert unlabeled == splits / 'ade20k/all/unlabeled+train2017+unlabeled2017.txt'
     assert [s.image for s in read_split(unlabeled)] == [
         'train2017/000000000000.jpg', 'train2017/000000000001.jpg', 'unlabeled2017/000000999999.jpg']
-    item = SemiDataset(trainer.unlabeled_root(cfg), unlabeled, 'train_u', CROP, num_strong=2)[2]
+    item = SemiDataset(engine.data.unlabeled_root(cfg), unlabeled, 'train_u', CROP, num_strong=2)[2]
     assert item['image'].shape == (3, CROP, CROP)
     # COCO 'all': the labeled list is every train2017 image with its mask, derived on first use.
     (splits / 'coco').mkdir()
@@ -244,10 +248,10 @@ def test_a_run_with_unlabeled_images_from_another_root(toy, tmp_path):
     for i in range(4):
         write_image(extra / f'unlabeled2017/{i:012d}.jpg', size=(48, 48), value=40 * i)
     run_dir = tmp_path / 'run'
-    args = trainer.parse_args('t', ['--config', str(ROOT / 'configs/toy.yaml'), '--split', '1_16',
+    args = engine.run.parse_args('t', ['--config', str(ROOT / 'configs/toy.yaml'), '--split', '1_16',
                                     '--save-path', str(run_dir), *toy, 'epochs=1', f'unlabeled_root={extra}',
                                     'unlabeled_dirs=[unlabeled2017]', 'comp_drop_at=classifier'])
-    trainer.train(args)
+    unimatch_v2.train(args)
     log = (run_dir / 'train.log').read_text()
     assert '4 unlabeled samples per epoch' in log
     with pytest.raises(ConfigError, match='unlabeled_dirs'):

@@ -14,9 +14,9 @@ from torch import nn
 
 import evaluate
 import unimatch_v2
-import methods
+import engine.build
 from model import build_model
-from util.config import load_config
+from engine.config import load_config
 from tests.distributed import run_processes
 from methods.allspark import AllSparkBottleneck, SemanticMemory
 from util.ema import EMATeacher
@@ -40,7 +40,7 @@ def bottleneck(**kw) -> AllSparkBottleneck:
 
 
 def allspark_model() -> nn.Module:
-    return methods.build_model(load_config(ROOT / 'configs/toy.yaml', ['method=allspark', f'nclass={K}']))
+    return engine.build.build_model(load_config(ROOT / 'configs/toy.yaml', ['method=allspark', f'nclass={K}']))
 
 
 def test_attention_shapes():

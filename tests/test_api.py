@@ -18,7 +18,7 @@ from model.hub import CACHE_ENV, MIRROR_ENV, RELEASE_HOST
 from model.dpt import build_model
 from segmenter import Segmenter
 from tests.test_export import training_checkpoint
-from util.inference import predict
+from model.inference import predict
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as tdist
 
 import benchmark
-from util.config import load_config
+from engine.config import load_config
 from tests.launch import HANG_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -87,7 +87,8 @@ def test_reproduce_usage_lists_every_grid():
 def test_every_cell_is_a_valid_run(grid):
     """Each cell's own overrides load: a cell the config check refuses (a crop that is not a multiple
     of its encoder's patch, a method its task cannot run) would fail at launch, hours into a grid."""
-    from util.config import ConfigError, load_config
+    from util.config import ConfigError
+    from engine.config import load_config
     refused = []
     for cell in CELLS[grid.name]:
         try:

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 
 import tasks
-from util.config import load_config
-from util.trainer import epoch_iterations, train_loaders
+from engine.config import load_config
+from engine.data import epoch_iterations, train_loaders
 
 ROOT = Path(__file__).resolve().parents[1]
 

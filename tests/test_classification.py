@@ -291,19 +291,20 @@ def test_unimatch_v2_resume_is_the_same_run(cifar_root, tmp_path, monkeypatch):
     the same weights, EMA, optimizer state and accuracies: every augmentation (RandAugment
     included) is seeded per sample."""
     import unimatch_v2
-    from util import trainer
+    import engine.loop
+    import engine.preemption
     straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
     unimatch_v2.main(train_args(straight) + fast(cifar_root) + ['epochs=2'])
-    real = trainer.end_of_epoch
+    real = engine.loop.end_of_epoch
 
     def stop_after(tr, epoch, *args):
         real(tr, epoch, *args)
-        raise trainer.Preempted
-    monkeypatch.setattr(trainer, 'end_of_epoch', stop_after)
+        raise engine.preemption.Preempted
+    monkeypatch.setattr(engine.loop, 'end_of_epoch', stop_after)
     with pytest.raises(SystemExit):
         unimatch_v2.main(train_args(resumed) + fast(cifar_root) + ['epochs=2'])
     assert results_of(resumed)['epochs'] == 1
-    monkeypatch.setattr(trainer, 'end_of_epoch', real)
+    monkeypatch.setattr(engine.loop, 'end_of_epoch', real)
     unimatch_v2.main(train_args(resumed) + fast(cifar_root) + ['epochs=2'])
     a, b = (torch.load(d / 'latest.pth', weights_only=True) for d in (straight, resumed))
     for key in ('model', 'model_ema'):
@@ -391,8 +392,9 @@ def test_loaders_of_one_epoch(cifar_root, tmp_path):
     max_iters_per_epoch batches long; labeled-only: twice the batch, labeled_upsample samples."""
     import tasks
     from methods.step import SemiOptions
-    from util.config import load_config
-    from util.trainer import Run, train_loaders
+    from engine.config import load_config
+    from engine.data import train_loaders
+    from engine.run import Run
     cfg = load_config(ROOT / 'configs/cifar10.yaml', fast(cifar_root))
     task = tasks.for_config(cfg)
     run = Run(cfg, tmp_path, torch.device('cpu'), None, '2_labels_per_class', *task.split_paths('2_labels_per_class'), task)

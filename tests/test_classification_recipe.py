@@ -25,9 +25,10 @@ from dataset.classification import get_spec, load_classification, strong_view, w
 from methods.base import MethodSet
 from model.classifiers import build_classifier
 from tests.test_classification import TEST, TRAIN, write_cifar, write_svhn
-from util.config import load_config
+from engine.config import load_config
 from util.ema import EMATeacher
-from util.trainer import (build_optimizer, evaluation_due, make_step, set_lr, torchssl_evaluations)
+from engine.build import build_optimizer, make_step
+from engine.schedule import evaluation_due, set_lr, torchssl_evaluations
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +47,7 @@ def classification_batch(bl: int = 4, bu: int = 6, side: int = 32) -> tuple[dict
 
 
 def trainer_step(cfg, student: nn.Module):
-    """The step util/trainer.py builds for `cfg` (UniMatch V2), around `student` and its EMA."""
+    """The step engine/build.py builds for `cfg` (UniMatch V2), around `student` and its EMA."""
     tr = SimpleNamespace(run=SimpleNamespace(cfg=cfg), methods=MethodSet([]), teacher=EMATeacher(student, cfg.ema_decay),
                          student=student, ddp=student, state=SimpleNamespace(epoch=-1, iteration=0))
     return make_step(tr, methods.get(cfg.method).options, 1024)

@@ -1,4 +1,4 @@
-"""Config (util/config.py): every shipped config loads and holds the paper's values; unknown keys,
+"""Config (engine/config.py; loading in util/config.py): every shipped config loads and holds the paper's values; unknown keys,
 wrong types and invalid choices are errors naming the key; `key=value` overrides; save/load round trip;
 an original UniMatch V2 config loads unchanged.
 
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from util.config import Config, ConfigError, from_dict, load_config, save_config
+from util.config import ConfigError, save_config
+from engine.config import Config, from_dict, load_config
 from util.losses import build_criterion
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'

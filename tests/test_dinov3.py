@@ -37,8 +37,10 @@ from model.params import count, meta_model
 from model.presets import DINOV3_PRESETS, META_PARAMS_M, PRESETS, DinoV3Preset, preset
 from tests.test_convert import randomise
 from tests.test_steps import make_batch
-from util import trainer
-from util.config import ConfigError, load_config
+import engine.build
+import engine.state
+from util.config import ConfigError
+from engine.config import load_config
 from util.ema import EMATeacher
 from util.losses import CrossEntropy
 
@@ -415,14 +417,14 @@ METHOD_CROP = 112     # 7 x 7 patches of 16, 8 x 8 of 14: a grid computed with D
 
 
 def method_step(method_overrides: list[str]) -> dict:
-    """One step of the loop's step function (`trainer.make_step`) with a tiny DINOv3 at crop 112, on
+    """One step of the loop's step function (`engine.build.make_step`) with a tiny DINOv3 at crop 112, on
     tests/test_methods.py's base settings; its outputs and the sum of |gradient| of the encoder."""
     from tests.step_record import FP32_FIXTURE
     base = [o for o in torch.load(FP32_FIXTURE, weights_only=True)['base'] if not o.startswith('crop_size=')]
     cfg = load_config(ROOT / 'configs/toy.yaml', base + [f'crop_size={METHOD_CROP}', 'backbone=dinov3_tiny']
                       + method_overrides)
     torch.manual_seed(0)
-    student = methods.build_model(cfg).train()
+    student = engine.build.build_model(cfg).train()
     teacher = EMATeacher(student, cfg.ema_decay)
     run = types.SimpleNamespace(cfg=cfg, device=torch.device('cpu'))
     run_methods = methods.create(cfg, student, run.device)
@@ -430,10 +432,10 @@ def method_step(method_overrides: list[str]) -> dict:
         if m.state_key == 'prev_bank':
             m.bank.add(student)
             m.bank.add(teacher.model)
-    tr = types.SimpleNamespace(run=run, ddp=student, teacher=teacher, state=trainer.TrainState(), methods=run_methods)
+    tr = types.SimpleNamespace(run=run, ddp=student, teacher=teacher, state=engine.state.TrainState(), methods=run_methods)
     tr.state.epoch, tr.state.iteration = 0, 0          # epoch 1 to the methods: past the base's warm-ups
     options = methods.get(cfg.method).options
-    step = trainer.make_step(tr, options, 10)
+    step = engine.build.make_step(tr, options, 10)
     batch_l, batch_u = make_batch(size=METHOD_CROP)
     out = step(batch_u, batch_l) if options is not None else step(batch_l)
     out['loss'].backward()
@@ -456,7 +458,7 @@ def test_ipix_and_allspark_use_the_16_pixel_grid():
     from methods.ipixmatch import IPixMatch, loss_size
     for method, cls in (('ipixmatch', IPixMatch), ('allspark', AllSpark)):
         cfg = load_config(ROOT / 'configs/toy.yaml', ['backbone=dinov3_tiny', f'method={method}'])
-        m = cls(cfg, methods.build_model(cfg), torch.device('cpu'))
+        m = cls(cfg, engine.build.build_model(cfg), torch.device('cpu'))
         assert (m.ipix.patch_size if method == 'ipixmatch' else m.patch_size) == 16
     assert loss_size(512, 512, 'patch', 16) == (32, 32) and loss_size(518, 518, 'patch') == (37, 37)
     batch_u = {'boxes': torch.zeros(2, 2, 112, 112, dtype=torch.bool)}
@@ -529,7 +531,7 @@ class SizeRecorder(nn.Module):
 def test_evaluation_resizes_to_the_models_patch(patch, size):
     """DINOv3 at multiples of 16; a model without a patch grid (ResNet, MiT) or without `patch_size`
     at DINOv2's 14, as before."""
-    from util.inference import predict
+    from model.inference import predict
     model = SizeRecorder(patch)
     predict(model, torch.zeros(1, 3, 40, 56), 'original', 32, 2)
     assert model.sizes == [size]

@@ -135,7 +135,7 @@ def test_flags_shown_are_flags_the_scripts_take():
 
 
 def known_config_keys() -> set[str]:
-    from util.config import Config
+    from engine.config import Config
     return {f.name for f in dataclasses.fields(Config)}
 
 

@@ -15,7 +15,7 @@ import evaluate as evaluate_script
 import predict as predict_script
 from model import build_model
 from tests.distributed import run_processes
-from util.evaluation import evaluate, format_iou_table
+from tasks.evaluation import evaluate, format_iou_table
 
 NCLASS = 3
 

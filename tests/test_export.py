@@ -28,7 +28,8 @@ from PIL import Image
 import tasks
 from segmenter import Segmenter
 from util.checkpoint import save_atomic
-from util.config import load_config, to_dict
+from util.config import to_dict
+from engine.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGIT_ATOL = 1e-4          # see the module docstring
@@ -36,7 +37,7 @@ MIN_ARGMAX_AGREEMENT = 0.999
 
 
 def training_checkpoint(path: Path, config: str, overrides: list[str]) -> Path:
-    """A checkpoint laid out as util/trainer.py's checkpoint_dict, student and EMA two different
+    """A checkpoint laid out as engine/state.py's checkpoint_dict, student and EMA two different
     random inits (so that exporting the wrong one shows)."""
     cfg = load_config(ROOT / config, overrides)
     task = tasks.for_config(cfg)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from util.inference import (predict, predict_center_crop, predict_sliding, predict_whole,
+from model.inference import (predict, predict_center_crop, predict_sliding, predict_whole,
                             resize_to_patch_multiple, window_starts)
 
 

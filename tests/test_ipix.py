@@ -19,7 +19,8 @@ from torch import nn
 
 from tests.batches import CROP, NCLASS, fixed_box_batch
 import unimatch_v2
-from util.config import ConfigError, load_config
+from util.config import ConfigError
+from engine.config import load_config
 from methods.ipixmatch import (IPixMatch, IPixOptions, ipix_loss, ipix_view_loss, loss_size, resample,
                                warmup_ramp)
 from util.losses import cutmix

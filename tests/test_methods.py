@@ -1,4 +1,4 @@
-"""The method registry (methods/) and the wiring of the training loop around it (util/trainer.py).
+"""The method registry (methods/) and the wiring of the training loop around it (engine/).
 
     python -m pytest tests/test_methods.py -q
 
@@ -36,8 +36,12 @@ from tests.distributed import run_processes
 from tests.step_record import (FLOAT64_CASES, FP32_FIXTURE, FP32_TOL, FP64_ATOL, FP64_FIXTURE, FP64_RTOL,
                                OTHER_KERNELS, UNCHANGED, case_overrides, fp32_mismatches, mismatches, outputs_under,
                                run_case, run_float64_case)
-from util import dist, trainer
-from util.config import load_config
+from util import dist
+import engine.build
+import engine.loop
+import engine.run
+import engine.schedule
+from engine.config import load_config
 from util.ema import EMATeacher, ema_ratio
 from util.losses import build_criterion
 from util.precision import Precision
@@ -225,7 +229,7 @@ class Recorder:
 
     def __init__(self, monkeypatch):
         self.events, self.steps, self.ema, self.lrs = [], [], [], []
-        real_step, real_opt, real_ema = trainer.semi_step, Precision.step, EMATeacher.update
+        real_step, real_opt, real_ema = engine.build.semi_step, Precision.step, EMATeacher.update
 
         def step(student, teacher, *args, **kwargs):
             self.steps.append((student, teacher))
@@ -243,7 +247,7 @@ class Recorder:
             self.events.append('ema')
             self.ema.append((it, before, student.state_dict()[name].clone(), ema.model.state_dict()[name].clone()))
 
-        monkeypatch.setattr(trainer, 'semi_step', step)
+        monkeypatch.setattr(engine.build, 'semi_step', step)
         monkeypatch.setattr(Precision, 'step', opt_step)
         monkeypatch.setattr(EMATeacher, 'update', ema_update)
 
@@ -253,7 +257,7 @@ def recorded_run(toy, tmp_path, monkeypatch):
     """Two epochs of three steps of UniMatch V2 on the toy, recorded."""
     rec = Recorder(monkeypatch)
     run_dir = tmp_path / 'run'
-    tr = trainer.train(trainer.parse_args('', ['--config', str(ROOT / 'configs/toy.yaml'), '--split', '1_16',
+    tr = unimatch_v2.train(engine.run.parse_args('', ['--config', str(ROOT / 'configs/toy.yaml'), '--split', '1_16',
                                                 '--save-path', str(run_dir)] + toy +
                                           ['epochs=2', 'max_iters_per_epoch=3', 'ema_decay=0.6']))
     return rec, tr, run_dir
@@ -298,7 +302,7 @@ def test_every_step_runs_at_the_originals_learning_rate(recorded_run):
     """Over an epoch boundary, both parameter groups: the first two steps at the base lr."""
     rec, tr, _ = recorded_run
     cfg = tr.run.cfg
-    expected = originals_learning_rates(cfg.lr * trainer.lr_scale(cfg), cfg.lr_multi, 2, 3)
+    expected = originals_learning_rates(cfg.lr * engine.schedule.lr_scale(cfg), cfg.lr_multi, 2, 3)
     assert expected[0] == expected[2] != expected[4]
     assert [lr for step in rec.lrs for lr in step] == pytest.approx(expected, rel=1e-12)
 
@@ -317,7 +321,7 @@ def test_a_resumed_run_keeps_the_learning_rate_of_every_step(toy, tmp_path, monk
     unimatch_v2.main(argv)
     assert 'resumed from' in (tmp_path / 'run/train.log').read_text()
     cfg = load_config(ROOT / 'configs/toy.yaml', toy)
-    expected = originals_learning_rates(cfg.lr * trainer.lr_scale(cfg), cfg.lr_multi, 2, 3)
+    expected = originals_learning_rates(cfg.lr * engine.schedule.lr_scale(cfg), cfg.lr_multi, 2, 3)
     assert [lr for step in rec.lrs for lr in step] == pytest.approx(expected, rel=1e-12)
 
 
@@ -325,7 +329,7 @@ def test_gradient_accumulation_equals_one_step_on_the_larger_batch():
     """grad_accum=2 over two batches of 2 gives the gradients of one batch of 4 (no ignored pixels,
     so the per-batch means weigh alike)."""
     torch.manual_seed(0)
-    model = methods.build_model(load_config(ROOT / 'configs/toy.yaml', ['pretrained=null', 'nclass=3']))
+    model = engine.build.build_model(load_config(ROOT / 'configs/toy.yaml', ['pretrained=null', 'nclass=3']))
     criterion = build_criterion('CELoss', {'ignore_index': 255})
     g = torch.Generator().manual_seed(1)
     batches = [{'image': torch.randn(2, 3, 28, 28, generator=g), 'mask': torch.randint(0, 3, (2, 28, 28), generator=g)}
@@ -337,7 +341,7 @@ def test_gradient_accumulation_equals_one_step_on_the_larger_batch():
         tr = types.SimpleNamespace(ddp=model, run=types.SimpleNamespace(device=torch.device('cpu')),
                                    precision=Precision('fp32', torch.device('cpu')),
                                    optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-        out = trainer.accumulate(tr, lambda b: supervised_step(model, b, criterion), iter([(c,) for c in chunks]),
+        out = engine.loop.accumulate(tr, lambda b: supervised_step(model, b, criterion), iter([(c,) for c in chunks]),
                                  accum)
         assert out is not None
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -349,7 +353,7 @@ def test_gradient_accumulation_equals_one_step_on_the_larger_batch():
 
 
 def _two_process_worker(rank: int, out_dir: str) -> None:
-    """trainer.train in each of two gloo processes; what each saw and ended with goes to out_dir."""
+    """unimatch_v2.train in each of two gloo processes; what each saw and ended with goes to out_dir."""
     from dataset.semi import SemiDataset
     seen, real = [], SemiDataset.__getitem__
 
@@ -360,7 +364,7 @@ def _two_process_worker(rank: int, out_dir: str) -> None:
     SemiDataset.__getitem__ = getitem
     dist.cleanup = lambda: None                  # the harness tears the group down
     args = json.loads(Path(out_dir, 'args.json').read_text())
-    tr = trainer.train(trainer.parse_args('', args))
+    tr = unimatch_v2.train(engine.run.parse_args('', args))
     torch.save({'model': tr.student.state_dict(), 'ema': tr.teacher.model.state_dict(), 'seen': seen},
                Path(out_dir, f'rank{rank}.pt'))
 

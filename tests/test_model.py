@@ -605,5 +605,5 @@ def test_math_attention_also_matches_the_original_implementation(reference):
     ('auto', 'cpu', 'bf16', False), ('auto', 'cpu', 'fp16', False), ('auto', 'cpu', 'fp32', True),
     ('auto', 'cuda', 'bf16', True), ('sdpa', 'cpu', 'bf16', True), ('math', 'cuda', 'fp32', False)])
 def test_attention_choice(attention, device, precision, fused):
-    from util.config import Config, fused_attention
+    from engine.config import Config, fused_attention
     assert fused_attention(Config(attention=attention, precision=precision), device) is fused

@@ -21,8 +21,11 @@ import tasks
 from tests.launch import HANG_TIMEOUT_S
 from tools.plan import make_plan
 from util import dist
-from util.config import ConfigError, load_config
-from util.trainer import build_optimizer, epoch_iterations, parse_args, train_loaders
+from util.config import ConfigError
+from engine.config import load_config
+from engine.build import build_optimizer
+from engine.data import epoch_iterations, train_loaders
+from engine.run import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTS_TABLES = Path('/work/shared/reference/paper_tables.csv')    # the original's logged values, where present

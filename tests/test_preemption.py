@@ -1,4 +1,4 @@
-"""Stop requests as the world sends them, and a resumed run that is the same run (util/trainer.py,
+"""Stop requests as the world sends them, and a resumed run that is the same run (engine/,
 scripts/train.sh).
 
     python -m pytest tests/test_preemption.py -q
@@ -28,7 +28,9 @@ import torch
 
 import unimatch_v2
 from tests.distributed import free_port
-from util import trainer
+import engine.loop
+import engine.preemption
+import engine.state
 from tests.launch import HANG_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +70,7 @@ def stopped_at(run_dir: Path) -> str:
     where = f'epoch {ckpt["epoch"] + 1} iteration {ckpt["iteration"]} (step {ckpt["global_step"]})'
     assert ckpt['iteration'] >= 1 and ckpt['global_step'] < 15 * 20
     assert f'checkpoint at {where}' in log
-    assert where in (run_dir / trainer.STOP_MARKER).read_text()
+    assert where in (run_dir / engine.state.STOP_MARKER).read_text()
     return where
 
 
@@ -82,7 +84,7 @@ def test_sigterm_to_the_process_group_with_workers_running(toy, tmp_path):
     os.killpg(proc.pid, signal.SIGTERM)            # the trainer and its two workers
     assert proc.wait(timeout=HANG_TIMEOUT_S) == 0, out.read_text()[-3000:]
     stopped_at(run_dir)
-    assert 'SIGTERM' in (run_dir / trainer.STOP_MARKER).read_text()
+    assert 'SIGTERM' in (run_dir / engine.state.STOP_MARKER).read_text()
     assert 'DataLoader worker' not in out.read_text()
 
 
@@ -116,12 +118,12 @@ def test_train_sh_exits_0_when_its_process_group_is_stopped(toy, tmp_path):
 
 
 def test_a_second_ctrl_c_stops_at_once(monkeypatch):
-    p = trainer.Preemption()
+    p = engine.preemption.Preemption()
     try:
         os.kill(os.getpid(), signal.SIGINT)        # first: a stop request
         assert p.requested == 'SIGINT'
         os.kill(os.getpid(), signal.SIGINT)        # the same request passed on by a launcher
-        monkeypatch.setattr(trainer, 'SECOND_INTERRUPT_S', 0.0)
+        monkeypatch.setattr(engine.preemption, 'SECOND_INTERRUPT_S', 0.0)
         time.sleep(0.01)
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)    # a second Ctrl-C
@@ -135,14 +137,14 @@ def test_a_second_ctrl_c_stops_at_once(monkeypatch):
 
 def stop_after(monkeypatch, stops: set[tuple[int, int]]) -> None:
     """Send this process a real SIGTERM right after step (epoch, iteration) of `stops` is logged."""
-    real = trainer.StepLog.__call__
+    real = engine.loop.StepLog.__call__
 
     def call(self, i, out, lr):
         real(self, i, out, lr)
         if (self.epoch, i + 1) in stops:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(trainer.StepLog, '__call__', call)
+    monkeypatch.setattr(engine.loop.StepLog, '__call__', call)
 
 
 def final_state(run_dir: Path) -> tuple[dict, dict]:

@@ -1,5 +1,5 @@
 """PrevMatch's previous guidance: the snapshot bank (util/prevmatch.py), its place in the step
-(methods/step.py), the checkpoint (util/trainer.py), and a few iterations of `method=prevmatch`.
+(methods/step.py), the checkpoint (engine/state.py), and a few iterations of `method=prevmatch`.
 
     OMP_NUM_THREADS=1 python -m pytest tests/test_prevmatch.py -q
 """
@@ -21,9 +21,12 @@ from tests.batches import CROP, NCLASS, fixed_box_batch
 import unimatch_v2
 from model import build_model
 from tools import tables
-from util import trainer
+import engine.build
+import engine.run
+import engine.state
 from util.checkpoint import safe_load, save_atomic
-from util.config import ConfigError, load_config
+from util.config import ConfigError
+from engine.config import load_config
 from util.ema import EMATeacher
 from util.losses import cutmix, masked_unlabeled_loss
 from util.precision import Precision
@@ -175,9 +178,9 @@ def test_bank_state_round_trip_keeps_snapshots_and_the_random_stream():
 
 
 def test_snapshots_survive_a_checkpoint_and_resume(tmp_path):
-    """trainer.checkpoint_dict writes the bank; trainer.resume reads it into a fresh one."""
+    """engine.state.checkpoint_dict writes the bank; engine.state.resume reads it into a fresh one."""
     cfg = load_config(ROOT / 'configs/toy.yaml', ['method=prevmatch', 'pretrained=null'])
-    run = trainer.Run(cfg, tmp_path, torch.device('cpu'), None, '1_16', tmp_path, tmp_path, tmp_path)
+    run = engine.run.Run(cfg, tmp_path, torch.device('cpu'), None, '1_16', tmp_path, tmp_path, tmp_path)
 
     class Log:
         def info(self, msg):
@@ -185,14 +188,14 @@ def test_snapshots_survive_a_checkpoint_and_resume(tmp_path):
 
     run.log = Log()
 
-    def training(seed: int) -> trainer.Training:
+    def training(seed: int) -> engine.state.Training:
         student = build_model('dinov2_tiny', NCLASS)
         prev = PrevMatch(replace(cfg, seed=seed), student, run.device)      # bank in bf16, the default
-        return trainer.Training(run, student, student, EMATeacher(student),
-                                trainer.build_optimizer(student, cfg),
-                                Precision('fp32', run.device), trainer.TrainState(), None, MethodSet([prev]))
+        return engine.state.Training(run, student, student, EMATeacher(student),
+                                engine.build.build_optimizer(student, cfg),
+                                Precision('fp32', run.device), engine.state.TrainState(), None, MethodSet([prev]))
 
-    def bank(tr: trainer.Training) -> SnapshotBank:
+    def bank(tr: engine.state.Training) -> SnapshotBank:
         return tr.methods.methods[0].bank
 
     torch.manual_seed(0)
@@ -202,11 +205,11 @@ def test_snapshots_survive_a_checkpoint_and_resume(tmp_path):
             for p in first.student.parameters():
                 p.add_(0.1 * torch.randn_like(p))
         bank(first).add(first.student, epoch=e)
-    save_atomic(trainer.checkpoint_dict(first), tmp_path / 'latest.pth')
+    save_atomic(engine.state.checkpoint_dict(first), tmp_path / 'latest.pth')
 
     second = training(seed=2)
     assert len(bank(second)) == 0
-    trainer.resume(second, safe_load(tmp_path / 'latest.pth'))
+    engine.state.resume(second, safe_load(tmp_path / 'latest.pth'))
     assert bank(second).epochs == [0, 1]
     for a, b in zip(bank(first).snapshots, bank(second).snapshots):
         assert all(torch.equal(a[k], b[k]) for k in a)

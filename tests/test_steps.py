@@ -1,4 +1,4 @@
-"""The training step (methods/step.py) and the optimizer / learning-rate schedule (util/trainer.py).
+"""The training step (methods/step.py) and the optimizer / learning-rate schedule (engine/build.py, engine/schedule.py).
 
     python -m pytest tests/test_steps.py -q
 
@@ -17,12 +17,13 @@ from torch import nn
 
 import methods.step as steps
 from model import build_model
-from util.config import Config
+from engine.config import Config
 from util.ema import EMATeacher
 from util.losses import IGNORE_INDEX, build_criterion
 import methods
 from methods.step import SemiOptions, mix_strong_views, pseudo_label, semi_step, supervised_step
-from util.trainer import build_optimizer, lr_scale, set_lr
+from engine.build import build_optimizer
+from engine.schedule import lr_scale, set_lr
 
 NCLASS = 3
 CROP = 28            # a 2 x 2 patch grid

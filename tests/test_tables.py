@@ -19,7 +19,7 @@ PAPER_CSV = ROOT / 'reference' / 'paper_tables.csv'
 def write_run(exp: Path, dataset: str, method: str, backbone: str, split: str, *, miou: list[float],
               miou_ema: list[float] | None, epochs_total: int, nclass: int = 3,
               prefix: str = '', sec_per_iter: float = 0.5) -> Path:
-    """A results.json shaped like util/trainer.py::save_results writes it (epochs count from 0)."""
+    """A results.json shaped like engine/state.py::save_results writes it (epochs count from 0)."""
     run_dir = exp / prefix / dataset / method / backbone / split
     run_dir.mkdir(parents=True)
     semi = miou_ema is not None
@@ -282,7 +282,7 @@ def test_reproduce_stops_on_a_wrong_override(tmp_path):
 
 def write_cd_run(exp: Path, dataset: str, method: str, split: str, iou: list[float], oa: list[float],
                  iou_ema: list[float], backbone: str = 'dinov2_base') -> None:
-    """A change-detection results.json as util/trainer.py writes it for tasks/change_detection.py."""
+    """A change-detection results.json as engine/state.py writes it for tasks/change_detection.py."""
     run_dir = exp / dataset / method / backbone / split
     run_dir.mkdir(parents=True)
     best = max(range(len(iou)), key=iou.__getitem__)

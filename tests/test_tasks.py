@@ -10,11 +10,11 @@ import pytest
 import tasks
 from dataset.registry import DATASETS
 from tasks.base import Task
-from util.config import load_config
+from engine.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ('util/trainer.py', 'util/evaluation.py', 'evaluate.py', 'predict.py', 'benchmark.py', 'unimatch_v2.py',
-          'supervised.py')
+SHARED = (*(str(p.relative_to(ROOT)) for p in sorted((ROOT / 'engine').glob('*.py'))), 'tasks/evaluation.py',
+          'evaluate.py', 'predict.py', 'benchmark.py', 'unimatch_v2.py', 'supervised.py')
 
 
 def test_every_dataset_names_a_registered_task():
@@ -67,7 +67,7 @@ def test_each_task_runs_the_methods_whose_needs_it_gives():
     core = set(methods.names()) - PIXEL_METHODS - OWN_MODEL_METHODS
     expected = {'segmentation': set(methods.names()), 'change_detection': core | PIXEL_METHODS,
                 'classification': core}
-    assert {t: {m for m in methods.names() if tasks.get(t).supports(m)} for t in expected} == expected
+    assert {t: {m for m in methods.names() if methods.runs_on(m, tasks.get(t))} for t in expected} == expected
     assert {m for m in methods.names() if methods.get(m).needs()} == PIXEL_METHODS | OWN_MODEL_METHODS
     assert all(OWN_MODEL in methods.get(m).needs() for m in OWN_MODEL_METHODS)
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from model import build_model, load_pretrained_encoder
-from util.config import load_config
+from engine.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

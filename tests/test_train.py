@@ -112,16 +112,16 @@ def test_train_sh_passes_on_the_exit_status_of_a_failed_run(tmp_path):
 @pytest.mark.parametrize('omp, workers, cpus, threads', [(None, 1, 2, 1), (None, 0, 2, 2), (None, 3, 2, 1),
                                                         ('2', 1, 2, None)])
 def test_cpu_threads_leave_cores_to_data_workers(monkeypatch, omp, workers, cpus, threads):
-    from util import trainer
-    from util.config import Config
+    import engine.data
+    from engine.config import Config
     if omp is None:
         monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
     else:
         monkeypatch.setenv('OMP_NUM_THREADS', omp)
-    monkeypatch.setattr(trainer, 'cpus_per_process', lambda: cpus)
+    monkeypatch.setattr(engine.data, 'cpus_per_process', lambda: cpus)
     before = torch.get_num_threads()
     try:
-        trainer.size_cpu_threads(Config(num_workers=workers))
+        engine.data.size_cpu_threads(Config(num_workers=workers))
         assert torch.get_num_threads() == (before if threads is None else threads)   # the user's setting wins
     finally:
         torch.set_num_threads(before)

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
-import methods
+import engine.build
 import unimatch_v2
 from model import build_model
-from util.config import load_config
+from engine.config import load_config
 from tests.distributed import run_processes
 from methods.u2pl import (ClassQueues, U2PLMemory, contrastive_loss, entropy, entropy_threshold, labeled_negatives,
                        unlabeled_negatives, unreliable_share)
@@ -105,7 +105,7 @@ def test_queue_bounds_and_fifo_order():
 
 
 def test_memory_bound_of_the_pascal_config():
-    from util.config import load_config
+    from engine.config import load_config
     cfg = load_config(ROOT / 'configs/pascal.yaml')
     mem = U2PLMemory(cfg.nclass, cfg.u2pl_rep_dim, cfg.u2pl_queue_size, cfg.u2pl_queue_size_bg)
     assert mem.queues.bound_bytes() == (20 * 30000 + 50000) * 256 * 4      # 0.67 GB, as the docs say
@@ -178,7 +178,7 @@ def test_two_processes_fill_the_same_queues(tmp_path):
 
 def test_rep_head_is_optional_and_named():
     plain = build_model('dinov2_tiny', 3)
-    u2pl = methods.build_model(load_config(ROOT / 'configs/toy.yaml', ['method=u2pl', 'nclass=3', 'u2pl_rep_dim=16']))
+    u2pl = engine.build.build_model(load_config(ROOT / 'configs/toy.yaml', ['method=u2pl', 'nclass=3', 'u2pl_rep_dim=16']))
     extra = set(u2pl.state_dict()) - set(plain.state_dict())
     assert set(plain.state_dict()) <= set(u2pl.state_dict()) and extra
     assert all(k.startswith('rep_head.') for k in extra)

@@ -24,7 +24,8 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))    # the project root, for `util` and `methods`
 import methods  # noqa: E402
-from util.config import ConfigError, load_config, run_directory  # noqa: E402
+from util.config import ConfigError, run_directory  # noqa: E402
+from engine.config import load_config  # noqa: E402
 
 DEFAULT_VARIANT = 'default'      # paper_tables.csv's variant of a plain run
 SEEDS = (0, 1, 2)                # the classification tables' seeds

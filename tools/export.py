@@ -34,7 +34,7 @@ from torch import nn                                             # noqa: E402
 
 from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD       # noqa: E402
 from segmenter import Segmenter                                  # noqa: E402
-from util.trainer import guarded                                 # noqa: E402
+from engine.failures import guarded                              # noqa: E402
 
 OPSET = 18                # onnxruntime >= 1.14 runs it; the opset the tests check
 MAX_SIDE = 8192           # upper bound of the dynamic sizes (torch.export needs one)

@@ -17,7 +17,8 @@ import sys
 
 import torch
 
-from util.config import ConfigError, load_config, run_directory
+from util.config import ConfigError, run_directory
+from engine.config import load_config
 
 
 def free_port() -> int:

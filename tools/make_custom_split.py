@@ -23,11 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from dataset.splits import DEFAULT_VAL_FRACTION, SplitError, make_custom_split  # noqa: E402
 from util.checkpoint import write_text_atomic  # noqa: E402
-from util.config import ConfigError, from_dict  # noqa: E402
+from util.config import ConfigError  # noqa: E402
+from engine.config import from_dict  # noqa: E402
 
 CONFIG_TEMPLATE = """\
 # Custom dataset {name} (written by tools/make_custom_split.py; docs/custom_data.md). Every key not
-# listed has its default (util/config.py, RunConfig: the paper's Pascal settings -- DINOv2-S from
+# listed has its default (engine/config.py, RunConfig: the paper's Pascal settings -- DINOv2-S from
 # pretrained/dinov2_small.pth, crop 518, 60 epochs, batch 4 per process).
 dataset: custom
 name: {name}              # splits/<name>/ and the run directories exp/<name>/...

@@ -6,11 +6,11 @@ unimatch_v2.py and supervised.py shows (docs/plan.md).
     python unimatch_v2.py --config configs/stl10.yaml --split 25_labels_per_class --plan
 
 Every number comes from the function the training run uses, with the planned process count in
-place of the launch's: the loaders' samples and batch sizes (`trainer.epoch_samples`, the task's
-`epoch_unlabeled`), the sampler's share of each process (`trainer.ResumableSampler`), iterations
-per epoch (`trainer.steps_per_epoch`), the optimizer's parameter groups and their learning rates
-(`trainer.build_optimizer` on a model built on the meta device: no memory, no weights read), the
-schedule (`trainer.lr_factor`), the evaluated epochs (`trainer.evaluation_due`), the evaluation
+place of the launch's: the loaders' samples and batch sizes (`engine.data.epoch_samples`, the task's
+`epoch_unlabeled`), the sampler's share of each process (`engine.data.ResumableSampler`), iterations
+per epoch (`engine.data.steps_per_epoch`), the optimizer's parameter groups and their learning rates
+(`engine.build.build_optimizer` on a model built on the meta device: no memory, no weights read), the
+schedule (`engine.schedule.lr_factor`), the evaluated epochs (`engine.schedule.evaluation_due`), the evaluation
 mode (`Task.eval_mode`) and which checkpoint best.pth is. Sample counts come from the split lists
 (`Task.split_sizes`: no image is opened and nothing is written); a count that cannot be known
 without the data says so, and so do the numbers that follow from it.
@@ -24,9 +24,11 @@ import torch
 
 import methods
 import tasks
-from util.config import Config, ConfigError, load_config
-from util.trainer import (ResumableSampler, build_optimizer, build_student, epoch_samples, evaluation_due,
-                          lr_factor, steps_per_epoch, torchssl_evaluations)
+from util.config import ConfigError
+from engine.config import Config, load_config
+from engine.build import build_optimizer, build_student
+from engine.data import ResumableSampler, epoch_samples, steps_per_epoch
+from engine.schedule import evaluation_due, lr_factor, torchssl_evaluations
 
 SCHEDULE_POINTS = (0.0, 0.25, 0.5, 0.75, 1.0)     # fractions of the run at which the plan shows the lr
 
@@ -71,7 +73,7 @@ class Plan:
 
 def make_plan(args: argparse.Namespace, method: str | None = None) -> Plan:
     """The plan of `args` (the entry script's arguments) for `args.plan` processes (0: the config's
-    reference_gpus), `method` as the entry script passes it to `trainer.train`."""
+    reference_gpus), `method` as the entry script passes it to its `train`."""
     if not args.split:
         raise ConfigError('--plan takes --split (split lists given by path are counted when the run starts)')
     overrides = list(args.overrides) + ([f'method={method}'] if method else [])
@@ -93,7 +95,7 @@ def make_plan(args: argparse.Namespace, method: str | None = None) -> Plan:
 
 
 def plan_loaders(cfg: Config, task: tasks.Task, options, sizes: dict, processes: int) -> list[Loader]:
-    """The training loaders as `trainer.train_loaders` builds them for `processes` processes."""
+    """The training loaders as `engine.data.train_loaders` builds them for `processes` processes."""
     if options is None:
         roles, n = ('labeled',), sizes['labeled']
         entries = epoch_samples(cfg, None, n) if isinstance(n, int) else [(n, cfg.batch_size * 2)]

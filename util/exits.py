@@ -2,7 +2,7 @@
 
 A trainer that fails with data-loader workers alive must not wait for them: multiprocessing's exit
 handler terminates (SIGTERM) and joins them, and they ignore SIGTERM (a stop request is the
-trainer's to handle, `util/trainer.py: _init_worker`), so the process would never end. `hard_exit`
+trainer's to handle, `engine/data.py: _init_worker`), so the process would never end. `hard_exit`
 kills them (SIGKILL) and leaves with `os._exit`, past every exit handler, once the streams and the
 log are flushed.
 """

@@ -47,7 +47,7 @@ class CrossEntropy(nn.Module):
 
 
 # The labeled loss by its config name (`criterion.name`); its `criterion.kwargs` are the class's
-# arguments, checked against its signature when the config loads (`util/config.py`).
+# arguments, checked against its signature when the config loads (`engine/config.py`).
 CRITERIA: dict[str, type[nn.Module]] = {'CELoss': CrossEntropy, 'OHEM': OhemCrossEntropy}
 
 
