@@ -33,7 +33,7 @@ import tasks
 from model.hub import RELEASED, RELEASED_PREFIX
 from util.config import load_config
 from util.evaluation import load_eval_model, load_rgb, to_rgb
-from util.metrics import IGNORE_INDEX
+from util.labels import IGNORE_INDEX
 
 CONFIGS = Path(__file__).resolve().parent / 'configs'
 

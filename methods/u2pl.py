@@ -36,7 +36,8 @@ from methods.step import StepContext, Term
 from model.dpt import DPTSegmentor, to_input_size
 from model.presets import ModelPreset
 from util import dist
-from util.losses import IGNORE_INDEX, cutmix
+from util.labels import IGNORE_INDEX
+from util.losses import cutmix
 
 UNSUP_LOSSES = ('conf', 'entropy', 'sce')
 EPS = 1e-10

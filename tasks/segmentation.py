@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from tasks.base import Task, register
+from util.labels import IGNORE_INDEX
 
 
 @register
@@ -60,7 +61,6 @@ class Segmentation(Task):
 
     def augmentations(self, num_strong: int) -> dict[str, str]:
         from dataset.semi import CUTMIX_P, RESIZE_RATIO, UNLABELED_PAD
-        from dataset.transforms import IGNORE_INDEX
         crop = self.cfg.crop_size
         return {'labeled': f'long side rescaled x U{RESIZE_RATIO}, padded to and randomly cropped to {crop} '
                            f'(mask padding {IGNORE_INDEX}), horizontal flip p 0.5, ImageNet normalisation',
@@ -135,7 +135,6 @@ class Segmentation(Task):
 
         from dataset.registry import get_palette
         from util.evaluation import list_inputs, load_rgb, output_stem, overlay, save_prediction
-        from util.metrics import IGNORE_INDEX
         if len(inputs) != 1:
             raise SystemExit(f'error: segmentation takes one --input (a file or a folder), got {len(inputs)}')
         cfg = self.cfg

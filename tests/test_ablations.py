@@ -29,7 +29,8 @@ from tools import tables
 from util import trainer
 from util.config import Config, ConfigError, from_dict, load_config
 from util.ema import EMATeacher
-from util.losses import IGNORE_INDEX, build_criterion, cutmix
+from util.labels import IGNORE_INDEX
+from util.losses import build_criterion, cutmix
 
 ROOT = Path(__file__).resolve().parents[1]
 NCLASS = 3

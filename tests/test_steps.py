@@ -19,7 +19,8 @@ import methods.step as steps
 from model import build_model
 from util.config import Config
 from util.ema import EMATeacher
-from util.losses import IGNORE_INDEX, build_criterion
+from util.labels import IGNORE_INDEX
+from util.losses import build_criterion
 import methods
 from methods.step import SemiOptions, mix_strong_views, pseudo_label, semi_step, supervised_step
 from util.trainer import build_optimizer, lr_scale, set_lr

@@ -24,7 +24,8 @@ from model.loading import WeightsMismatchError, load_checked, model_state_from
 from util.checkpoint import safe_load
 from util.dist import is_main, rank, world_size
 from util.inference import predict
-from util.metrics import IGNORE_INDEX, ConfusionMatrix
+from util.labels import IGNORE_INDEX
+from util.metrics import ConfusionMatrix
 
 OVERLAY_ALPHA = 0.5  # weight of the class colours over the image in overlays
 MAX_PALETTE_CLASSES = 255  # class ids must fit a palette PNG next to IGNORE_INDEX

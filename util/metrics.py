@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from util.dist import all_reduce_sum
+from util.labels import IGNORE_INDEX
 
-IGNORE_INDEX = 255  # target value excluded from every count
 EPS = 1e-10         # the original's guard against 0 / 0
 
 
