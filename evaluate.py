@@ -33,10 +33,11 @@ from dataset.checks import raise_on_errors
 from model.hub import format_released
 
 from util.checkpoint import write_text_atomic
-from util.config import EVAL_MODES, load_config
+from util.config import load_config
 from util.dist import cleanup, is_main, setup
 from util.trainer import guarded
 from util.evaluation import build_eval_model, parse_scales
+from util.inference import EVAL_MODES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

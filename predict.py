@@ -32,9 +32,9 @@ from pathlib import Path
 
 from model.hub import format_released
 from segmenter import Segmenter
-from util.config import EVAL_MODES
 from util.dist import setup
 from util.evaluation import parse_scales
+from util.inference import EVAL_MODES
 from util.trainer import guarded
 
 
