@@ -33,10 +33,11 @@ from dataset.checks import raise_on_errors
 from model.hub import format_released
 
 from util.checkpoint import write_text_atomic
-from engine.config import EVAL_MODES, load_config
-from util.dist import cleanup, is_main, setup
-from engine.failures import guarded
+from engine.config import load_config
 from engine.eval_model import build_eval_model, parse_scales
+from engine.failures import guarded
+from model.inference import EVAL_MODES
+from util.dist import cleanup, is_main, setup
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -32,10 +32,10 @@ from pathlib import Path
 
 from model.hub import format_released
 from segmenter import Segmenter
-from engine.config import EVAL_MODES
-from util.dist import setup
 from engine.eval_model import parse_scales
 from engine.failures import guarded
+from model.inference import EVAL_MODES
+from util.dist import setup
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

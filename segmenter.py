@@ -31,10 +31,10 @@ from torch import nn
 
 import tasks
 from model.hub import RELEASED, RELEASED_PREFIX
-from engine.config import load_config
 from dataset.images import load_rgb, to_rgb
+from engine.config import load_config
 from engine.eval_model import load_eval_model
-from util.metrics import IGNORE_INDEX
+from util.labels import IGNORE_INDEX
 
 CONFIGS = Path(__file__).resolve().parent / 'configs'
 

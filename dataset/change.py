@@ -23,8 +23,8 @@ from PIL import Image
 from dataset.checks import Problem
 from dataset.semi import CUTMIX_P, UNLABELED_PAD, SampleKey, SplitDataset
 from dataset.splits import Sample, SplitError, read_split
-from dataset.transforms import (IGNORE_INDEX, crop_box, cutmix_box, normalize, pad_to, rescaled_size,
-                                strong_color)
+from dataset.transforms import crop_box, cutmix_box, normalize, pad_to, rescaled_size, strong_color
+from util.labels import IGNORE_INDEX
 
 FOLDERS = ('A', 'B', 'label')      # first date, second date, change mask
 RESIZE_RATIO = (0.8, 1.2)          # the original's rescale range for change detection

@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image
 
 from dataset.splits import Sample, SplitError, read_split
+from util.labels import IGNORE_INDEX
 
-IGNORE_INDEX = 255
 CONVERTED_MODES = {'L': 'gray', 'LA': 'gray with alpha', 'RGBA': 'RGBA', 'P': 'palette',
                    'CMYK': 'CMYK', 'YCbCr': 'YCbCr'}      # PIL converts these to RGB faithfully
 MASK_MODES = {'L', 'P'}                                    # single-channel 8-bit class ids

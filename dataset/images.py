@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageOps
 
 from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD
-from util.metrics import IGNORE_INDEX
+from util.labels import IGNORE_INDEX
 
 OVERLAY_ALPHA = 0.5  # weight of the class colours over the image in overlays
 MAX_PALETTE_CLASSES = 255  # class ids must fit a palette PNG next to IGNORE_INDEX

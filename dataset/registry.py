@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from util.labels import IGNORE_INDEX
+
 PASCAL_CLASSES = (
     'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair',
     'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa',
@@ -105,7 +107,7 @@ def generated_palette() -> list[int]:
     rng = np.random.default_rng(12345)  # fixed: the palette must not change between runs
     colors = rng.integers(40, 256, size=(256, 3))
     colors[0] = 0
-    colors[255] = 255
+    colors[IGNORE_INDEX] = 255      # white
     return colors.astype(int).flatten().tolist()
 
 

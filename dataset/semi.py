@@ -21,8 +21,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dataset.splits import EXPECTED_IMAGES, Sample, derive_labeled_all, derive_unlabeled, list_images, read_split
-from dataset.transforms import (IGNORE_INDEX, cutmix_box, hflip, normalize, pad_and_crop, resize,
-                                strong_color)
+from dataset.transforms import cutmix_box, hflip, normalize, pad_and_crop, resize, strong_color
+from util.labels import IGNORE_INDEX
 
 # Mask value marking padding in unlabeled crops: no real label, so padded pixels can be told from
 # image pixels after the geometric augmentation and dropped from the unlabeled loss.

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import os
 import random
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from util.checkpoint import write_text_atomic
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff')
 NO_MASK = 'None'  # the mask column of Cityscapes train_extra lines
@@ -59,20 +60,8 @@ def format_line(sample: Sample) -> str:
 
 
 def write_lines_atomic(path: str | os.PathLike, lines: list[str]) -> None:
-    """Write `lines` to `path` through a temporary file and a rename, so a reader never sees a
-    half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name per writer (several ranks may write the same file); open() honours the umask.
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
-    try:
-        with open(tmp, 'x') as f:
-            f.write(''.join(line + '\n' for line in lines))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """`lines`, one a line, written atomically (a reader never sees a half-written file)."""
+    write_text_atomic(''.join(line + '\n' for line in lines), path)
 
 
 def list_images(directory: str | os.PathLike) -> list[Path]:

@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 
 from dataset.registry import TOY_CLASSES
 from dataset.splits import write_lines_atomic
+from util.checkpoint import atomic_path
 
 NCLASS = len(TOY_CLASSES)
 N_TRAIN = 400  # train images; 1_16 then has 25 labeled, few enough that labels are what limits
@@ -166,9 +167,8 @@ def make_sample(rng: np.random.Generator, nclass: int = NCLASS,
 
 
 def _save_atomic(image: Image.Image, path: Path, **kwargs) -> None:
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    image.save(tmp, format=kwargs.pop('format'), **kwargs)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, **kwargs)
 
 
 def _write_sample(job: tuple[Path, str, tuple[int, int, int]]) -> None:

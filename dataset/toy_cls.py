@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from dataset.toy import _shape, _smooth_field, _texture, _two_colors, needs_generation
+from util.checkpoint import write_bytes_atomic
 
 CLASSES = ('h-stripes', 'v-stripes', 'checker', 'dots')
 SIDE = 32
@@ -68,10 +69,7 @@ def make_set(seed: int, part: int, n: int) -> tuple[np.ndarray, list[int]]:
 
 
 def _dump(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    with open(tmp, 'wb') as f:
-        pickle.dump(obj, f)
-    os.replace(tmp, path)
+    write_bytes_atomic(pickle.dumps(obj), path)
 
 
 def ensure_toy_cls(root: str | os.PathLike = 'data/toy_cls', seed: int = 0) -> bool:

@@ -19,7 +19,8 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-IGNORE_INDEX = 255  # mask value excluded from losses and metrics
+from util.labels import IGNORE_INDEX
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

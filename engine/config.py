@@ -24,10 +24,11 @@ import methods
 import tasks
 from dataset.registry import DATASETS
 from model.dpt import COMP_DROP_SITES
+from model.inference import EVAL_MODES
 from util.config import ConfigError, Sources, apply_overrides_traced, coerce, read_yaml, unknown_keys
+from util.labels import IGNORE_INDEX
 from util.losses import CRITERIA
 
-EVAL_MODES = ('original', 'center_crop', 'sliding_window')
 PRECISIONS = ('fp32', 'bf16', 'fp16')
 ATTENTIONS = ('auto', 'sdpa', 'math')
 RESUME_CHANGES = ('refuse', 'allow')
@@ -41,7 +42,7 @@ KEYS_LISTED = "the keys are RunConfig's in engine/config.py and each method's Ke
 @dataclass
 class Criterion:
     name: str = 'CELoss'
-    kwargs: dict = field(default_factory=lambda: {'ignore_index': 255})
+    kwargs: dict = field(default_factory=lambda: {'ignore_index': IGNORE_INDEX})
 
 
 @dataclass

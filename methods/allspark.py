@@ -194,9 +194,7 @@ class AllSparkSegmentor(DPTSegmentor):
 
     def forward(self, x: torch.Tensor, comp_drop: bool = False, n_clean: int = 0, need_fp: bool = False,
                 n_labeled: int | None = None, group_prob: torch.Tensor | None = None, use_memory: bool = False):
-        p = self.patch_size
-        grid = (x.shape[-2] // p, x.shape[-1] // p)
-        out_size = (grid[0] * p, grid[1] * p)
+        grid, out_size = self.patch_grid(x)
         features = self.encode(x)
         features = [*features[:-1], self.allspark(features[-1], grid, n_labeled, group_prob, use_memory)]
         features = self.perturb(features, comp_drop, n_clean, need_fp)

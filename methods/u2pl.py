@@ -36,7 +36,8 @@ from methods.step import StepContext, Term
 from model.dpt import DPTSegmentor, to_input_size
 from model.presets import ModelPreset
 from util import dist
-from util.losses import IGNORE_INDEX, cutmix
+from util.labels import IGNORE_INDEX
+from util.losses import cutmix
 
 UNSUP_LOSSES = ('conf', 'entropy', 'sce')
 EPS = 1e-10
@@ -259,9 +260,7 @@ class U2PLSegmentor(DPTSegmentor):
         if not need_rep:
             return super().forward(x, comp_drop, n_clean, need_fp)
         assert not need_fp, 'need_rep and need_fp together are not supported'
-        p = self.patch_size
-        grid = (x.shape[-2] // p, x.shape[-1] // p)
-        out_size = (grid[0] * p, grid[1] * p)
+        grid, out_size = self.patch_grid(x)
         features = self.perturb(self.encode(x), comp_drop, n_clean, False)
         fused = self.head.fuse(features, grid)
         logits = to_input_size(self.head.scratch.output_conv(fused), out_size)

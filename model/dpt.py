@@ -218,6 +218,13 @@ class DPTSegmentor(nn.Module):
             return self.backbone.get_intermediate_layers(x, self.taps)
         return self.backbone(x)
 
+    def patch_grid(self, x: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(rows, cols) of the encoder's patch grid for input `x`, and the logits' size (H // p * p,
+        W // p * p): the encoder sees only whole patches."""
+        p = self.patch_size
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        return grid, (grid[0] * p, grid[1] * p)
+
     def decoder_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The four feature maps the head decodes: the encoder's taps (a subclass may combine them,
         e.g. the two dates' differences)."""
@@ -236,9 +243,7 @@ class DPTSegmentor(nn.Module):
         need_fp: also return logits from channel-dropped features of every image (UniMatch V1's
             feature-perturbation stream), computed in the same decoder pass.
         """
-        p = self.patch_size
-        grid = (x.shape[-2] // p, x.shape[-1] // p)
-        out_size = (grid[0] * p, grid[1] * p)
+        grid, out_size = self.patch_grid(x)
         at_features = comp_drop and self.comp_drop_at == 'features'
         features = self.perturb(self.decoder_inputs(x), at_features, n_clean, need_fp, feat_drop)
         if comp_drop and not at_features:

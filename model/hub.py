@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from model.loading import WeightsMismatchError, load_pretrained_encoder, load_weights, model_state_from
-from util.checkpoint import safe_load
+from util.checkpoint import atomic_path, safe_load
 
 AUTO = 'auto'                    # config value: find or fetch the official encoder for `backbone`
 RELEASED_PREFIX = 'released:'    # `released:<name>`: one of the original's published checkpoints
@@ -177,8 +177,7 @@ def fetch(remote: Remote, final: Path, verify: Callable[[Path], None], what: str
         if final.is_file():                # another process fetched it while we waited
             return final
         url = source_url(remote.url)
-        tmp = final.with_name(f'.{final.name}.{os.getpid()}.download')
-        try:
+        with atomic_path(final) as tmp:
             try:
                 torch.hub.download_url_to_file(url, str(tmp), progress=progress)
             except (urllib.error.URLError, OSError, ValueError) as err:
@@ -193,9 +192,6 @@ def fetch(remote: Remote, final: Path, verify: Callable[[Path], None], what: str
                 raise WeightsMismatchError(f'{url}: SHA-256 {got} differs from the published '
                                            f'{remote.sha256}; the download is corrupt and was deleted')
             verify(tmp)
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
     return final
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from model.presets import PATCH_SIZE
 
-MODES = ('original', 'center_crop', 'sliding_window')
+EVAL_MODES = ('original', 'center_crop', 'sliding_window')
 SLIDING_STRIDE = 2 / 3  # the original's window overlap: stride = int(window * 2 / 3)
 
 
@@ -97,12 +97,6 @@ def _sliding(model: nn.Module, image: torch.Tensor, window: int, nclass: int
     return total, count
 
 
-def predict_sliding(model: nn.Module, image: torch.Tensor, window: int, nclass: int) -> torch.Tensor:
-    """Mode `sliding_window`: softmax probabilities summed over overlapping windows,
-    float [B, nclass, H, W] (not averaged, as the original; the argmax is the same)."""
-    return _sliding(model, image, window, nclass)[0]
-
-
 def center_crop_box(h: int, w: int, crop: int) -> tuple[slice, slice]:
     """Rows and columns of the centre crop (the original's (size - crop) // 2 offsets), clipped
     to the image on a short axis."""
@@ -120,18 +114,6 @@ def _paste(x: torch.Tensor, rows: slice, cols: slice, h: int, w: int
     valid = torch.zeros(x.shape[0], h, w, dtype=torch.bool, device=x.device)
     valid[:, rows, cols] = True
     return full, valid
-
-
-def predict_center_crop(model: nn.Module, image: torch.Tensor, crop: int
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mode `center_crop`: (logits [B, C, H, W], valid bool [B, H, W]).
-
-    Logits are those of the crop predicted like `original`, pasted at its place; outside the crop
-    they are 0 and `valid` is False, so a caller scores only the crop (as the original crops
-    both image and mask)."""
-    h, w = image.shape[-2:]
-    rows, cols = center_crop_box(h, w, crop)
-    return _paste(predict_whole(model, image[:, :, rows, cols]), rows, cols, h, w)
 
 
 def _probs_at_scale(model: nn.Module, image: torch.Tensor, mode: str, crop_size: int, nclass: int,
@@ -155,8 +137,8 @@ def predict(model: nn.Module, image: torch.Tensor, mode: str, crop_size: int, nc
     is resized by s, predicted in `mode` (windows keep side `crop_size`), and the probabilities
     are resized back. In `center_crop` the crop is cut first and the flips and scales apply to it.
     """
-    if mode not in MODES:
-        raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+    if mode not in EVAL_MODES:
+        raise ValueError(f'mode must be one of {EVAL_MODES}, got {mode!r}')
     if not scales:
         raise ValueError('scales must hold at least one scale')
     h, w = image.shape[-2:]

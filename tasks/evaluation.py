@@ -17,7 +17,8 @@ from dataset.images import save_prediction, save_side_by_side
 from dataset.registry import generated_palette
 from model.inference import predict
 from util.dist import is_main, rank, world_size
-from util.metrics import IGNORE_INDEX, ConfusionMatrix
+from util.labels import IGNORE_INDEX
+from util.metrics import ConfusionMatrix
 
 
 def _single(batch: list) -> dict:

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from model.dpt import build_model as plain_segmentor
 from tasks.base import Task, register
+from util.labels import IGNORE_INDEX
 
 
 @register
@@ -61,7 +62,6 @@ class Segmentation(Task):
 
     def augmentations(self, num_strong: int) -> dict[str, str]:
         from dataset.semi import CUTMIX_P, RESIZE_RATIO, UNLABELED_PAD
-        from dataset.transforms import IGNORE_INDEX
         crop = self.cfg.crop_size
         return {'labeled': f'long side rescaled x U{RESIZE_RATIO}, padded to and randomly cropped to {crop} '
                            f'(mask padding {IGNORE_INDEX}), horizontal flip p 0.5, ImageNet normalisation',
@@ -138,7 +138,7 @@ class Segmentation(Task):
 
         from dataset.registry import get_palette
         from dataset.images import list_inputs, load_rgb, output_stem, overlay, save_prediction
-        from util.metrics import IGNORE_INDEX
+        from util.labels import IGNORE_INDEX
         if len(inputs) != 1:
             raise SystemExit(f'error: segmentation takes one --input (a file or a folder), got {len(inputs)}')
         cfg = self.cfg

@@ -33,7 +33,8 @@ import unimatch_v2
 from util.config import ConfigError
 from engine.config import Config, from_dict, load_config
 from util.ema import EMATeacher
-from util.losses import IGNORE_INDEX, build_criterion, cutmix
+from util.labels import IGNORE_INDEX
+from util.losses import build_criterion, cutmix
 
 ROOT = Path(__file__).resolve().parents[1]
 NCLASS = 3

@@ -23,7 +23,8 @@ from tests.test_model import REFERENCE_FIXTURE, max_abs_diff, reference_model
 from tests.test_robustness import short_run, toy  # noqa: F401 (toy is a fixture)
 from tests.test_steps import V2_KEYS, fused_and_unfused_steps, make_batch
 from util.ema import EMATeacher
-from util.losses import IGNORE_INDEX, build_criterion
+from util.labels import IGNORE_INDEX
+from util.losses import build_criterion
 from tests.launch import HANG_TIMEOUT_S
 
 ROOT = Path(__file__).resolve().parents[1]

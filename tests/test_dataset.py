@@ -15,7 +15,8 @@ from dataset import registry
 from dataset import semi as semi_module
 from dataset.semi import SampleKey, SemiDataset, build_semi_datasets, load_mask, split_paths
 from dataset.splits import (SplitError, derive_unlabeled, make_custom_split, read_split)
-from dataset.transforms import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, cutmix_box
+from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD, cutmix_box
+from util.labels import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parents[1]
 CROP = 64

@@ -56,7 +56,7 @@ def test_missing_encoder_error_says_which_file_to_put_where(offline):
     assert 'dinov2_vits14_pretrain.pth' in message
     assert 'https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth' in message
     assert str(Path('pretrained/dinov2_small.pth')) in message and str(offline['cache']) in message
-    assert not list(offline['cache'].glob('*.pth')) and not list(offline['cache'].glob('*.download'))
+    assert not list(offline['cache'].glob('*.pth')) and not list(offline['cache'].glob('.*.tmp'))
 
 
 def test_encoder_is_fetched_once_from_the_mirror_and_loads(offline, monkeypatch):
@@ -95,7 +95,7 @@ def test_download_with_the_wrong_sha256_is_not_kept(offline, monkeypatch):
     monkeypatch.setitem(hub.DINOV2_WEIGHTS, 'dinov2_tiny', hub.Remote(TINY_URL, sha256='0' * 64))
     with pytest.raises(WeightsMismatchError, match='SHA-256 .* differs from the published 0000'):
         hub.load_pretrained(build_model('dinov2_tiny', NCLASS), 'auto', 'dinov2_tiny', progress=False)
-    assert not list(offline['cache'].glob('*.pth')) and not list(offline['cache'].glob('.*.download'))
+    assert not list(offline['cache'].glob('*.pth')) and not list(offline['cache'].glob('.*.tmp'))
 
 
 class Payload:

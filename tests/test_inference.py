@@ -3,8 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from model.inference import (predict, predict_center_crop, predict_sliding, predict_whole,
-                            resize_to_patch_multiple, window_starts)
+from model.inference import predict, predict_whole, resize_to_patch_multiple, window_starts
 
 
 class PixelStub(nn.Module):
@@ -71,20 +70,23 @@ def test_sliding_window_cityscapes_size_visits_the_8_windows():
     model = PixelStub(2)
     image = coords_image(1024, 2048)
     image[:, 0] = 0
-    total = predict_sliding(model, image, 798, nclass=2)
+    probs, valid = predict(model, image, 'sliding_window', 798, nclass=2)
     assert sorted(model.corners) == [(r, c) for r in (0, 226) for c in (0, 532, 1064, 1250)]
     assert set(model.sizes) == {(798, 798)}  # 798 = 57 * 14: no resize
-    coverage = total.sum(dim=1)[0]  # softmax sums to 1 per window -> windows per pixel
-    assert coverage.min() >= 1
-    assert coverage.sum() == pytest.approx(8 * 798 * 798)
+    coverage = torch.zeros(1024, 2048)        # windows per pixel, from the windows the model saw
+    for top, left in model.corners:
+        coverage[top:top + 798, left:left + 798] += 1
+    assert coverage.min() >= 1 and coverage.sum() == 8 * 798 * 798
     assert coverage[0, 0] == 1 and coverage[300, 600] == 4 and coverage[1023, 2047] == 1
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(1, 1024, 2048))   # sums / windows per pixel
+    assert valid.all()
 
 
 def test_sliding_window_sums_softmax_for_150_classes():
     nclass, h, w = 150, 30, 50
     model = PixelStub(nclass)
     image = coords_image(h, w, b=2)
-    total = predict_sliding(model, image, 28, nclass)
+    probs = predict(model, image, 'sliding_window', 28, nclass).probs
     # stride int(28 * 2 / 3) = 18: rows 0, 2 (clamped); cols 0, 18, 22 (clamped)
     assert sorted(model.corners) == [(r, c) for r in (0, 2) for c in (0, 18, 22)]
     row_windows = torch.zeros(h)
@@ -95,47 +97,42 @@ def test_sliding_window_sums_softmax_for_150_classes():
         col_windows[c:c + 28] += 1
     count = row_windows[:, None] * col_windows[None, :]
     k = torch.arange(nclass, dtype=torch.float32).view(1, -1, 1, 1)
-    expected = count * (k * image[:, :1]).softmax(dim=1)
-    assert total.shape == (2, nclass, h, w)
-    torch.testing.assert_close(total, expected)
+    # each window's softmax at a pixel is the same (a per-pixel model): summed over the `count`
+    # windows covering it and divided by that count, it is the softmax again
     assert count.min() == 1 and count.max() == 6  # rows 2..27 x cols 22..27
+    assert probs.shape == (2, nclass, h, w)
+    torch.testing.assert_close(probs, (k * image[:, :1]).softmax(dim=1))
 
 
 def test_sliding_window_resizes_odd_windows_and_small_images():
     model = PixelStub(2)
-    out = predict_sliding(model, coords_image(40, 40), 30, nclass=2)  # 30 is not a multiple of 14
+    out = predict(model, coords_image(40, 40), 'sliding_window', 30, nclass=2).probs  # 30 is not a multiple of 14
     assert sorted(model.corners) == [(0, 0), (0, 10), (10, 0), (10, 10)]
     assert set(model.sizes) == {(28, 28)}
     assert out.shape == (1, 2, 40, 40)
 
     model = PixelStub(2)
-    out = predict_sliding(model, coords_image(20, 25), 28, nclass=2)  # smaller than the window
+    out = predict(model, coords_image(20, 25), 'sliding_window', 28, nclass=2).probs  # smaller than the window
     assert model.sizes == [(14, 28)]  # one window: the whole image, resized like `original`
     assert out.shape == (1, 2, 20, 25)
     torch.testing.assert_close(out.sum(dim=1), torch.ones(1, 20, 25))
 
     with pytest.raises(ValueError, match='nclass'):
-        predict_sliding(PixelStub(3), coords_image(20, 25), 28, nclass=2)
+        predict(PixelStub(3), coords_image(20, 25), 'sliding_window', 28, nclass=2)
 
 
 def test_center_crop_scores_only_the_crop():
     model = PixelStub(3)
     image = coords_image(20, 30)
-    logits, valid = predict_center_crop(model, image, 14)
+    probs, valid = predict(model, image, 'center_crop', 14, 3)
     assert model.corners == [(3, 8)]  # (20 - 14) // 2, (30 - 14) // 2
     k = torch.arange(3, dtype=torch.float32).view(1, -1, 1, 1)
-    expected = torch.zeros(1, 3, 20, 30)
-    expected[:, :, 3:17, 8:22] = k * image[:, :1, 3:17, 8:22]
-    torch.testing.assert_close(logits, expected)
     assert valid.sum() == 14 * 14 and valid[0, 3:17, 8:22].all()
-
-    probs, valid2 = predict(model, image, 'center_crop', 14, 3)
-    assert torch.equal(valid2, valid)
-    torch.testing.assert_close(probs[:, :, 3:17, 8:22], expected[:, :, 3:17, 8:22].softmax(dim=1))
+    torch.testing.assert_close(probs[:, :, 3:17, 8:22], (k * image[:, :1, 3:17, 8:22]).softmax(dim=1))
     assert (probs[:, :, ~valid[0]] == 0).all()
 
     model = PixelStub(3)  # crop larger than the image along one axis: that axis is kept whole
-    _, valid = predict_center_crop(model, coords_image(10, 40), 28)
+    _, valid = predict(model, coords_image(10, 40), 'center_crop', 28, 3)
     assert model.corners == [(0, 6)] and model.sizes == [(14, 28)]
     assert valid[0].sum() == 10 * 28
 

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from util.losses import IGNORE_INDEX, OhemCrossEntropy, build_criterion, cutmix, masked_unlabeled_loss
+from util.labels import IGNORE_INDEX
+from util.losses import OhemCrossEntropy, build_criterion, cutmix, masked_unlabeled_loss
 
 
 def gen(seed: int) -> torch.Generator:

@@ -320,7 +320,8 @@ def test_change_detection_tiles(tmp_path, capsys, name, zip_name, tiles):
     fails_naming(capsys, name, [src], dst, splits, bad=f'B/{tiles[2]}')
     files[bad] = png(np.zeros((8, 8, 3)))
     write_archive(src, files)
-    succeeds(capsys, name, [src], dst, splits)
+    out = succeeds(capsys, name, [src], dst, splits)
+    assert 'checked every file of 3 split lists' in out      # the tiles' lists, checked as tiles
     assert listing(dst) == sorted(f'{folder}/{tile}' for folder in ('A', 'B', 'label') for tile in tiles)
     np.testing.assert_array_equal(mask_of(dst / 'label' / tiles[0]), label)
 

@@ -19,7 +19,8 @@ import methods.step as steps
 from model import build_model
 from engine.config import Config
 from util.ema import EMATeacher
-from util.losses import IGNORE_INDEX, build_criterion
+from util.labels import IGNORE_INDEX
+from util.losses import build_criterion
 import methods
 from methods.step import SemiOptions, mix_strong_views, pseudo_label, semi_step, supervised_step
 from engine.build import build_optimizer

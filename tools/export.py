@@ -35,6 +35,7 @@ from torch import nn                                             # noqa: E402
 from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD       # noqa: E402
 from segmenter import Segmenter                                  # noqa: E402
 from engine.failures import guarded                              # noqa: E402
+from util.checkpoint import atomic_path                          # noqa: E402
 
 OPSET = 18                # onnxruntime >= 1.14 runs it; the opset the tests check
 MAX_SIDE = 8192           # upper bound of the dynamic sizes (torch.export needs one)
@@ -88,12 +89,8 @@ def export(segmenter: Segmenter, output: Path, size: tuple[int, int] | None = No
             'size': 'dynamic (multiples of the patch)' if dynamic else [h, w], 'opset': OPSET,
             'mean': IMAGENET_MEAN, 'std': IMAGENET_STD}
     program.model.metadata_props.update({'semiseg': json.dumps(meta)})
-    tmp = output.with_name(f'.{output.name}.tmp')
-    try:
+    with atomic_path(output) as tmp:
         program.save(str(tmp))
-        tmp.replace(output)
-    finally:
-        tmp.unlink(missing_ok=True)
     return meta
 
 

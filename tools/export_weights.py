@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run as a script from anywhere
 
 from model.loading import model_state_from                       # noqa: E402
-from util.checkpoint import safe_load, save_atomic               # noqa: E402
+from util.checkpoint import atomic_path, safe_load, save_atomic  # noqa: E402
 
 
 def export(src: str | Path, dst: str | Path, weights: str | None = None) -> str:
@@ -25,9 +25,8 @@ def export(src: str | Path, dst: str | Path, weights: str | None = None) -> str:
     dst = Path(dst)
     if dst.suffix == '.safetensors':
         from safetensors.torch import save_file
-        tmp = dst.with_name(f'.{dst.name}.tmp')
-        save_file(state, str(tmp))
-        tmp.replace(dst)
+        with atomic_path(dst) as tmp:
+            save_file(state, str(tmp))
     else:
         save_atomic(state, dst)
     return which

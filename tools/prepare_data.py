@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import zipfile  # noqa: E402
 
 from dataset.checks import DataError  # noqa: E402
-from dataset.prepare import DATASETS, DatasetSpec, prepare  # noqa: E402
+from dataset.prepare import DATASETS, SourceSpec, prepare  # noqa: E402
 from dataset.prepare.core import SOURCES_DIR, PrepareError  # noqa: E402
 from model import hub  # noqa: E402
 
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def fetch_published(spec: DatasetSpec, dst: Path) -> Path:
+def fetch_published(spec: SourceSpec, dst: Path) -> Path:
     """The original's archive of the dataset, downloaded into <dst>/.sources/download/ unless there."""
     def verify(tmp: Path) -> None:     # a truncated download has no readable central directory
         if not zipfile.is_zipfile(tmp):

@@ -5,6 +5,9 @@ into place, so `latest.pth` is either the old file or the new one, never half of
 `keep_previous` the file it replaces stays under that name (`latest.prev.pth`: a hard link made
 before the rename), so there is always a complete `latest.pth` and, after two saves, a way back.
 A write that fails (a full disk, a quota) raises `CheckpointWriteError` naming the file and cause.
+`atomic_path` is that temporary-file-and-rename for every file the project writes (checkpoints,
+results, split lists, the toy data, prepared datasets, downloads, exports); `write_text_atomic`
+and `write_bytes_atomic` write a string or bytes through it.
 `safe_load` uses `torch.load(weights_only=True)`: a pickle that carries code (a class to build, a
 function to call) is refused before any of it runs.
 """
@@ -14,10 +17,10 @@ import contextlib
 import os
 import pickle
 import shutil
-import tempfile
+import uuid
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -99,26 +102,36 @@ class _WriteRecorder:
 
 
 @contextlib.contextmanager
-def _atomic_file(path: str | Path, mode: str, keep_previous: str | Path | None = None):
-    """A file opened in `mode` that replaces `path` only once fully written and synced to disk;
-    on any failure the temporary file is removed and `path` is left as it was. `keep_previous`:
-    the file `path` held until then is kept under that name (`_keep_copy`)."""
+def atomic_path(path: str | Path, keep_previous: str | Path | None = None) -> Iterator[Path]:
+    """The one atomic writer: a temporary path beside `path` for the block to write (not created
+    here, so whatever writes it honours the umask), renamed onto `path` once the block ends; on any
+    failure it is removed and `path` is left as it was. `keep_previous`: the file `path` held until
+    then is kept under that name (`_keep_copy`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    # A unique name per writer: several ranks or processes may write the same file at once.
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
+    try:
+        yield tmp
+        if keep_previous is not None and path.exists():
+            _keep_copy(path, Path(keep_previous))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _atomic_file(path: str | Path, mode: str, keep_previous: str | Path | None = None):
+    """A file opened in `mode` ('w' or 'wb') at `atomic_path(path)`, synced to disk before the
+    rename; an OSError (a full disk) becomes a CheckpointWriteError naming `path`."""
     recorder = None
     try:
-        with os.fdopen(fd, mode) as f:
+        with atomic_path(path, keep_previous) as tmp, open(tmp, mode.replace('w', 'x')) as f:
             recorder = _WriteRecorder(f)
             yield recorder
             f.flush()
             os.fsync(f.fileno())
-        if keep_previous is not None and path.exists():
-            _keep_copy(path, Path(keep_previous))
-        os.replace(tmp, path)
     except BaseException as err:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         cause = recorder.error if recorder is not None and recorder.error else err
         if isinstance(cause, OSError) and not isinstance(cause, CheckpointWriteError):
             failure = CheckpointWriteError(f'could not write {path}: {cause.strerror or cause}; '
@@ -131,13 +144,11 @@ def _atomic_file(path: str | Path, mode: str, keep_previous: str | Path | None =
 def _keep_copy(path: Path, keep: Path) -> None:
     """`keep` becomes a complete copy of `path` in one rename: a hard link (no bytes copied), or a
     copy where the filesystem has no hard links."""
-    tmp = keep.with_name(f'.{keep.name}.{os.getpid()}.tmp')
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(path, tmp)
-    except OSError:
-        shutil.copyfile(path, tmp)
-    os.replace(tmp, keep)
+    with atomic_path(keep) as tmp:
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
 
 
 def save_atomic(obj: Any, path: str | Path, keep_previous: str | Path | None = None) -> None:
@@ -150,3 +161,8 @@ def save_atomic(obj: Any, path: str | Path, keep_previous: str | Path | None = N
 def write_text_atomic(text: str, path: str | Path) -> None:
     with _atomic_file(path, 'w') as f:
         f.write(text)
+
+
+def write_bytes_atomic(data: bytes, path: str | Path) -> None:
+    with _atomic_file(path, 'wb') as f:
+        f.write(data)

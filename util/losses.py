@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = 255
+from util.labels import IGNORE_INDEX
 
 
 class OhemCrossEntropy(nn.Module):

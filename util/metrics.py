@@ -14,7 +14,6 @@ import torch
 
 from util.dist import all_reduce_sum
 
-IGNORE_INDEX = 255  # target value excluded from every count
 EPS = 1e-10         # the original's guard against 0 / 0
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from dataset import registry
 from dataset.checks import check_inputs
 from dataset.prepare import converters
 from dataset.prepare.core import SOURCES_DIR, PrepareError, open_sources, run_jobs, verify_splits
@@ -17,27 +18,22 @@ from dataset.splits import Sample
 
 
 @dataclass(frozen=True)
-class DatasetSpec:
+class SourceSpec:
+    """How a dataset is made from its official archives (its class count and task: dataset/registry.py)."""
     convert: Callable[[Sequence[Path]], list]   # source folders -> jobs
-    nclass: int
     sources: str                                 # what to download, for --help and errors
-    change_detection: bool = False
     published: str | None = None                 # the archive of it the original's repository holds
                                                  # (tools/prepare_data.py fetches it when no --src is given)
 
 
 DATASETS = {
-    'pascal': DatasetSpec(converters.pascal, 21,
-                          'VOCtrainval_11-May-2012.tar and SBD benchmark.tgz'),
-    'cityscapes': DatasetSpec(converters.cityscapes, 19,
-                              'leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip '
-                              '(optionally leftImg8bit_trainextra.zip)'),
-    'ade20k': DatasetSpec(converters.ade20k, 150, 'ADEChallengeData2016.zip'),
-    'coco': DatasetSpec(converters.coco, 81, 'train2017.zip, val2017.zip and annotations_trainval2017.zip'),
-    'levir': DatasetSpec(converters.change_detection, 2, "the original's LEVIR-CD.zip", change_detection=True,
-                         published='LEVIR-CD.zip'),
-    'whu': DatasetSpec(converters.change_detection, 2, "the original's WHU-CD.zip", change_detection=True,
-                       published='WHU-CD.zip'),
+    'pascal': SourceSpec(converters.pascal, 'VOCtrainval_11-May-2012.tar and SBD benchmark.tgz'),
+    'cityscapes': SourceSpec(converters.cityscapes, 'leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip '
+                                                    '(optionally leftImg8bit_trainextra.zip)'),
+    'ade20k': SourceSpec(converters.ade20k, 'ADEChallengeData2016.zip'),
+    'coco': SourceSpec(converters.coco, 'train2017.zip, val2017.zip and annotations_trainval2017.zip'),
+    'levir': SourceSpec(converters.change_detection, "the original's LEVIR-CD.zip", published='LEVIR-CD.zip'),
+    'whu': SourceSpec(converters.change_detection, "the original's WHU-CD.zip", published='WHU-CD.zip'),
 }
 
 
@@ -56,15 +52,16 @@ def prepare(name: str, srcs: Sequence[str | Path], dst: str | Path, splits_dir: 
     if name not in DATASETS:
         raise PrepareError(f'unknown dataset {name!r}; choose one of {", ".join(DATASETS)}')
     spec, dst, splits_dir = DATASETS[name], Path(dst), Path(splits_dir)
+    facts = registry.get_spec(name)
     roots = open_sources(srcs, dst)
     written = run_jobs(spec.convert(roots), dst, desc=f'prepare {name}')
     log(f'{name}: wrote {written} files into {dst}')
-    if spec.change_detection:
+    if facts.task == 'change_detection':
         verify_splits(dst, splits_dir, _tile_paths,
                       lambda split, role: converters.check_change_detection(dst, split), log=log)
     else:
         verify_splits(dst, splits_dir, _segmentation_paths,
-                      lambda split, role: check_inputs(dst, {role: split}, spec.nclass, full=True), log=log)
+                      lambda split, role: check_inputs(dst, {role: split}, facts.nclass, full=True), log=log)
     if not keep_extracted and (dst / SOURCES_DIR).is_dir():
         shutil.rmtree(dst / SOURCES_DIR)
     return written

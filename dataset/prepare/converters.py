@@ -32,8 +32,8 @@ from dataset.checks import Problem
 from dataset.prepare.core import (Job, PrepareError, copy_file, find_dir, lookup_mask, read_mask,
                                   save_mask)
 from dataset.registry import COCO_CLASSES, voc_palette
+from util.labels import IGNORE_INDEX
 
-IGNORE = 255
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 
 
@@ -85,7 +85,7 @@ CITYSCAPES_LABEL_IDS = 34   # labelIds 0..33; -1 (license plate) never appears i
 
 def cityscapes_table() -> np.ndarray:
     table = np.full(256, -1, dtype=np.int16)
-    table[:CITYSCAPES_LABEL_IDS] = IGNORE
+    table[:CITYSCAPES_LABEL_IDS] = IGNORE_INDEX
     for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
         table[label_id] = train_id
     return table
@@ -115,7 +115,7 @@ ADE20K_CLASSES = 150
 
 def ade20k_table() -> np.ndarray:
     table = np.full(256, -1, dtype=np.int16)
-    table[0] = IGNORE
+    table[0] = IGNORE_INDEX
     table[1:ADE20K_CLASSES + 1] = np.arange(ADE20K_CLASSES)
     return table
 

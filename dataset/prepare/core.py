@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tarfile
 import zipfile
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from dataset.checks import Problem
 from dataset.splits import Sample, read_split
+from util.checkpoint import atomic_path
 
 ARCHIVE_SUFFIXES = ('.zip', '.tar', '.tar.gz', '.tgz')
 SOURCES_DIR = '.sources'
@@ -81,11 +81,8 @@ def extract(archive: Path, into: Path) -> Path:
 
 
 def _copy_member(stream, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.part')
-    with stream, open(tmp, 'wb') as f:
+    with stream, atomic_path(path) as tmp, open(tmp, 'wb') as f:
         shutil.copyfileobj(stream, f, 1 << 20)
-    os.replace(tmp, path)
 
 
 def open_sources(srcs: Sequence[str | Path], dst: Path) -> list[Path]:
@@ -167,16 +164,12 @@ def run_jobs(jobs: Iterable[Job], dst: Path, desc: str) -> int:
         out = dst / job.out
         if out.is_file():
             continue
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f'.{out.stem}.tmp{out.suffix}')
         try:
-            job.write(job.src, tmp)
-            os.replace(tmp, out)
+            with atomic_path(out) as tmp:
+                job.write(job.src, tmp)
             written += 1
         except Exception as err:   # a corrupt file raises whatever its reader raises
             failed.append(f'  {job.src}: {err}')
-        finally:
-            tmp.unlink(missing_ok=True)
     if failed:
         raise PrepareError(f'{len(failed)} of {len(jobs)} files could not be converted (the others are '
                            f'in {dst}; fix or replace these and rerun to finish):\n' + '\n'.join(failed))
