@@ -23,6 +23,7 @@ from typing import Any
 import methods
 import tasks
 from dataset.registry import DATASETS
+from methods.step import SemiOptions
 from model.dpt import COMP_DROP_SITES
 from model.inference import EVAL_MODES
 from util.config import ConfigError, Sources, apply_overrides_traced, coerce, read_yaml, unknown_keys
@@ -57,7 +58,7 @@ class RunConfig:
     lr: float = 5e-6                     # encoder learning rate at the reference global batch
     lr_multi: float = 40.0               # decoder lr = lr * lr_multi
     criterion: Criterion = field(default_factory=Criterion)
-    conf_thresh: float = 0.95
+    conf_thresh: float = SemiOptions.conf_thresh     # one default: the step's (methods/step.py)
     model: str = 'dpt'
     backbone: str = 'dinov2_small'
     lock_backbone: bool = False
@@ -65,7 +66,7 @@ class RunConfig:
     method: str = methods.DEFAULT        # any name `python -m methods` lists
     pretrained: str | None = 'auto'      # 'auto' = pretrained/<backbone>.pth; null = random init
     class_names: list | None = None      # for custom datasets
-    lossu_weight: float = 1.0            # loss = (loss_x + w * loss_u) / (1 + w)
+    lossu_weight: float = SemiOptions.lossu_weight   # loss = (loss_x + w * loss_u) / (1 + w)
     total_loss: str = 'mean'             # 'mean': that weighted mean (segmentation, the paper's); 'sum':
                                          # loss_x + w * loss_u (TorchSSL's and USB's classification)
     teacher: str = 'ema'                 # who labels the weak view: 'ema' (the paper) or 'online' (the
@@ -230,7 +231,8 @@ def _check(cfg: Config, sources: Sources) -> None:
     need(0.0 <= cfg.conf_thresh <= 1.0, 'conf_thresh', f'must be in [0, 1], got {cfg.conf_thresh}')
     need(cfg.class_names is None or len(cfg.class_names) == cfg.nclass, 'class_names',
          f'has {len(cfg.class_names or [])} names but nclass is {cfg.nclass}')
-    for method in methods.REGISTRY.values():
+    running = methods.enabled(cfg)           # the run's method and those its keys turn on: checked once
+    for method in running:
         method.check(cfg, need)
     task = tasks.of_dataset(cfg.dataset)
     task.check(cfg, need, semi=methods.get(cfg.method).options is not None)
