@@ -143,47 +143,39 @@ def semi_step(student: nn.Module, teacher: Callable, batch_l: Batch, batch_u: Ba
 
     The teacher (the EMA model, or the student itself with `teacher: online`) labels the weak
     view; each strong view and its targets are CutMix-ed with the same box; the student sees
-    labeled and strong images (one forward when `fused`), with complementary
-    channel dropout on the strong pairs' features. `methods` (`methods.base.Method`, in registry
-    order) add keywords to the teacher's and the student's forwards, may replace the strong views'
-    losses, and add terms to the total.
+    labeled and strong images in one forward, with complementary channel dropout on the strong
+    pairs' features. `methods` (`methods.base.Method`, in registry order) add keywords to the
+    teacher's and the student's forwards, may replace the strong views' losses, and add terms to
+    the total. Two variants are small named pieces: UniMatch V1's weak forward and fp stream
+    (`v1_weak_forward`, `fp_weight > 0`) and the original release's two forwards (`unfused_forward`,
+    `fused=False`).
     """
-    x, y = batch_l['image'], batch_l['mask']
-    valid = batch_u['valid']
+    x, y, valid = batch_l['image'], batch_l['mask'], batch_u['valid']
     s = StepContext(teacher, batch_l, batch_u, opt)
-    if opt.fp_weight > 0:      # UniMatch V1: the weak view in the labeled forward, plus its fp stream
-        preds, preds_fp = student(torch.cat((x, batch_u['image'])), need_fp=True)
-        s.pred_x, pred_w = preds.split([len(x), len(batch_u['image'])])
-        pred_fp = preds_fp[len(x):]
-        s.logits_w = pred_w.detach().float()
-    else:
+    pred_fp = v1_weak_forward(s, student) if opt.fp_weight > 0 else None
+    if pred_fp is None:
         with torch.no_grad():
             logits_w, s.teacher_aux = split_output(teacher(batch_u['image'],
                                                            **merged(m.teacher_kwargs(s) for m in methods)))
-            s.logits_w = logits_w.float()
+        s.logits_w = logits_w.float()
     s.conf, s.pseudo = s.logits_w.softmax(1).max(1)
 
     strong, s.targets = mix_strong_views(batch_u, s.pseudo, s.conf, opt.views)
     extra = merged(m.student_kwargs(s) for m in methods)
-    if s.pred_x is None and opt.fused:
+    if opt.fused and s.pred_x is None:
         out, s.student_aux = split_output(student(torch.cat([x, *strong]), n_clean=len(x),
                                                   **perturbation(opt), **extra))
         s.pred_x, *s.pred_s = out.split([len(x)] + [len(v) for v in strong])
-    else:                     # the original release: labeled and strong images in two forwards
-        if extra:
-            raise ValueError(f'{sorted(extra)} need the fused student forward (fused=True)')
-        if s.pred_x is None:
-            s.pred_x = student(x)
-        s.pred_s = list(student(torch.cat(strong), **perturbation(opt)).chunk(opt.views))
+    else:
+        unfused_forward(s, student, strong, extra)
     share = (1 - opt.fp_weight) / opt.views
     s.streams = [(f'loss_s{v + 1}', pred, v, share) for v, pred in enumerate(s.pred_s)]
-    if opt.fp_weight > 0:
+    if pred_fp is not None:
         s.streams.append(('loss_fp', pred_fp, None, opt.fp_weight))
 
     out = {'loss_x': criterion(s.pred_x, y)}
-    replaced = [r for r in (m.strong_losses(s) for m in methods) if r is not None]   # one at most (check_run)
-    out.update(replaced[0] if replaced else strong_losses(s.pred_s, s.targets, opt.conf_thresh))
-    if opt.fp_weight > 0:
+    out.update(replaced_strong_losses(s, methods) or strong_losses(s.pred_s, s.targets, opt.conf_thresh))
+    if pred_fp is not None:
         out['loss_fp'] = masked_unlabeled_loss(pred_fp, s.pseudo, s.conf, valid, opt.conf_thresh)
     loss_u = sum(w * out[name] for name, _, _, w in s.streams)
     out['loss_u'] = loss_u
@@ -195,6 +187,36 @@ def semi_step(student: nn.Module, teacher: Callable, batch_l: Batch, batch_u: Ba
             out[name] = term.loss
     out['loss'] = total_loss(out['loss_x'], loss_u, opt.lossu_weight, terms.values(), opt.weighted_mean)
     return {k: v if k == 'loss' else v.detach() for k, v in out.items()}
+
+
+def v1_weak_forward(s: StepContext, student: nn.Module) -> torch.Tensor:
+    """UniMatch V1 (`fp_weight > 0`): the student labels its own weak view, in the labeled images'
+    forward, and returns the logits of its feature-perturbed (fp) copy of that view: a stream of
+    its own in L_u."""
+    x, u = s.batch_l['image'], s.batch_u['image']
+    preds, preds_fp = student(torch.cat((x, u)), need_fp=True)
+    s.pred_x, pred_w = preds.split([len(x), len(u)])
+    s.logits_w = pred_w.detach().float()
+    return preds_fp[len(x):]
+
+
+def unfused_forward(s: StepContext, student: nn.Module, strong: list[torch.Tensor], extra: dict) -> None:
+    """The original release's student forwards (`fused=False`): the labeled images, then the
+    strong views, each in a forward of its own (V1 has the labeled logits already)."""
+    if extra:
+        raise ValueError(f'{sorted(extra)} need the fused student forward (fused=True)')
+    if s.pred_x is None:
+        s.pred_x = student(s.batch_l['image'])
+    s.pred_s = list(student(torch.cat(strong), **perturbation(s.opt)).chunk(s.opt.views))
+
+
+def replaced_strong_losses(s: StepContext, methods: Sequence) -> dict[str, torch.Tensor] | None:
+    """The strong views' losses of the one method that replaces them (`methods.check_run` refuses
+    two), or None for the step's own."""
+    replaced = [r for r in (m.strong_losses(s) for m in methods) if r is not None]
+    if len(replaced) > 1:
+        raise ValueError(f'{len(replaced)} methods replace the strong views\' losses; a step takes one')
+    return replaced[0] if replaced else None
 
 
 def total_loss(loss_x: torch.Tensor, loss_u: torch.Tensor, w: float, terms, weighted_mean: bool = True

@@ -415,3 +415,45 @@ def test_lr_scale(monkeypatch):
     # build_optimizer uses the scaled lr.
     opt = build_optimizer(nn.Linear(2, 2), Config(lr=1e-4, lr_multi=10.0, scale_lr=True, reference_gpus=4))
     assert opt.param_groups[1]['lr'] == pytest.approx(1e-4 * 2 * 10)
+
+
+class _Replacing:
+    """A stand-in method whose hook replaces the strong views' losses with a constant."""
+    def __init__(self, value: float):
+        self.value = value
+
+    def teacher_kwargs(self, s):
+        return {}
+
+    def student_kwargs(self, s):
+        return {}
+
+    def strong_losses(self, s):
+        return {'loss_s1': torch.tensor(self.value), 'loss_s2': torch.tensor(self.value)}
+
+    def terms(self, s, out):
+        return {}
+
+
+def test_one_replacing_method_sets_the_strong_losses_and_two_are_an_error(student, criterion):
+    batch_l, batch_u = make_batch(seed=8)
+    out = semi_step(student, EMATeacher(student), batch_l, batch_u, criterion, SemiOptions(conf_thresh=0.0),
+                    [_Replacing(0.25)])
+    assert out['loss_s1'] == 0.25 and torch.allclose(out['loss_u'], torch.tensor(0.25))
+    with pytest.raises(ValueError, match="2 methods replace the strong views' losses"):
+        semi_step(student, EMATeacher(student), batch_l, batch_u, criterion, SemiOptions(conf_thresh=0.0),
+                  [_Replacing(0.25), _Replacing(0.5)])
+
+
+def test_the_unfused_forward_refuses_a_methods_student_keywords(student, criterion):
+    class AsksForMore(_Replacing):
+        def student_kwargs(self, s):
+            return {'return_features': True}
+
+        def strong_losses(self, s):
+            return None
+
+    batch_l, batch_u = make_batch(seed=9)
+    with pytest.raises(ValueError, match=r"\['return_features'\] need the fused student forward"):
+        semi_step(student, EMATeacher(student), batch_l, batch_u, criterion,
+                  SemiOptions(conf_thresh=0.0, fused=False), [AsksForMore(0.0)])
