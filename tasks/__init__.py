@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 
+from dataset.registry import get_spec
 from tasks.base import REGISTRY, Task, register
 
 MODULES = ('segmentation', 'change_detection', 'classification')
@@ -23,7 +24,6 @@ def get(name: str) -> type[Task]:
 
 def of_dataset(dataset: str) -> type[Task]:
     """The task class of a dataset name."""
-    from dataset.registry import get_spec
     return get(get_spec(dataset).task)
 
 

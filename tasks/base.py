@@ -26,6 +26,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from dataset.splits import read_split
+from model.inference import predict
+from model.presets import nearest_multiples, patch_size
 from util.capabilities import OWN_MODEL, STEP_HOOKS
 
 Need = Callable[[bool, str, str], None]     # need(ok, key, message): raise a ConfigError naming the key
@@ -34,7 +37,6 @@ Need = Callable[[bool, str, str], None]     # need(ok, key, message): raise a Co
 def check_crop(cfg, need: Need) -> None:
     """A dense task's training crop is a multiple of the encoder's patch: the model's logits cover
     the input cropped to its patch grid, and the losses and CutMix compare them with the crop."""
-    from model.presets import nearest_multiples, patch_size
     try:
         patch = patch_size(cfg.backbone)
     except ValueError as err:
@@ -97,7 +99,6 @@ class Task:
         """Samples in each part of `split` ('labeled', 'unlabeled', 'val'), counted from its split
         lists without opening an image or writing a file (`--plan`); a string in place of a count
         says why it is not known."""
-        from dataset.splits import read_split
         roles = ('labeled', 'unlabeled', 'val')
         try:
             paths = self.split_paths(split)
@@ -176,7 +177,6 @@ class Task:
         """`model.inference.Prediction` (probs float [1, nclass, H, W], valid bool [1, H, W]) of one
         sample's images, as the task's evaluation predicts: its inference mode (`eval_mode`), crop
         size and class count; flips and scales as asked."""
-        from model.inference import predict
         if len(images) != self.images_per_input:
             raise ValueError(f'{self.name} predicts from {self.images_per_input} image(s) at a time, got {len(images)}')
         x = self.model_input(images)[None]

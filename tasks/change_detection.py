@@ -26,9 +26,18 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
-from util.capabilities import STEP_HOOKS
+from dataset.change import RESIZE_RATIO, ChangeDataset, check_change_inputs, load_label, pair_tensor
+from dataset.images import denormalize, load_rgb, save_panels
+from dataset.registry import get_spec
+from dataset.semi import CUTMIX_P
+from dataset.toy_cd import ensure_toy_cd
+from model.change_dpt import build_change_model
 from tasks.base import Task, register
+from tasks.evaluation import evaluate
+from util.capabilities import STEP_HOOKS
+from util.metrics import ConfusionMatrix
 
 CLASS_NAMES = ('unchanged', 'changed')
 CHANGED = 1
@@ -59,10 +68,8 @@ class ChangeDetection(Task):
     # ---- data ------------------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        from dataset.registry import get_spec
         cfg = self.cfg
         if get_spec(cfg.dataset).generated:
-            from dataset.toy_cd import ensure_toy_cd
             ensure_toy_cd(cfg.data_root, Path(cfg.splits_root) / cfg.data_name, seed=cfg.toy_seed,
                           n_train=cfg.toy_train, n_val=max(1, cfg.toy_val // 2), n_test=cfg.toy_val)
 
@@ -80,18 +87,14 @@ class ChangeDetection(Task):
         return labeled, unlabeled, self.eval_split_path()
 
     def eval_split_path(self) -> Path:
-        from dataset.registry import get_spec
         name = self.cfg.eval_split or get_spec(self.cfg.dataset).eval_split
         return Path(self.cfg.splits_root) / self.cfg.data_name / f'{name}.txt'
 
     def check_inputs(self, splits: dict[str, Path], full: bool = False,
                      roots: dict[str, str] | None = None) -> list:
-        from dataset.change import check_change_inputs
         return check_change_inputs(self.cfg.data_root, splits, full=full, roots=roots)
 
     def augmentations(self, num_strong: int) -> dict[str, str]:
-        from dataset.change import RESIZE_RATIO
-        from dataset.semi import CUTMIX_P
         crop = self.cfg.crop_size
         return {'labeled': f'both dates and the label rescaled x U{RESIZE_RATIO} together, padded to and randomly '
                            f'cropped to {crop}, horizontal flip p 0.5 (dataset/change.py aligned_geometry)',
@@ -102,20 +105,16 @@ class ChangeDetection(Task):
 
     def dataset(self, split_file: Path, mode: str, nsample: int | None = None, num_strong: int = 2,
                 root: str | None = None) -> Dataset:
-        from dataset.change import ChangeDataset
         return ChangeDataset(root or self.cfg.data_root, split_file, mode, self.cfg.crop_size, nsample=nsample,
                              num_strong=num_strong)
 
     # ---- model -----------------------------------------------------------------------------------
 
     def build_model(self, cfg=None) -> nn.Module:
-        from model.change_dpt import build_change_model
         cfg = cfg or self.cfg
         return build_change_model(cfg.backbone, cfg.nclass, cfg.drop_path)
 
     def demo_dataset(self, root: Path) -> Dataset:
-        from dataset.change import ChangeDataset
-        from dataset.toy_cd import ensure_toy_cd
         ensure_toy_cd(root / 'data', root / 'splits', n_train=20, n_val=1, n_test=1)
         return ChangeDataset(root / 'data', root / 'splits/train.txt', 'train_u', self.cfg.crop_size)
 
@@ -127,7 +126,6 @@ class ChangeDetection(Task):
         """The change metrics (`change_scores`) of `model` on `dataset`, with 'n_images' and the
         2 x 2 'confusion'; `save_dir` gets `<name>.png` (0/255) and `side_by_side/<name>.jpg`
         (A | B | label | prediction)."""
-        from tasks.evaluation import evaluate
         res = evaluate(model, dataset, self.cfg.nclass, self.eval_mode(mode), self.cfg.crop_size, flip, scales, device,
                        save_dir=save_dir, progress=progress, num_workers=num_workers, writer=write_change_pictures)
         return {**change_scores(res['confusion']), 'n_images': res['n_images'], 'confusion': res['confusion']}
@@ -154,7 +152,6 @@ class ChangeDetection(Task):
     images_per_input = 2                 # the two dates, A and B
 
     def model_input(self, images: Sequence) -> torch.Tensor:
-        from dataset.change import pair_tensor
         return pair_tensor(*images)
 
     def predict(self, model: nn.Module, inputs: list[Path], out_dir: Path, device: torch.device, *,
@@ -163,10 +160,7 @@ class ChangeDetection(Task):
         """Two folders of co-registered images with the same file names (date A, date B): for each
         pair `<stem>.png` (0 unchanged, 255 changed) and `<stem>_pair.jpg` (A | B | label from
         `labels` or blank | prediction). Every pair is checked before anything is written."""
-        from tqdm import tqdm
 
-        from dataset.change import load_label
-        from dataset.images import load_rgb, save_panels
         if len(inputs) != 2 or not all(p.is_dir() for p in inputs):
             raise SystemExit(f'error: change detection takes --input A_DIR B_DIR (two folders), got {inputs}')
         pairs = matched_pairs(*inputs)
@@ -192,7 +186,6 @@ SCORES = {'changed_iou': 'changed IoU', 'oa': 'OA', 'unchanged_iou': 'unchanged 
 
 def change_scores(confusion) -> dict[str, float]:
     """The change metrics (percent) of a 2 x 2 confusion matrix (rows: truth, columns: prediction)."""
-    from util.metrics import ConfusionMatrix
     cm = ConfusionMatrix.from_counts(confusion)
     iou = cm.iou()
     return {'changed_iou': float(iou[CHANGED]), 'oa': cm.pixel_acc(), 'unchanged_iou': float(iou[1 - CHANGED]),
@@ -203,7 +196,6 @@ def change_scores(confusion) -> dict[str, float]:
 def write_change_pictures(item: dict, pred: torch.Tensor, save_dir: Path) -> None:
     """evaluate's pictures of a pair: `<name>.png` (0/255) and `side_by_side/<name>.jpg`
     (A | B | label | prediction)."""
-    from dataset.images import denormalize, save_panels
     a, b = item['image'][:3], item['image'][3:]
     change = change_mask(pred)
     change.save(save_dir / f'{item["name"]}.png')

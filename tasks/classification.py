@@ -27,10 +27,26 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import UnidentifiedImageError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import transforms as T
+from tqdm import tqdm
 
+from dataset.checks import DataError, Problem
+from dataset.classification import (CROP_RATIO, CUTOUT_MAX, PAD_PIXELS, ClassificationDataset, eval_view, load_classification,
+                                    parse_split)
+from dataset.classification import get_spec as image_spec      # the dataset's image sizes and flips
+from dataset.images import list_inputs, load_rgb
+from dataset.randaugment import NUM_OPS
+from dataset.registry import class_names, get_spec
+from dataset.toy_cls import ensure_toy_cls
+from model.classifiers import build_classifier, classifier_names
 from tasks.base import Task, register
+from util import dist
+from util.checkpoint import write_text_atomic
+from util.dist import is_main, rank, world_size
+from util.metrics import TopKAccuracy
 
 TOP_K = (1, 5)
 
@@ -65,7 +81,6 @@ class Classification(Task):
 
     @classmethod
     def check(cls, cfg, need, semi: bool) -> None:
-        from model.classifiers import classifier_names
         need(cfg.backbone in classifier_names(), 'backbone',
              f'must be one of {classifier_names()} for {cfg.dataset}, got {cfg.backbone!r}')
         need(cfg.input_size % 14 == 0 and cfg.input_size > 0, 'input_size',
@@ -83,13 +98,10 @@ class Classification(Task):
     # ---- data ------------------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        from dataset.registry import get_spec
         if get_spec(self.cfg.dataset).generated:
-            from dataset.toy_cls import ensure_toy_cls
             ensure_toy_cls(self.cfg.data_root)
 
     def split_paths(self, split: str) -> tuple[Part, Part, Part]:
-        from dataset.classification import parse_split
         parse_split(split)          # a malformed split is an error naming it, here
         return tuple(Part(role, split, self.cfg.dataset, self.cfg.data_root) for role in ('labeled', 'unlabeled', 'val'))
 
@@ -100,7 +112,6 @@ class Classification(Task):
         """Every image and label of `split`, read and checked once (DataError otherwise);
         `unlabeled`: with the unlabeled set's extra images too (STL-10's), which a labeled-only
         run does not read."""
-        from dataset.classification import load_classification
         cached = self._data.get(split)
         if cached is None or (unlabeled and not cached[1]):
             cfg = self.cfg
@@ -111,7 +122,6 @@ class Classification(Task):
     def check_inputs(self, splits: dict, full: bool = False, roots: dict | None = None) -> list:
         """The files of each part, read in full (they are read once either way), the labeled subset
         drawn: a missing root, a wrong format or too few images of a class is an error naming it."""
-        from dataset.checks import DataError, Problem
         for part in splits.values():
             if not isinstance(part, Part):
                 return [Problem('error', str(part), f'{self.cfg.dataset} has no split files: give --split '
@@ -125,7 +135,6 @@ class Classification(Task):
     def split_sizes(self, split: str) -> dict[str, int | str]:
         """The labeled count of `<N>_labels_per_class` (N x nclass); the other counts are the
         dataset files' (not read here)."""
-        from dataset.classification import parse_split
         kind, k = parse_split(split)
         unread = f'in the {self.cfg.dataset} files under {self.cfg.data_root}, not read by --plan'
         return {'labeled': int(k) * self.cfg.nclass if kind == 'per_class' else unread,
@@ -138,9 +147,7 @@ class Classification(Task):
         return cfg.max_iters_per_epoch * cfg.batch_size * cfg.unlabeled_ratio * processes
 
     def augmentations(self, num_strong: int) -> dict[str, str]:
-        from dataset.classification import CROP_RATIO, CUTOUT_MAX, PAD_PIXELS, get_spec
-        from dataset.randaugment import NUM_OPS
-        spec, size = get_spec(self.cfg.dataset), self.cfg.crop_size
+        spec, size = image_spec(self.cfg.dataset), self.cfg.crop_size
         weak = (f'random {size} crop of the image, short side resized to {size} / {CROP_RATIO}' if self.cfg.dataset == 'imagenet'
                 else f'random {size} crop of the image padded by {PAD_PIXELS} pixels (reflect)')
         weak += ', horizontal flip p 0.5' if spec.hflip else ''
@@ -153,8 +160,6 @@ class Classification(Task):
                 root: str | None = None) -> Dataset:
         """The part's samples; the unlabeled set is repeated to one epoch of `max_iters_per_epoch`
         iterations of `batch_size x unlabeled_ratio` images on every process."""
-        from dataset.classification import ClassificationDataset
-        from util import dist
         cfg, data = self.cfg, self.data(split_file.split, unlabeled=split_file.role == 'unlabeled')
         images, indices = {'labeled': (data.train, data.labeled),
                            'unlabeled': (data.unlabeled, np.arange(len(data.unlabeled))),
@@ -167,7 +172,6 @@ class Classification(Task):
     # ---- model -----------------------------------------------------------------------------------
 
     def build_model(self, cfg=None) -> nn.Module:
-        from model.classifiers import build_classifier
         cfg = cfg or self.cfg
         return build_classifier(cfg.backbone, cfg.nclass, cfg.drop_path, cfg.input_size)
 
@@ -179,10 +183,7 @@ class Classification(Task):
         """{'top1', 'top5' (percent), 'n_images'} over every process: each takes the images rank,
         rank + world_size, ... and the counts are reduced once. flip: the mean of the image's and
         its mirror's probabilities."""
-        from tqdm import tqdm
 
-        from util.dist import is_main, rank, world_size
-        from util.metrics import TopKAccuracy
         if tuple(scales) != (1.0,) or save_dir is not None:
             raise ValueError('classification evaluates the whole image at one scale and writes no pictures')
         was_training = model.training
@@ -230,17 +231,11 @@ class Classification(Task):
                 scales: Sequence[float] = (1.0,)) -> int:
         """`predictions.csv` in `out_dir`: for each image of one file or folder, its file name, the
         predicted class, its probability and the top-5 classes."""
-        from PIL import UnidentifiedImageError
-        from torchvision import transforms as T
 
-        from dataset.classification import eval_view, get_spec
-        from dataset.registry import class_names
-        from util.checkpoint import write_text_atomic
-        from dataset.images import list_inputs, load_rgb
         if len(inputs) != 1:
             raise SystemExit(f'error: classification takes one --input (a file or a folder), got {len(inputs)}')
         cfg = self.cfg
-        spec = replace(get_spec(cfg.dataset), size=cfg.crop_size)
+        spec = replace(image_spec(cfg.dataset), size=cfg.crop_size)
         names = class_names(cfg.dataset, cfg.nclass, cfg.class_names)
         normalize = T.Compose([T.ToTensor(), T.Normalize(spec.mean, spec.std)])
         rows = ['file,class,probability,top5']

@@ -10,11 +10,21 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from PIL import UnidentifiedImageError
 from torch import nn
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
+from dataset.checks import check_inputs
+from dataset.images import list_inputs, load_rgb, output_stem, overlay, save_prediction
+from dataset.registry import class_names, default_eval_mode, get_palette, get_spec
+from dataset.semi import CUTMIX_P, RESIZE_RATIO, UNLABELED_PAD, SemiDataset, split_paths, split_sizes
+from dataset.splits import read_split
+from dataset.toy import ensure_toy
+from dataset.transforms import normalize
 from model.dpt import build_model as plain_segmentor
 from tasks.base import Task, register
+from tasks.evaluation import evaluate, format_iou_table
 from util.labels import IGNORE_INDEX
 
 
@@ -29,39 +39,31 @@ class Segmentation(Task):
     # ---- data ------------------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        from dataset.registry import get_spec
         cfg = self.cfg
         if get_spec(cfg.dataset).generated:
-            from dataset.toy import ensure_toy
             ensure_toy(cfg.data_root, Path(cfg.splits_root) / cfg.data_name, seed=cfg.toy_seed,
                        n_train=cfg.toy_train, n_val=cfg.toy_val)
 
     def split_paths(self, split: str) -> tuple[Path, Path, Path]:
-        from dataset.semi import split_paths
         paths = split_paths(self.cfg.dataset, split, self.cfg.splits_root, self.cfg.data_root,
                             self.cfg.data_name)
         return paths.labeled, paths.unlabeled, self.eval_split_path()
 
     def eval_split_path(self) -> Path:
-        from dataset.registry import get_spec
         name = self.cfg.eval_split or get_spec(self.cfg.dataset).eval_split
         return Path(self.cfg.splits_root) / self.cfg.data_name / f'{name}.txt'
 
     def check_inputs(self, splits: dict[str, Path], full: bool = False,
                      roots: dict[str, str] | None = None) -> list:
-        from dataset.checks import check_inputs
         return check_inputs(self.cfg.data_root, splits, self.cfg.nclass, full=full, roots=roots)
 
     def split_sizes(self, split: str) -> dict[str, int | str]:
-        from dataset.semi import split_sizes
-        from dataset.splits import read_split
         cfg, val = self.cfg, self.eval_split_path()
         sizes = split_sizes(cfg.dataset, split, cfg.splits_root, cfg.data_root, cfg.data_name)
         sizes['val'] = len(read_split(val)) if val.exists() else f'{val} is missing'
         return sizes
 
     def augmentations(self, num_strong: int) -> dict[str, str]:
-        from dataset.semi import CUTMIX_P, RESIZE_RATIO, UNLABELED_PAD
         crop = self.cfg.crop_size
         return {'labeled': f'long side rescaled x U{RESIZE_RATIO}, padded to and randomly cropped to {crop} '
                            f'(mask padding {IGNORE_INDEX}), horizontal flip p 0.5, ImageNet normalisation',
@@ -72,13 +74,10 @@ class Segmentation(Task):
 
     def dataset(self, split_file: Path, mode: str, nsample: int | None = None, num_strong: int = 2,
                 root: str | None = None) -> Dataset:
-        from dataset.semi import SemiDataset
         return SemiDataset(root or self.cfg.data_root, split_file, mode, self.cfg.crop_size, nsample=nsample,
                            num_strong=num_strong, nclass=self.cfg.nclass)
 
     def demo_dataset(self, root: Path) -> Dataset:
-        from dataset.semi import SemiDataset
-        from dataset.toy import ensure_toy
         ensure_toy(root / 'data', root / 'splits', n_train=32, n_val=1, workers=1)
         return SemiDataset(root / 'data', root / 'splits/all/labeled.txt', 'train_u', self.cfg.crop_size)
 
@@ -93,19 +92,15 @@ class Segmentation(Task):
     # ---- evaluation ------------------------------------------------------------------------------
 
     def eval_mode(self, mode: str | None = None) -> str:
-        from dataset.registry import default_eval_mode
         return mode or self.cfg.eval_mode or default_eval_mode(self.cfg.dataset)
 
     def class_names(self) -> list[str]:
-        from dataset.registry import class_names
         return class_names(self.cfg.dataset, self.cfg.nclass, self.cfg.class_names)
 
     def evaluate(self, model: nn.Module, dataset: Dataset, device: torch.device, *, mode: str | None = None,
                  flip: bool = False, scales: Sequence[float] = (1.0,), save_dir: Path | None = None,
                  progress: bool = False, num_workers: int = 0) -> dict:
         """{'miou', 'iou' (per class), 'pixel_acc', 'n_images', 'confusion'}: tasks.evaluation.evaluate."""
-        from dataset.registry import get_palette
-        from tasks.evaluation import evaluate
         cfg = self.cfg
         palette = get_palette(cfg.dataset, cfg.nclass) if save_dir is not None else None
         return evaluate(model, dataset, cfg.nclass, self.eval_mode(mode), cfg.crop_size, flip, scales, device,
@@ -115,7 +110,6 @@ class Segmentation(Task):
         return {'miou': result['miou'], 'iou': result['iou']}
 
     def format_result(self, result: dict) -> str:
-        from tasks.evaluation import format_iou_table
         return format_iou_table(result['iou'], self.class_names())
 
     def report(self, result: dict) -> dict:
@@ -125,7 +119,6 @@ class Segmentation(Task):
     # ---- prediction ------------------------------------------------------------------------------
 
     def model_input(self, images: Sequence) -> torch.Tensor:
-        from dataset.transforms import normalize
         return normalize(images[0])
 
     def predict(self, model: nn.Module, inputs: list[Path], out_dir: Path, device: torch.device, *,
@@ -133,12 +126,7 @@ class Segmentation(Task):
                 scales: Sequence[float] = (1.0,)) -> int:
         """For each image `<stem>` of one file or folder: `<stem>.png` (palette PNG of class ids, 255
         where nothing was predicted) and `<stem>_overlay.jpg` (the colours over the image)."""
-        from PIL import UnidentifiedImageError
-        from tqdm import tqdm
 
-        from dataset.registry import get_palette
-        from dataset.images import list_inputs, load_rgb, output_stem, overlay, save_prediction
-        from util.labels import IGNORE_INDEX
         if len(inputs) != 1:
             raise SystemExit(f'error: segmentation takes one --input (a file or a folder), got {len(inputs)}')
         cfg = self.cfg
