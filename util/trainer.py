@@ -52,6 +52,7 @@ from util.logger import Meter, TensorBoard, get_logger, open_log_file, to_file_o
 from util.losses import build_criterion
 from util.memory import peak_memory_mib
 from util.precision import Precision
+from util.pseudo_labels import format_pseudo_label_table, preserved_rng, stats_scalars
 from util.run_lock import RunDirBusy, RunDirLock
 
 
@@ -202,6 +203,8 @@ def setup_run(args: argparse.Namespace, method: str | None = None) -> Run:
         splits['unlabeled'] = unlabeled
     problems = task.check_inputs(splits, full=args.check_data, roots={'unlabeled': unlabeled_root(cfg)})
     raise_on_errors(problems, log=lambda m: print(m, flush=True) if dist.is_main() else None)
+    if cfg.pseudo_label_stats:
+        check_pseudo_label_masks(task, unlabeled, cfg)
     if args.check_data:
         print(f'checked every file of {", ".join(str(p) for p in splits.values())}: no errors')
         raise SystemExit(0)
@@ -576,7 +579,7 @@ FIXED_ON_RESUME = ('nclass', 'backbone', 'model', 'dataset', 'method', 'seed')
 # from the checkpoint's config stops the resume unless `resume_changes: allow`.
 FREE_ON_RESUME = ('num_workers', 'log_interval', 'checkpoint_minutes', 'compile', 'grad_checkpointing',
                   'channels_last', 'attention', 'pretrained', 'download', 'eval_batch_size', 'on_nonfinite',
-                  'resume_changes')
+                  'resume_changes', 'pseudo_label_stats', 'pseudo_label_stats_images')
 
 
 def check_resume(saved: dict | None, saved_split: str | None, run: Run, path: Path) -> None:
@@ -880,9 +883,46 @@ def end_of_epoch(tr: Training, epoch: int, valset, train_stats: dict, evaluate: 
                  f'eval {time.time() - t0:.1f}s')
     tr.tb.scalars({k: v for k, v in {**scores, **{f'{k}_ema': v for k, v in (scores_ema or {}).items()}}.items()
                    if isinstance(v, float)}, epoch, 'val/')
+    state.history[-1].update(pseudo_label_diagnostics(tr, epoch))
     tr.methods.end_of_epoch(epoch, tr.student, tr.teacher, res, res_ema, run.log)
     save_checkpoint(tr, best=improved)
     save_results(tr)
+
+
+# ---- pseudo-label diagnostics (docs/diagnostics.md) ----------------------------------------------------
+
+def check_pseudo_label_masks(task: Task, unlabeled: Path, cfg: Config) -> None:
+    """`pseudo_label_stats: true` needs a mask for every unlabeled image: the first one missing is
+    an error naming its file (before anything is written)."""
+    errors = [p for p in task.check_pseudo_label_masks(unlabeled, unlabeled_root(cfg)) if p.level == 'error']
+    if errors:
+        more = f' (and {len(errors) - 1} more problem(s))' if len(errors) > 1 else ''
+        raise DataError(f'pseudo_label_stats: true needs the unlabeled images\' masks: {errors[0].where}: '
+                        f'{errors[0].message}{more}; give them, or set pseudo_label_stats=false')
+
+
+def pseudo_label_diagnostics(tr: Training, epoch: int) -> dict:
+    """With `pseudo_label_stats`: the pseudo-labels of the student and of the EMA on the fixed
+    subset of the unlabeled list (`Task.pseudo_label_set`), measured against its masks; logged as
+    a table and to TensorBoard, returned as {'pseudo_labels': {model: stats}} for the epoch's
+    history (results.json). Eval mode, no gradient, the global generators left as they were: the
+    training after it is the same with the flag on or off. The masks go nowhere else."""
+    run, cfg, task = tr.run, tr.run.cfg, tr.run.task
+    if not cfg.pseudo_label_stats:
+        return {}
+    t0 = time.time()
+    models = {'student': tr.student, **({'ema': tr.teacher.model} if tr.teacher else {})}
+    with preserved_rng():
+        dataset = task.pseudo_label_set(run.unlabeled, unlabeled_root(cfg))
+        stats = {name: task.pseudo_label_stats(model, dataset, run.device) for name, model in models.items()}
+    names = task.class_names()
+    labeller = ({'ema': 'the EMA', 'online': 'the student'}[cfg.teacher] + ' labels the weak view in training'
+                if tr.teacher else 'labeled-only: no pseudo-labels in training')
+    run.log.info(f'epoch {epoch} pseudo-labels on {len(dataset)} unlabeled images ({labeller}; '
+                 f'{time.time() - t0:.1f}s), percent:\n'
+                 + format_pseudo_label_table(stats, names, cfg.conf_thresh, task.pseudo_label_unit))
+    tr.tb.scalars(stats_scalars(stats, names), epoch, 'pseudo_labels/')
+    return {'pseudo_labels': stats}
 
 
 class StepLog:
