@@ -185,3 +185,13 @@ def test_the_check_names_a_line_without_a_mask(toy, toy_root, tmp_path):
                                         rf'\(and {len(lines) - 1} more problem\(s\)\)') as err:
         trainer.setup_run(args)
     assert '\n' not in str(err.value)
+
+
+def test_classification_counts_images(tmp_path):
+    from tests.test_classification import TEST, TRAIN, fast, write_cifar
+    write_cifar(tmp_path / 'cifar', TRAIN, TEST)
+    res = run(unimatch_v2, fast(tmp_path / 'cifar'), tmp_path / 'cls', ON + ['epochs=1', 'pseudo_label_stats_images=12'],
+              'configs/cifar10.yaml', '2_labels_per_class')
+    stats = res['history'][0]['pseudo_labels']
+    assert set(stats) == {'student', 'ema'} and stats['ema']['pixels'] == 12      # one label per image
+    assert 'labeled images (conf >= 0.95)' in (tmp_path / 'cls/train.log').read_text()
