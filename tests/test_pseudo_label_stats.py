@@ -157,7 +157,7 @@ def test_the_flag_changes_no_step(toy, tmp_path, on_the_cpu):
             assert torch.equal(a[part][key], b[part][key]), f'{part}.{key} differs with pseudo_label_stats on'
 
 
-def test_missing_unlabeled_masks_are_one_line_naming_the_file(toy_root, tmp_path, capsys):
+def test_missing_unlabeled_masks_are_one_line_naming_the_file(toy, toy_root, tmp_path, capsys):
     data = tmp_path / 'data'
     shutil.copytree(toy_root / 'data', data)
     unlabeled = (toy_root / 'splits/toy/1_16/unlabeled.txt').read_text().splitlines()
