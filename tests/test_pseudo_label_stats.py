@@ -64,6 +64,31 @@ def test_figures_from_hand_made_pixels():
     assert s['true_share'] == pytest.approx([400 / 9, 300 / 9, 200 / 9])
 
 
+class SignOfRed(torch.nn.Module):
+    """Logits (a, -a) with a = the image's first channel: class 0, confident where a is large."""
+    def forward(self, x):
+        return torch.stack((x[:, 0], -x[:, 0]), 1)
+
+
+def test_the_evaluation_counts_confident_pixels():
+    """util/evaluation.py's pass (the diagnostics' own code path) on a 14 x 14 image: the left half
+    confident class 0 (p = 0.9975), the right half class 0 at p = 0.505 (not confident)."""
+    from util.evaluation import evaluate
+    image = torch.zeros(3, 14, 14)
+    image[0, :, :7], image[0, :, 7:] = 3.0, 0.01
+    mask = torch.zeros(14, 14, dtype=torch.int64)
+    mask[0, :7], mask[:, 7:] = 1, 1                   # left: 7 pixels of class 1, 91 of class 0
+    mask[5, 10] = IGNORE_INDEX                        # not counted
+    res = evaluate(SignOfRed(), [{'image': image, 'mask': mask, 'name': 'x'}], 2, 'original', 14,
+                   device=torch.device('cpu'), progress=False, conf_thresh=0.95)
+    assert res['confident_confusion'] == [[91, 0], [7, 0]] and res['confusion'] == [[91, 0], [104, 0]]
+    s = pseudo_label_stats(res['confusion'], res['confident_confusion'])
+    assert s['confident_share'] == pytest.approx(9800 / 195) and s['accuracy'] == pytest.approx(9100 / 98)
+    assert s['confident'] == pytest.approx([100.0, 700 / 104])
+    assert 'confident_confusion' not in evaluate(SignOfRed(), [{'image': image, 'mask': mask, 'name': 'x'}], 2,
+                                                 'original', 14, device=torch.device('cpu'), progress=False)
+
+
 def test_threshold_is_inclusive_and_nothing_confident_is_none():
     probs = one_hot_probs([1, 1], [0.95, 0.949], 2)
     full, confident = counts(probs, torch.tensor([[[1, 1]]]), 0.95)
@@ -110,8 +135,23 @@ def run(entry, toy, run_dir: Path, extra: list[str], config: str = 'configs/toy.
     return json.loads((run_dir / 'results.json').read_text())
 
 
-def test_a_toy_run_logs_the_stats_each_epoch(toy, tmp_path):
+def test_a_toy_run_logs_the_stats_each_epoch(toy, tmp_path, monkeypatch):
+    from util import trainer
+    real, states = trainer.pseudo_label_diagnostics, []
+
+    def rng_states():
+        return torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+
+    def recorded(tr, epoch):      # the generators' states around the pass
+        before = rng_states()
+        out = real(tr, epoch)
+        states.append((before, rng_states()))
+        return out
+    monkeypatch.setattr(trainer, 'pseudo_label_diagnostics', recorded)
     res = run(unimatch_v2, toy, tmp_path / 'run', ON + ['epochs=2', 'pseudo_label_stats_images=5'])
+    assert len(states) == 2
+    for (t0, py0, np0), (t1, py1, np1) in states:
+        assert torch.equal(t0, t1) and py0 == py1 and (np0 == np1).all(), 'the pass moved a global generator'
     log = (tmp_path / 'run/train.log').read_text()
     for epoch, entry in enumerate(res['history']):
         stats = entry['pseudo_labels']
