@@ -90,7 +90,7 @@ def spread(items: list, n: int) -> list:
     """At most `n` of `items`, evenly spaced from the first to the last."""
     if len(items) <= n:
         return list(items)
-    return [items[round(k * (len(items) - 1) / (n - 1))] for k in range(n)]
+    return [items[round(k * (len(items) - 1) / max(n - 1, 1))] for k in range(n)]
 
 
 def _check_mask(root: Path, split: Path, s: Sample, nclass: int) -> list[Problem]:

@@ -11,6 +11,7 @@ from torch import nn
 
 import methods
 import tasks
+from engine.config import Config, fused_attention
 from engine.schedule import lr_scale
 from methods.step import SemiOptions, semi_step, supervised_step
 from model.dpt import DPTSegmentor
@@ -18,7 +19,6 @@ from model.hub import load_pretrained
 from tasks.base import Task
 from util import dist
 from util.config import ConfigError
-from engine.config import Config, fused_attention
 from util.losses import build_criterion
 
 if TYPE_CHECKING:

@@ -26,7 +26,14 @@ from dataset.registry import DATASETS
 from methods.step import SemiOptions
 from model.dpt import COMP_DROP_SITES
 from model.inference import EVAL_MODES
-from util.config import ConfigError, Sources, apply_overrides_traced, coerce, read_yaml, unknown_keys
+from util.config import (
+    ConfigError,
+    Sources,
+    apply_overrides_traced,
+    coerce,
+    read_yaml,
+    unknown_keys,
+)
 from util.labels import IGNORE_INDEX
 from util.losses import CRITERIA
 
@@ -121,6 +128,9 @@ class RunConfig:
     toy_seed: int = 0                    # toy dataset: generator seed and size (train, val images)
     toy_train: int = 400
     toy_val: int = 100
+    pseudo_label_stats: bool = False     # after each evaluation, the pseudo-labels of student and EMA on
+                                         # unlabeled images measured against their masks (docs/diagnostics.md)
+    pseudo_label_stats_images: int = 200  # unlabeled images in that pass, spread evenly over the list
     resume_changes: str = 'refuse'       # resuming latest.pth with settings that change the run (lr, crop,
                                          # data, schedule, ...): 'refuse' (naming them) or 'allow'
                                          # (docs/robustness.md#resuming)
@@ -229,6 +239,8 @@ def _check(cfg: Config, sources: Sources) -> None:
     need(cfg.batch_size >= 1, 'batch_size', f'must be >= 1, got {cfg.batch_size}')
     need(cfg.grad_accum >= 1, 'grad_accum', f'must be >= 1, got {cfg.grad_accum}')
     need(0.0 <= cfg.conf_thresh <= 1.0, 'conf_thresh', f'must be in [0, 1], got {cfg.conf_thresh}')
+    need(cfg.pseudo_label_stats_images >= 1, 'pseudo_label_stats_images',
+         f'must be >= 1, got {cfg.pseudo_label_stats_images}')
     need(cfg.class_names is None or len(cfg.class_names) == cfg.nclass, 'class_names',
          f'has {len(cfg.class_names or [])} names but nclass is {cfg.nclass}')
     running = methods.enabled(cfg)           # the run's method and those its keys turn on: checked once

@@ -14,9 +14,9 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from dataset.semi import SampleKey
+from engine.config import Config
 from methods.step import SemiOptions
 from util import dist
-from engine.config import Config
 
 if TYPE_CHECKING:
     from engine.run import Run

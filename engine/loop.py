@@ -12,10 +12,19 @@ from torch.utils.data import DataLoader
 
 from engine.data import derived_seed, epoch_iterations, to_device
 from engine.preemption import Preempted, Preemption
+from engine.pseudo_labels import pseudo_label_diagnostics
 from engine.run import Run
 from engine.schedule import evaluation_due, set_lr
-from engine.state import (STOP_MARKER, Training, read_checkpoint, resume, run_dir_owned, save_checkpoint,
-                          save_results, start_run_files)
+from engine.state import (
+    STOP_MARKER,
+    Training,
+    read_checkpoint,
+    resume,
+    run_dir_owned,
+    save_checkpoint,
+    save_results,
+    start_run_files,
+)
 from util import dist
 from util.checkpoint import write_text_atomic
 from util.logger import Meter
@@ -187,6 +196,7 @@ def end_of_epoch(tr: Training, epoch: int, valset, train_stats: dict, evaluate: 
                  f'eval {time.time() - t0:.1f}s')
     tr.tb.scalars({k: v for k, v in {**scores, **{f'{k}_ema': v for k, v in (scores_ema or {}).items()}}.items()
                    if isinstance(v, float)}, epoch, 'val/')
+    state.history[-1].update(pseudo_label_diagnostics(tr, epoch))
     tr.methods.end_of_epoch(epoch, tr.student, tr.teacher, res, res_ema, run.log)
     save_checkpoint(tr, best=improved)
     save_results(tr)

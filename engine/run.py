@@ -13,13 +13,13 @@ import torch
 
 import methods
 import tasks
-from dataset.checks import raise_on_errors
+from dataset.checks import DataError, raise_on_errors
 from dataset.splits import read_split, unlabeled_from_folders
+from engine.config import Config, load_config
 from engine.data import size_cpu_threads, unlabeled_root
 from tasks.base import Task
 from util import dist
 from util.config import run_directory
-from engine.config import Config, load_config
 from util.logger import get_logger
 
 
@@ -83,6 +83,8 @@ def setup_run(args: argparse.Namespace, method: str | None = None) -> Run:
         splits['unlabeled'] = unlabeled
     problems = task.check_inputs(splits, full=args.check_data, roots={'unlabeled': unlabeled_root(cfg)})
     raise_on_errors(problems, log=lambda m: print(m, flush=True) if dist.is_main() else None)
+    if cfg.pseudo_label_stats:
+        check_pseudo_label_masks(task, unlabeled, cfg)
     if args.check_data:
         print(f'checked every file of {", ".join(str(p) for p in splits.values())}: no errors')
         raise SystemExit(0)
@@ -135,3 +137,13 @@ def extra_unlabeled(cfg: Config, labeled: Path) -> Path:
             print(f'warning: {w.message}', flush=True)
     dist.barrier()
     return cache
+
+
+def check_pseudo_label_masks(task: Task, unlabeled: Path, cfg) -> None:
+    """`pseudo_label_stats: true` needs a mask for every unlabeled image: the first one missing is
+    an error naming its file (before anything is written)."""
+    errors = [p for p in task.check_pseudo_label_masks(unlabeled, unlabeled_root(cfg)) if p.level == 'error']
+    if errors:
+        more = f' (and {len(errors) - 1} more problem(s))' if len(errors) > 1 else ''
+        raise DataError(f'pseudo_label_stats: true needs the unlabeled images\' masks: {errors[0].where}: '
+                        f'{errors[0].message}{more}; give them, or set pseudo_label_stats=false')

@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from util import dist
 from engine.config import Config
+from util import dist
 
 
 def lr_scale(cfg: Config, processes: int | None = None) -> float:

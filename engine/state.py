@@ -14,7 +14,12 @@ from torch import nn
 from engine.run import Run
 from methods.base import MethodSet
 from util import dist
-from util.checkpoint import NotACheckpointError, safe_load, save_atomic, write_text_atomic
+from util.checkpoint import (
+    NotACheckpointError,
+    safe_load,
+    save_atomic,
+    write_text_atomic,
+)
 from util.config import ConfigError, save_config, to_dict
 from util.ema import EMATeacher
 from util.logger import open_log_file
@@ -161,7 +166,7 @@ FIXED_ON_RESUME = ('nclass', 'backbone', 'model', 'dataset', 'method', 'seed')
 # from the checkpoint's config stops the resume unless `resume_changes: allow`.
 FREE_ON_RESUME = ('num_workers', 'log_interval', 'checkpoint_minutes', 'compile', 'grad_checkpointing',
                   'channels_last', 'attention', 'pretrained', 'download', 'eval_batch_size', 'on_nonfinite',
-                  'resume_changes')
+                  'resume_changes', 'pseudo_label_stats', 'pseudo_label_stats_images')
 
 
 def check_resume(saved: dict | None, saved_split: str | None, run: Run, path: Path) -> None:

@@ -26,10 +26,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from dataset.pseudo_label_set import ROLE, spread_subset
+from dataset.registry import class_names as registry_class_names
 from dataset.splits import read_split
 from model.inference import predict
 from model.presets import nearest_multiples, patch_size
 from util.capabilities import OWN_MODEL, STEP_HOOKS
+from util.pseudo_labels import pseudo_label_stats
 
 Need = Callable[[bool, str, str], None]     # need(ok, key, message): raise a ConfigError naming the key
 
@@ -58,6 +61,7 @@ class Task:
     in_channels: ClassVar[int] = 3          # channels of one model input (benchmark batches)
     benchmarked: ClassVar[bool] = True      # benchmark.py times its step against the original's
     provides: ClassVar[frozenset[str]] = frozenset({OWN_MODEL, STEP_HOOKS})   # what its methods may need
+    pseudo_label_unit: ClassVar[str] = 'pixels'   # what one pseudo-label labels (the diagnostics' table)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -134,10 +138,16 @@ class Task:
 
     def evaluate(self, model: nn.Module, dataset: Dataset, device: torch.device, *, mode: str | None = None,
                  flip: bool = False, scales: Sequence[float] = (1.0,), save_dir: Path | None = None,
-                 progress: bool = False, num_workers: int = 0) -> dict:
-        """Evaluate `model` on `dataset` over every process; a dict holding at least `metric`
-        and 'n_images'."""
+                 progress: bool = False, num_workers: int = 0, conf_thresh: float | None = None) -> dict:
+        """Evaluate `model` on `dataset` over every process; a dict holding at least `metric` and
+        'n_images'; with `conf_thresh`, also the nclass x nclass counts 'confusion' (rows: true
+        class, columns: prediction) and 'confident_confusion' (the predictions whose top probability
+        is at least `conf_thresh` only): the pseudo-label diagnostics."""
         raise NotImplementedError
+
+    def class_names(self) -> list[str]:
+        """The dataset's class names (the registry's, or the config's `class_names`)."""
+        return registry_class_names(self.cfg.dataset, self.cfg.nclass, self.cfg.class_names)
 
     def eval_mode(self, mode: str | None = None) -> str:
         """The inference mode of an evaluation ('original', 'sliding_window', ...)."""
@@ -162,6 +172,24 @@ class Task:
     def results_extra(self, history: list[dict], best_epoch: int) -> dict:
         """Entries the task adds to results.json (history: one entry per epoch)."""
         return {}
+
+    # ---- pseudo-label diagnostics (`pseudo_label_stats: true`, docs/diagnostics.md) ---------------
+
+    def check_pseudo_label_masks(self, unlabeled: Path, root: str | None = None) -> list:
+        """`dataset.checks.Problem`s of the unlabeled list read as a labeled one: a line without a
+        mask, a mask file that is missing (images under `root`, default the data root)."""
+        return self.check_inputs({ROLE: unlabeled}, roots={ROLE: root} if root else None)
+
+    def pseudo_label_set(self, unlabeled: Path, root: str | None = None) -> Dataset:
+        """`pseudo_label_stats_images` samples of the unlabeled list, spread evenly over it, with
+        their masks, as the evaluation reads its samples ('val' mode: no random augmentation)."""
+        return spread_subset(self.dataset(unlabeled, 'val', root=root), self.cfg.pseudo_label_stats_images)
+
+    def pseudo_label_stats(self, model: nn.Module, dataset: Dataset, device: torch.device) -> dict:
+        """`util.pseudo_labels.pseudo_label_stats` of `model`'s pseudo-labels (confident at
+        `conf_thresh`) on `pseudo_label_set`'s samples, predicted as the evaluation predicts."""
+        res = self.evaluate(model, dataset, device, conf_thresh=self.cfg.conf_thresh)
+        return pseudo_label_stats(res['confusion'], res['confident_confusion'])
 
     # ---- prediction ------------------------------------------------------------------------------
 

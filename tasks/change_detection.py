@@ -28,7 +28,13 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from dataset.change import RESIZE_RATIO, ChangeDataset, check_change_inputs, load_label, pair_tensor
+from dataset.change import (
+    RESIZE_RATIO,
+    ChangeDataset,
+    check_change_inputs,
+    load_label,
+    pair_tensor,
+)
 from dataset.images import denormalize, load_rgb, save_panels
 from dataset.registry import get_spec
 from dataset.semi import CUTMIX_P
@@ -122,13 +128,15 @@ class ChangeDetection(Task):
 
     def evaluate(self, model: nn.Module, dataset: Dataset, device: torch.device, *, mode: str | None = None,
                  flip: bool = False, scales: Sequence[float] = (1.0,), save_dir: Path | None = None,
-                 progress: bool = False, num_workers: int = 0) -> dict:
+                 progress: bool = False, num_workers: int = 0, conf_thresh: float | None = None) -> dict:
         """The change metrics (`change_scores`) of `model` on `dataset`, with 'n_images' and the
-        2 x 2 'confusion'; `save_dir` gets `<name>.png` (0/255) and `side_by_side/<name>.jpg`
-        (A | B | label | prediction)."""
+        2 x 2 'confusion' (and 'confident_confusion' with `conf_thresh`); `save_dir` gets
+        `<name>.png` (0/255) and `side_by_side/<name>.jpg` (A | B | label | prediction)."""
         res = evaluate(model, dataset, self.cfg.nclass, self.eval_mode(mode), self.cfg.crop_size, flip, scales, device,
-                       save_dir=save_dir, progress=progress, num_workers=num_workers, writer=write_change_pictures)
-        return {**change_scores(res['confusion']), 'n_images': res['n_images'], 'confusion': res['confusion']}
+                       save_dir=save_dir, progress=progress, num_workers=num_workers, writer=write_change_pictures,
+                       conf_thresh=conf_thresh)
+        return {**change_scores(res['confusion']), 'n_images': res['n_images'], 'confusion': res['confusion'],
+                **{k: res[k] for k in ('confident_confusion',) if k in res}}
 
     def scores(self, result: dict) -> dict:
         return {k: result[k] for k in SCORES}

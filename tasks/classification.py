@@ -34,9 +34,18 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from dataset.checks import DataError, Problem
-from dataset.classification import (CROP_RATIO, CUTOUT_MAX, PAD_PIXELS, ClassificationDataset, eval_view, load_classification,
-                                    parse_split)
-from dataset.classification import get_spec as image_spec      # the dataset's image sizes and flips
+from dataset.classification import (
+    CROP_RATIO,
+    CUTOUT_MAX,
+    PAD_PIXELS,
+    ClassificationDataset,
+    eval_view,
+    load_classification,
+    parse_split,
+)
+from dataset.classification import (
+    get_spec as image_spec,  # the dataset's image sizes and flips
+)
 from dataset.images import list_inputs, load_rgb
 from dataset.randaugment import NUM_OPS
 from dataset.registry import class_names, get_spec
@@ -46,7 +55,9 @@ from tasks.base import Task, register
 from util import dist
 from util.checkpoint import write_text_atomic
 from util.dist import is_main, rank, world_size
-from util.metrics import TopKAccuracy
+from util.labels import IGNORE_INDEX
+from util.metrics import ConfusionMatrix, TopKAccuracy
+from util.pseudo_labels import confident_targets
 
 TOP_K = (1, 5)
 
@@ -73,6 +84,7 @@ class Classification(Task):
     result_title = 'accuracy'
     reports_ema = True
     benchmarked = False     # benchmark.py's original recipes are the DPT ones; not timed yet
+    pseudo_label_unit = 'images'
     provides = frozenset()  # a one-pixel map: no segmentor for a method's own model, no pixel maps for hooks
 
     def __init__(self, cfg):
@@ -179,11 +191,11 @@ class Classification(Task):
 
     def evaluate(self, model: nn.Module, dataset: Dataset, device: torch.device, *, mode: str | None = None,
                  flip: bool = False, scales: Sequence[float] = (1.0,), save_dir: Path | None = None,
-                 progress: bool = False, num_workers: int = 0) -> dict:
+                 progress: bool = False, num_workers: int = 0, conf_thresh: float | None = None) -> dict:
         """{'top1', 'top5' (percent), 'n_images'} over every process: each takes the images rank,
         rank + world_size, ... and the counts are reduced once. flip: the mean of the image's and
-        its mirror's probabilities."""
-
+        its mirror's probabilities. conf_thresh: also 'confusion' and 'confident_confusion' (images
+        without a label, STL-10's unlabeled ones, are not counted)."""
         if tuple(scales) != (1.0,) or save_dir is not None:
             raise ValueError('classification evaluates the whole image at one scale and writes no pictures')
         was_training = model.training
@@ -191,16 +203,24 @@ class Classification(Task):
         shard = Subset(dataset, range(rank(), len(dataset), world_size()))
         loader = DataLoader(shard, batch_size=self.cfg.eval_batch_size, num_workers=num_workers)
         acc = TopKAccuracy(TOP_K, device)
+        counts = (ConfusionMatrix(self.cfg.nclass, device), ConfusionMatrix(self.cfg.nclass, device)) \
+            if conf_thresh is not None else None
         with torch.inference_mode():
             for batch in tqdm(loader, desc='eval', disable=not (progress and is_main()), dynamic_ncols=True):
                 image = batch['image'].to(device, non_blocking=True)
                 scores = model(image).flatten(1).float().softmax(1)
                 if flip:
                     scores = (scores + model(image.flip(-1)).flatten(1).float().softmax(1)) / 2
-                acc.update(scores, batch['label'].to(device))
+                label = batch['label'].to(device)
+                acc.update(scores, label)
+                if counts is not None:
+                    counts[0].update(scores.argmax(1), label)
+                    counts[1].update(*confident_targets(scores, label, conf_thresh, IGNORE_INDEX))
         acc.reduce()
         model.train(was_training)
-        return {**acc.accuracy(), 'n_images': acc.n_images}
+        extra = {'confusion': counts[0].reduce().mat.tolist(),
+                 'confident_confusion': counts[1].reduce().mat.tolist()} if counts is not None else {}
+        return {**acc.accuracy(), 'n_images': acc.n_images, **extra}
 
     def eval_mode(self, mode: str | None = None) -> str:
         return 'whole image'

@@ -19,6 +19,7 @@ from model.inference import predict
 from util.dist import is_main, rank, world_size
 from util.labels import IGNORE_INDEX
 from util.metrics import ConfusionMatrix
+from util.pseudo_labels import confident_targets
 
 
 def _single(batch: list) -> dict:
@@ -29,7 +30,8 @@ def _single(batch: list) -> dict:
 def evaluate(model: nn.Module, dataset: Dataset, nclass: int, mode: str, crop_size: int,
              flip: bool = False, scales: Sequence[float] = (1.0,), device: torch.device | None = None,
              save_dir: str | Path | None = None, palette: list[int] | None = None,
-             progress: bool = True, num_workers: int = 0, writer: Callable | None = None) -> dict:
+             progress: bool = True, num_workers: int = 0, writer: Callable | None = None,
+             conf_thresh: float | None = None) -> dict:
     """mIoU of `model` on `dataset` (items {'image' [3, H, W] normalised, 'mask' int [H, W],
     'name' str}), over all processes.
 
@@ -38,6 +40,8 @@ def evaluate(model: nn.Module, dataset: Dataset, nclass: int, mode: str, crop_si
     save_dir: also write `<name>.png` (palette PNG of class ids; 255 where nothing was predicted)
     and `side_by_side/<name>.jpg` (image | ground truth | prediction), or what
     `writer(item, prediction [H, W], save_dir)` writes.
+    conf_thresh: also 'confident_confusion', the counts of the pixels whose top probability is at
+    least `conf_thresh` (the pseudo-label diagnostics, util/pseudo_labels.py).
     """
     if device is None:
         device = next(model.parameters(), torch.empty(0)).device
@@ -52,13 +56,17 @@ def evaluate(model: nn.Module, dataset: Dataset, nclass: int, mode: str, crop_si
         palette = palette or generated_palette()
 
     cm = ConfusionMatrix(nclass, device)
+    confident = ConfusionMatrix(nclass, device) if conf_thresh is not None else None
     for item in tqdm(loader, desc=f'eval {mode}', disable=not (progress and is_main()),
                      dynamic_ncols=True):
         image = item['image'].to(device, non_blocking=True)[None]  # [1, 3, H, W]
         mask = item['mask'].to(device, non_blocking=True)[None]    # [1, H, W]
         probs, valid = predict(model, image, mode, crop_size, nclass, flip, scales)
         pred = probs.argmax(dim=1)
-        cm.update(pred, mask.masked_fill(~valid, IGNORE_INDEX))
+        target = mask.masked_fill(~valid, IGNORE_INDEX)
+        cm.update(pred, target)
+        if confident is not None:
+            confident.update(*confident_targets(probs, target, conf_thresh, IGNORE_INDEX))
         if save_dir is not None:
             pred_ids = pred[0].masked_fill(~valid[0], IGNORE_INDEX)
             if writer is not None:
@@ -70,8 +78,9 @@ def evaluate(model: nn.Module, dataset: Dataset, nclass: int, mode: str, crop_si
 
     cm.reduce()
     model.train(was_training)
+    extra = {'confident_confusion': confident.reduce().mat.tolist()} if confident is not None else {}
     return {'miou': cm.miou(), 'iou': cm.iou().tolist(), 'pixel_acc': cm.pixel_acc(),
-            'n_images': cm.n_images, 'confusion': cm.mat.tolist()}
+            'n_images': cm.n_images, 'confusion': cm.mat.tolist(), **extra}
 
 
 def format_iou_table(iou: Sequence[float], class_names: Sequence[str]) -> str:

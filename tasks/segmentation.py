@@ -17,8 +17,15 @@ from tqdm import tqdm
 
 from dataset.checks import check_inputs
 from dataset.images import list_inputs, load_rgb, output_stem, overlay, save_prediction
-from dataset.registry import class_names, default_eval_mode, get_palette, get_spec
-from dataset.semi import CUTMIX_P, RESIZE_RATIO, UNLABELED_PAD, SemiDataset, split_paths, split_sizes
+from dataset.registry import default_eval_mode, get_palette, get_spec
+from dataset.semi import (
+    CUTMIX_P,
+    RESIZE_RATIO,
+    UNLABELED_PAD,
+    SemiDataset,
+    split_paths,
+    split_sizes,
+)
 from dataset.splits import read_split
 from dataset.toy import ensure_toy
 from dataset.transforms import normalize
@@ -94,17 +101,16 @@ class Segmentation(Task):
     def eval_mode(self, mode: str | None = None) -> str:
         return mode or self.cfg.eval_mode or default_eval_mode(self.cfg.dataset)
 
-    def class_names(self) -> list[str]:
-        return class_names(self.cfg.dataset, self.cfg.nclass, self.cfg.class_names)
-
     def evaluate(self, model: nn.Module, dataset: Dataset, device: torch.device, *, mode: str | None = None,
                  flip: bool = False, scales: Sequence[float] = (1.0,), save_dir: Path | None = None,
-                 progress: bool = False, num_workers: int = 0) -> dict:
-        """{'miou', 'iou' (per class), 'pixel_acc', 'n_images', 'confusion'}: tasks.evaluation.evaluate."""
+                 progress: bool = False, num_workers: int = 0, conf_thresh: float | None = None) -> dict:
+        """{'miou', 'iou' (per class), 'pixel_acc', 'n_images', 'confusion'} (and 'confident_confusion'
+        with `conf_thresh`): tasks.evaluation.evaluate."""
         cfg = self.cfg
         palette = get_palette(cfg.dataset, cfg.nclass) if save_dir is not None else None
         return evaluate(model, dataset, cfg.nclass, self.eval_mode(mode), cfg.crop_size, flip, scales, device,
-                        save_dir=save_dir, palette=palette, progress=progress, num_workers=num_workers)
+                        save_dir=save_dir, palette=palette, progress=progress, num_workers=num_workers,
+                        conf_thresh=conf_thresh)
 
     def scores(self, result: dict) -> dict:
         return {'miou': result['miou'], 'iou': result['iou']}

@@ -12,9 +12,11 @@ torch.set_num_threads(1)
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 
 
-# Fast training overrides for end-to-end tests: a few iterations at crop 42 on a tiny toy set.
+# Fast training overrides for end-to-end tests: a few iterations at crop 42 on a tiny toy set, without
+# the toys' pseudo-label diagnostics (a pass over unlabeled images per epoch; tests/test_pseudo_label_stats.py
+# turns them on).
 FAST_TRAIN = ['crop_size=42', 'batch_size=2', 'max_iters_per_epoch=2', 'log_interval=1', 'num_workers=0',
-              'toy_train=32', 'toy_val=3', 'pretrained=null']
+              'toy_train=32', 'toy_val=3', 'pretrained=null', 'pseudo_label_stats=false']
 
 
 @pytest.fixture(scope='session', autouse=True)

@@ -62,3 +62,27 @@ def test_change_detection_run_plots_changed_iou(tmp_path, monkeypatch):
     written = plot_run.plot_run(run, tmp_path / 'figs')
     assert [p.name for p in written] == ['curves.png']      # no per-class IoU in a change run's history
     assert plotted[:2] == ['changed_iou', 'changed_iou_ema']
+
+
+def test_pseudo_label_diagnostics_picture(tmp_path, monkeypatch):
+    """A run with `pseudo_label_stats: true` gets pseudo_labels.png, drawn from its labeller's figures
+    (the EMA; the student with teacher: online)."""
+    import json
+    from util.pseudo_labels import pseudo_label_stats
+    run = write_run(tmp_path / 'exp', 'toy', 'unimatch_v2', 'dinov2_tiny', '1_16',
+                    miou=[10.0, 30.0], miou_ema=[12.0, 25.0], epochs_total=2, nclass=2)
+    res = json.loads((run / 'results.json').read_text())
+    for e, h in enumerate(res['history']):
+        h['pseudo_labels'] = {'student': pseudo_label_stats([[6, 2], [1, 1]], [[4, 1], [0, 1]]),
+                              'ema': pseudo_label_stats([[6, 2], [1, 1]], [[5 - e, 0], [0, 0]])}
+    (run / 'results.json').write_text(json.dumps(res))
+    drawn = []
+    real = plot_run.labeller
+    monkeypatch.setattr(plot_run, 'labeller', lambda history, cfg: drawn.append(real(history, cfg)) or drawn[-1])
+    written = plot_run.plot_run(run, tmp_path / 'figs')
+    assert [p.name for p in written] == ['curves.png', 'per_class_iou.png', 'pseudo_labels.png']
+    width, height = png_size(tmp_path / 'figs' / 'pseudo_labels.png')
+    assert width > 3 * height and drawn == ['ema']
+    (run / 'config.yaml').write_text('dataset: toy\nnclass: 2\nteacher: online\n')
+    plot_run.plot_run(run, tmp_path / 'figs')
+    assert drawn == ['ema', 'student']

@@ -4,9 +4,11 @@
     python tools/plot_run.py exp/pascal/unimatch_v2/dinov2_base/92 --out figs
 
 writes `curves.png` (student and EMA mIoU per epoch; the loss terms; the confident-pixel ratio — only
-the panels the run logged) and `per_class_iou.png` (per-class IoU at the best epoch of the EMA model
+the panels the run logged), `per_class_iou.png` (per-class IoU at the best epoch of the EMA model
 when there is one, else of the student; class names from the dataset registry and the run's
-config.yaml).
+config.yaml) and, for a run with `pseudo_label_stats: true`, `pseudo_labels.png` (docs/diagnostics.md:
+confident share and accuracy per epoch; each class's share among the confident pixels against its
+true share; per-class precision and recall at the last epoch).
 """
 from __future__ import annotations
 
@@ -141,6 +143,63 @@ def plot_per_class(results: dict, cfg: dict, path: Path) -> Path | None:
     return path
 
 
+def labeller(history: list[dict], cfg: dict) -> str:
+    """The model whose pseudo-labels train the run: 'ema', 'student' (teacher: online, or
+    labeled-only runs, which have only the student's diagnostics)."""
+    models = set(history[-1]['pseudo_labels'])
+    return 'ema' if 'ema' in models and cfg.get('teacher', 'ema') == 'ema' else 'student'
+
+
+def plot_pseudo_labels(results: dict, cfg: dict, path: Path) -> Path | None:
+    """Three panels from the epochs' `pseudo_labels`: confident share and accuracy of every model;
+    the labeller's share of each class among confident pixels per epoch, its true share dashed;
+    the labeller's per-class precision and recall at the last epoch. None when the run has none."""
+    history = [h for h in results.get('history') or [] if h.get('pseudo_labels')]
+    if not history:
+        return None
+    model = labeller(history, cfg)
+    last = history[-1]['pseudo_labels'][model]
+    names = run_class_names(results, cfg, len(last['share']))
+    epochs = [h['epoch'] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+
+    colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
+    ax = axes[0]
+    for k, name in enumerate(history[-1]['pseudo_labels']):
+        for key, style in (('confident_share', '-'), ('accuracy', '--')):
+            values = [h['pseudo_labels'][name][key] for h in history]
+            ax.plot(epochs, [v if v is not None else float('nan') for v in values], style, marker='o', ms=3,
+                    color=colors[k % len(colors)], label=f'{name} {key.replace("_", " ")}')
+    ax.set(title=f'pseudo-labels (conf >= {cfg.get("conf_thresh", "?")})', ylabel='%', ylim=(0, 102))
+
+    ax = axes[1]
+    for c, name in enumerate(names):
+        color = colors[c % len(colors)]
+        ax.plot(epochs, [h['pseudo_labels'][model]['share'][c] or 0.0 for h in history], marker='o', ms=3,
+                color=color, label=name)
+        ax.axhline(last['true_share'][c], color=color, ls=':', lw=1)
+    ax.set(title=f'share among confident pixels, {model} (dotted: true share)', ylabel='%')
+
+    ax = axes[2]
+    x = range(len(names))
+    for offset, key in ((-0.2, 'precision'), (0.2, 'recall')):
+        ax.bar([k + offset for k in x], [v or 0.0 for v in last[key]], width=0.4, label=key)
+    ax.set_xticks(list(x), names, rotation=90, fontsize=7 if len(names) > 30 else 9)
+    ax.set(title=f'confident pseudo-labels per class, {model}, epoch {epochs[-1]}', ylabel='%', ylim=(0, 102))
+    ax.set_xlabel('')
+
+    for ax in axes[:2]:
+        ax.set_xlabel('epoch')
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     """Write the run's PNGs into `out` (default: the run directory); returns the paths written."""
     results, cfg = load_run(run_dir)
@@ -150,7 +209,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     title = ' '.join(names[:3] + [names[3] if results.get('split') else Path(run_dir).name])
     written = [plot_curves(results, out / 'curves.png', title)]
     per_class = plot_per_class(results, cfg, out / 'per_class_iou.png')
-    return written + ([per_class] if per_class else [])
+    pseudo = plot_pseudo_labels(results, cfg, out / 'pseudo_labels.png')
+    return written + [p for p in (per_class, pseudo) if p]
 
 
 def main(argv: list[str] | None = None) -> None:
