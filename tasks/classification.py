@@ -16,8 +16,8 @@ model or hooks of their own work on pixels and are refused.
 Splits of the built-in datasets are label counts, not files: `split_paths` names the three parts of
 a split (`Part`), which the trainer passes back. `custom_cls` splits are list files,
 `splits/<name>/<split>/{labeled,unlabeled}.txt` and `splits/<name>/val.txt`
-(tools/make_classification_split.py): its parts carry their file. An epoch is `max_iters_per_epoch` iterations (the unlabeled set repeated
-to that length), after which both models are evaluated on the test set (with `eval_interval`, only
+(tools/make_classification_split.py): its parts carry their file. An epoch is
+`max_iters_per_epoch` iterations (the unlabeled set repeated to that length), after which both models are evaluated on the test set (with `eval_interval`, only
 after the epochs during which TorchSSL's loop evaluates). The reported figure is the best EMA top-1
 (FACTS §9).
 """
