@@ -235,4 +235,5 @@ def test_the_custom_classification_recipe_runs_as_written_on_real_digits(tmp_pat
     run_dir = tmp_path / 'exp/digits/unimatch_v2/wrn_16_1/4_labels_per_class'
     assert {'train.log', 'results.json', 'config.yaml', 'latest.pth', 'best.pth'} <= {p.name for p in run_dir.iterdir()}
     results = json.loads((run_dir / 'results.json').read_text())
-    assert results['epochs'] == 1 and results['history'][0]['n_images'] == 359
+    assert results['epochs'] == 1 and results['dataset'] == 'custom_cls' and results['history'][0]['top1'] is not None
+    assert '(359 images)' in (run_dir / 'train.log').read_text()          # val.txt, evaluated in full
