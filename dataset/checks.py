@@ -46,9 +46,12 @@ def _where(split: Path, sample: Sample | None = None) -> str:
 
 
 def check_split(root: str | os.PathLike, split: str | os.PathLike, role: str, nclass: int,
-                full: bool = False, sample: bool = True) -> tuple[list[Problem], list[Sample]]:
+                full: bool = False, sample: bool = True,
+                masks: bool | None = None) -> tuple[list[Problem], list[Sample]]:
     """Problems of one split file (role: 'labeled', 'unlabeled' or 'val'). Not `full`: the masks
-    of a sample of its lines (`sample`) are read, up to the first bad one."""
+    of a sample of its lines (`sample`) are read, up to the first bad one. `masks`: whether its
+    lines need a mask (default: every role but 'unlabeled'; False for classification lists, whose
+    sampled lines then have their images' headers read)."""
     root, split = Path(root), Path(split)
     problems: list[Problem] = []
     if not split.is_file():
@@ -60,13 +63,13 @@ def check_split(root: str | os.PathLike, split: str | os.PathLike, role: str, nc
     if not samples:
         return [Problem('error', str(split), f'{role} split is empty')], []
 
+    needs_mask = role != 'unlabeled' if masks is None else masks
     seen: dict[str, int] = {}
     for s in samples:
         if s.image in seen:
             problems.append(Problem('error', _where(split, s),
                                     f'{s.image} is listed twice (first on line {seen[s.image]})'))
         seen.setdefault(s.image, s.line)
-        needs_mask = role != 'unlabeled'
         if needs_mask and s.mask is None:
             problems.append(Problem('error', _where(split, s), f'{role} line has no mask path'))
         for path in (s.image, s.mask if needs_mask else None):
@@ -76,8 +79,14 @@ def check_split(root: str | os.PathLike, split: str | os.PathLike, role: str, nc
         return problems, samples
     if full:
         for s in samples:
-            problems.extend(_check_files(root, split, s, nclass, with_mask=role != 'unlabeled'))
-    elif role != 'unlabeled' and sample:
+            problems.extend(_check_files(root, split, s, nclass, with_mask=needs_mask))
+    elif not needs_mask and masks is False and sample:
+        for s in spread(samples, SAMPLED_MASKS):
+            found = _check_header(root, split, s)
+            if found:
+                problems += found
+                break
+    elif needs_mask and sample:
         for s in spread(samples, SAMPLED_MASKS):
             found = _check_mask(root, split, s, nclass)
             if found:
@@ -91,6 +100,15 @@ def spread(items: list, n: int) -> list:
     if len(items) <= n:
         return list(items)
     return [items[round(k * (len(items) - 1) / max(n - 1, 1))] for k in range(n)]
+
+
+def _check_header(root: Path, split: Path, s: Sample) -> list[Problem]:
+    """The image's header opens (a file that is not an image at all)."""
+    try:
+        with Image.open(root / s.image):
+            return []
+    except Exception as err:   # PIL raises many types for corrupt files
+        return [Problem('error', _where(split, s), f'image {root / s.image} cannot be read: {err}')]
 
 
 def _check_mask(root: Path, split: Path, s: Sample, nclass: int) -> list[Problem]:

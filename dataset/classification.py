@@ -1,5 +1,5 @@
-"""Semi-supervised classification data: CIFAR-10, STL-10, SVHN, ImageNet-1K and the generated
-`toy_cls`, as samples in the training step's layout (methods/step.py).
+"""Semi-supervised classification data: CIFAR-10, STL-10, SVHN, ImageNet-1K, the generated
+`toy_cls` and one's own images in folders by class (`custom_cls`, dataset/image_folder.py), as samples in the training step's layout (methods/step.py).
 
 Files: CIFAR-10, STL-10 and SVHN are read by torchvision's dataset classes from `data_root` in
 their official formats (CIFAR's python pickle batches under `cifar-10-batches-py/`, STL-10's
@@ -48,6 +48,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from dataset.checks import DataError
+from dataset.image_folder import list_labels
 from dataset.randaugment import rand_augment
 from dataset.semi import SampleKey
 
@@ -84,6 +85,10 @@ SPECS: dict[str, ClassificationSpec] = {s.name: s for s in (
                        'train/<class>/*.JPEG, val/<class>/*.JPEG'),
     ClassificationSpec('toy_cls', 32, CIFAR_MEAN, CIFAR_STD, True,
                        'cifar-10-batches-py/ (generated on first use)'),
+    # one's own images (any size: resized to crop_size x crop_size, then CIFAR's weak geometry);
+    # ImageNet's statistics, those of the pretrained encoders
+    ClassificationSpec('custom_cls', 32, IMAGENET_MEAN, IMAGENET_STD, True,
+                       'train/<class>/*, val/<class>/*, optionally unlabeled/*, and splits/<name>/ lists'),
 )}
 
 
@@ -159,6 +164,12 @@ def read_images(dataset: str, root: str | os.PathLike, part: str, download: bool
     except Exception as err:      # torchvision's RuntimeError, a broken pickle, a .mat without X ...
         raise DataError(f'{dataset}: cannot read its {part} images from {root} ({type(err).__name__}: {err}); '
                         f'expected {spec.files}{" (download=true fetches them)" if not download and dataset != "imagenet" else ""}') from None
+
+
+def read_list(root: str | os.PathLike, path: str | os.PathLike, role: str, classes: list[str]) -> Images:
+    """The images of one `custom_cls` list (dataset/image_folder.py), with their classes (-1: none)."""
+    labels, images = list_labels(path, role, classes)
+    return Images(labels, paths=[str(Path(root) / p) for p in images])
 
 
 def nclass_of(dataset: str) -> int:

@@ -1,6 +1,6 @@
 """Table of dataset specs: task, class count, class names, palette and default evaluation mode.
 
-`custom` datasets are not in the table's class lists: their class count and (optional) names come
+`custom` and `custom_cls` datasets are not in the table's class lists: their class count and (optional) names come
 from the config, and they get the generated palette.
 """
 from __future__ import annotations
@@ -146,6 +146,8 @@ DATASETS: dict[str, DatasetSpec] = {
         DatasetSpec('svhn', 10, SVHN_CLASSES, 'generated', 'original', task='classification'),
         DatasetSpec('imagenet', 1000, None, 'generated', 'original', task='classification'),
         DatasetSpec('toy_cls', 4, TOY_CLS_CLASSES, 'generated', 'original', task='classification', generated=True),
+        # one's own images in folders by class (dataset/image_folder.py): nclass and names from the config
+        DatasetSpec('custom_cls', None, None, 'generated', 'original', task='classification'),
     )
 }
 

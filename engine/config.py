@@ -26,14 +26,7 @@ from dataset.registry import DATASETS
 from methods.step import SemiOptions
 from model.dpt import COMP_DROP_SITES
 from model.inference import EVAL_MODES
-from util.config import (
-    ConfigError,
-    Sources,
-    apply_overrides_traced,
-    coerce,
-    read_yaml,
-    unknown_keys,
-)
+from util.config import ConfigError, Sources, apply_overrides_traced, coerce, read_yaml, unknown_keys
 from util.labels import IGNORE_INDEX
 from util.losses import CRITERIA
 

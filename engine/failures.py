@@ -15,11 +15,7 @@ from engine.loop import NonFiniteLoss
 from engine.preemption import Preempted
 from model import WeightsMismatchError
 from util import dist
-from util.checkpoint import (
-    CheckpointWriteError,
-    NotACheckpointError,
-    UnsafeCheckpointError,
-)
+from util.checkpoint import CheckpointWriteError, NotACheckpointError, UnsafeCheckpointError
 from util.config import ConfigError
 from util.exits import hard_exit, one_line
 from util.logger import to_file_only

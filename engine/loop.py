@@ -15,16 +15,8 @@ from engine.preemption import Preempted, Preemption
 from engine.pseudo_labels import pseudo_label_diagnostics
 from engine.run import Run
 from engine.schedule import evaluation_due, set_lr
-from engine.state import (
-    STOP_MARKER,
-    Training,
-    read_checkpoint,
-    resume,
-    run_dir_owned,
-    save_checkpoint,
-    save_results,
-    start_run_files,
-)
+from engine.state import (STOP_MARKER, Training, read_checkpoint, resume, run_dir_owned, save_checkpoint,
+                          save_results, start_run_files)
 from util import dist
 from util.checkpoint import write_text_atomic
 from util.logger import Meter

@@ -14,12 +14,7 @@ from torch import nn
 from engine.run import Run
 from methods.base import MethodSet
 from util import dist
-from util.checkpoint import (
-    NotACheckpointError,
-    safe_load,
-    save_atomic,
-    write_text_atomic,
-)
+from util.checkpoint import NotACheckpointError, safe_load, save_atomic, write_text_atomic
 from util.config import ConfigError, save_config, to_dict
 from util.ema import EMATeacher
 from util.logger import open_log_file

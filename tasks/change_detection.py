@@ -28,13 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from dataset.change import (
-    RESIZE_RATIO,
-    ChangeDataset,
-    check_change_inputs,
-    load_label,
-    pair_tensor,
-)
+from dataset.change import RESIZE_RATIO, ChangeDataset, check_change_inputs, load_label, pair_tensor
 from dataset.images import denormalize, load_rgb, save_panels
 from dataset.registry import get_spec
 from dataset.semi import CUTMIX_P

@@ -1,5 +1,6 @@
 """Image classification with few labels (the paper's Tables 15-18): CIFAR-10, STL-10, SVHN,
-ImageNet-1K and the generated `toy_cls` (dataset/classification.py), wide ResNets or DINOv2 + a
+ImageNet-1K, the generated `toy_cls` (dataset/classification.py) and one's own images in folders
+by class (`custom_cls`, dataset/image_folder.py), wide ResNets or DINOv2 + a
 linear head (model/classifiers.py), top-1 and top-5 accuracy.
 
 It runs through the segmentation step unchanged (methods/step.py): an image is a one-pixel map --
@@ -12,9 +13,11 @@ configs: `total_loss: sum` (L_x + L_u), SGD without weight decay on biases and B
 complementary dropout on the pooled features, one view, labeled-only, ...) runs here; methods with a
 model or hooks of their own work on pixels and are refused.
 
-Splits are label counts, not files: `split_paths` names the three parts of a split (`Part`), which
-the trainer passes back. An epoch is `max_iters_per_epoch` iterations (the unlabeled set repeated
-to that length), after which both models are evaluated on the test set (with `eval_interval`, only
+Splits of the built-in datasets are label counts, not files: `split_paths` names the three parts of
+a split (`Part`), which the trainer passes back. `custom_cls` splits are list files,
+`splits/<name>/<split>/{labeled,unlabeled}.txt` and `splits/<name>/val.txt`
+(tools/make_classification_split.py): its parts carry their file. An epoch is
+`max_iters_per_epoch` iterations (the unlabeled set repeated to that length), after which both models are evaluated on the test set (with `eval_interval`, only
 after the epochs during which TorchSSL's loop evaluates). The reported figure is the best EMA top-1
 (FACTS §9).
 """
@@ -34,18 +37,10 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from dataset.checks import DataError, Problem
-from dataset.classification import (
-    CROP_RATIO,
-    CUTOUT_MAX,
-    PAD_PIXELS,
-    ClassificationDataset,
-    eval_view,
-    load_classification,
-    parse_split,
-)
-from dataset.classification import (
-    get_spec as image_spec,  # the dataset's image sizes and flips
-)
+from dataset.classification import (CROP_RATIO, CUTOUT_MAX, PAD_PIXELS, ClassificationDataset, eval_view,
+                                    load_classification, parse_split, read_list)
+from dataset.classification import get_spec as image_spec      # the dataset's image sizes and flips
+from dataset.image_folder import check_classes, check_list
 from dataset.images import list_inputs, load_rgb
 from dataset.randaugment import NUM_OPS
 from dataset.registry import class_names, get_spec
@@ -60,6 +55,7 @@ from util.metrics import ConfusionMatrix, TopKAccuracy
 from util.pseudo_labels import confident_targets
 
 TOP_K = (1, 5)
+CUSTOM = 'custom_cls'       # one's own images (dataset/image_folder.py): its splits are list files
 
 
 @dataclass(frozen=True)
@@ -70,8 +66,11 @@ class Part:
     split: str
     dataset: str
     root: str
+    path: Path | None = None    # custom_cls: the list file
 
     def __str__(self) -> str:
+        if self.path is not None:
+            return str(self.path)
         return f'{self.dataset} {self.split} ({self.role} images under {self.root})'
 
 
@@ -90,6 +89,8 @@ class Classification(Task):
     def __init__(self, cfg):
         super().__init__(cfg)
         self._data = {}         # split -> (dataset.classification.ClassificationData, with unlabeled), read once
+        self._lists = {}        # custom_cls: list file -> dataset.classification.Images, read once
+        self.custom = cfg.dataset == CUSTOM
 
     @classmethod
     def check(cls, cfg, need, semi: bool) -> None:
@@ -114,11 +115,37 @@ class Classification(Task):
             ensure_toy_cls(self.cfg.data_root)
 
     def split_paths(self, split: str) -> tuple[Part, Part, Part]:
+        cfg = self.cfg
+        if self.custom:
+            base = Path(cfg.splits_root) / cfg.data_name / split
+            return (Part('labeled', split, cfg.dataset, cfg.data_root, base / 'labeled.txt'),
+                    Part('unlabeled', split, cfg.dataset, cfg.data_root, base / 'unlabeled.txt'),
+                    self.eval_split_path())
         parse_split(split)          # a malformed split is an error naming it, here
-        return tuple(Part(role, split, self.cfg.dataset, self.cfg.data_root) for role in ('labeled', 'unlabeled', 'val'))
+        return tuple(Part(role, split, cfg.dataset, cfg.data_root) for role in ('labeled', 'unlabeled', 'val'))
 
     def eval_split_path(self) -> Part:
-        return Part('val', 'all', self.cfg.dataset, self.cfg.data_root)
+        cfg = self.cfg
+        if self.custom:
+            name = cfg.eval_split or 'val'
+            return Part('val', name, cfg.dataset, cfg.data_root, Path(cfg.splits_root) / cfg.data_name / f'{name}.txt')
+        return Part('val', 'all', cfg.dataset, cfg.data_root)
+
+    def _part(self, part) -> Part:
+        """A custom_cls list given as a path (evaluate.py --split <file>) as the val part it is."""
+        if self.custom and not isinstance(part, Part):
+            return Part('val', Path(part).stem, self.cfg.dataset, self.cfg.data_root, Path(part))
+        return part
+
+    def classes(self) -> list[str]:
+        """custom_cls: the class folder names, checked against the config's nclass and class_names."""
+        return check_classes(self.cfg.data_root, self.cfg.nclass, self.cfg.class_names)
+
+    def read_list(self, part: Part):
+        """custom_cls: the images of one list, read and checked once (DataError otherwise)."""
+        if part.path not in self._lists:
+            self._lists[part.path] = read_list(self.cfg.data_root, part.path, part.role, self.classes())
+        return self._lists[part.path]
 
     def data(self, split: str, unlabeled: bool = False):
         """Every image and label of `split`, read and checked once (DataError otherwise);
@@ -134,6 +161,8 @@ class Classification(Task):
     def check_inputs(self, splits: dict, full: bool = False, roots: dict | None = None) -> list:
         """The files of each part, read in full (they are read once either way), the labeled subset
         drawn: a missing root, a wrong format or too few images of a class is an error naming it."""
+        if self.custom:
+            return self._check_lists([self._part(p) for p in splits.values()], full)
         for part in splits.values():
             if not isinstance(part, Part):
                 return [Problem('error', str(part), f'{self.cfg.dataset} has no split files: give --split '
@@ -144,9 +173,20 @@ class Classification(Task):
                 return [Problem('error', str(part), str(err))]
         return []
 
+    def _check_lists(self, parts: list[Part], full: bool) -> list:
+        """custom_cls: the class folders against the config, then each list (dataset/image_folder.py)."""
+        try:
+            classes = self.classes()
+        except DataError as err:
+            return [Problem('error', str(self.cfg.data_root), str(err))]
+        return [problem for part in parts for problem in check_list(self.cfg.data_root, part.path, part.role, classes, full)]
+
     def split_sizes(self, split: str) -> dict[str, int | str]:
         """The labeled count of `<N>_labels_per_class` (N x nclass); the other counts are the
         dataset files' (not read here)."""
+        if self.custom:
+            return {part.role: sum(1 for line in open(part.path) if line.strip()) if part.path.is_file()
+                    else f'{part.path} does not exist' for part in self.split_paths(split)}
         kind, k = parse_split(split)
         unread = f'in the {self.cfg.dataset} files under {self.cfg.data_root}, not read by --plan'
         return {'labeled': int(k) * self.cfg.nclass if kind == 'per_class' else unread,
@@ -172,13 +212,18 @@ class Classification(Task):
                 root: str | None = None) -> Dataset:
         """The part's samples; the unlabeled set is repeated to one epoch of `max_iters_per_epoch`
         iterations of `batch_size x unlabeled_ratio` images on every process."""
-        cfg, data = self.cfg, self.data(split_file.split, unlabeled=split_file.role == 'unlabeled')
-        images, indices = {'labeled': (data.train, data.labeled),
-                           'unlabeled': (data.unlabeled, np.arange(len(data.unlabeled))),
-                           'val': (data.test, np.arange(len(data.test)))}[split_file.role]
+        cfg, split_file = self.cfg, self._part(split_file)
+        if self.custom:
+            images = self.read_list(split_file)
+            indices = np.arange(len(images))
+        else:
+            data = self.data(split_file.split, unlabeled=split_file.role == 'unlabeled')
+            images, indices = {'labeled': (data.train, data.labeled),
+                               'unlabeled': (data.unlabeled, np.arange(len(data.unlabeled))),
+                               'val': (data.test, np.arange(len(data.test)))}[split_file.role]
         if mode == 'train_u' and nsample is None:
             nsample = self.epoch_unlabeled(len(indices), dist.world_size())
-        spec = replace(data.spec, size=cfg.crop_size)
+        spec = replace(image_spec(cfg.dataset), size=cfg.crop_size)
         return ClassificationDataset(spec, images, indices, mode, nsample, num_strong)
 
     # ---- model -----------------------------------------------------------------------------------

@@ -18,14 +18,7 @@ from tqdm import tqdm
 from dataset.checks import check_inputs
 from dataset.images import list_inputs, load_rgb, output_stem, overlay, save_prediction
 from dataset.registry import default_eval_mode, get_palette, get_spec
-from dataset.semi import (
-    CUTMIX_P,
-    RESIZE_RATIO,
-    UNLABELED_PAD,
-    SemiDataset,
-    split_paths,
-    split_sizes,
-)
+from dataset.semi import CUTMIX_P, RESIZE_RATIO, UNLABELED_PAD, SemiDataset, split_paths, split_sizes
 from dataset.splits import read_split
 from dataset.toy import ensure_toy
 from dataset.transforms import normalize
