@@ -44,15 +44,17 @@ from torch.profiler import ProfilerActivity, profile
 
 import methods
 import tasks
-from methods.step import SemiOptions, mix_strong_views, pseudo_label, semi_step, strong_losses
-from model.dpt import to_input_size
-from engine.config import Config, fused_attention, load_config
+from methods.base import MethodSet
+from methods.step import mix_strong_views, pseudo_label, strong_losses, total_loss
+from engine.config import Config, load_config
 from util.dist import ddp
 from util.ema import EMATeacher
 from util.losses import build_criterion
 from util.memory import peak_memory_mib
 from util.precision import Precision
-from engine.build import build_model, build_optimizer
+from engine.build import build_optimizer, build_student, make_step
+from engine.run import Run
+from engine.state import TrainState, Training
 
 METHOD_RECIPES = tuple(name for name, cls in methods.REGISTRY.items() if cls.benchmark_recipe)
 RECIPES = ('original', 'default') + METHOD_RECIPES
@@ -85,13 +87,22 @@ OP_CLASSES = {
 @dataclass
 class Recipe:
     name: str
-    precision: str
+    cfg: Config        # the config the trainer's builders get (the original's: none of the speed options)
     original: bool     # the original release's step (module docstring), else this project's options
+
+    @property
+    def precision(self) -> str:
+        return self.cfg.precision
 
 
 def recipe(name: str, cfg: Config) -> Recipe:
-    original = name == 'original'
-    return Recipe(name, 'fp32' if original else cfg.precision, original)
+    """`name`'s config: its method's (the core step's for 'original' and 'default'); for 'original'
+    fp32, math attention and no gradient checkpointing, channels-last or compile."""
+    cfg = replace(cfg, method=name if name in METHOD_RECIPES else methods.DEFAULT)
+    if name == 'original':
+        cfg = replace(cfg, precision='fp32', attention='math', grad_checkpointing=False, channels_last=False,
+                      compile=False)
+    return Recipe(name, cfg, name == 'original')
 
 
 def make_batch(cfg: Config, device: torch.device, seed: int) -> tuple[dict, dict]:
@@ -110,35 +121,40 @@ def make_batch(cfg: Config, device: torch.device, seed: int) -> tuple[dict, dict
     return move(batch_l), move(batch_u)
 
 
+class SteadyMethods(MethodSet):
+    """The benchmarked method as `Method.for_benchmark` left it, at every step: the loop's
+    per-step schedules (`begin_step`) would start its warm-ups again."""
+
+    def begin_step(self, epoch: int, iteration: int, iters_per_epoch: int) -> None:
+        pass
+
+
 class Trainer:
-    """One recipe's model, teacher, optimizer and step."""
+    """One recipe's model, teacher, optimizer and step, from the trainer's own builders (its
+    `build_student`, `build_optimizer` and `make_step`, the step the training loop calls)."""
 
     def __init__(self, r: Recipe, cfg: Config, device: torch.device):
         torch.manual_seed(cfg.seed)
         self.r, self.cfg, self.device = r, cfg, device
-        method = methods.get(r.name) if r.name in METHOD_RECIPES else None    # None: the core step alone
-        task = tasks.for_config(cfg)
-        self.student = build_model(replace(cfg, method=r.name if method else methods.DEFAULT), task).to(device)
-        if cfg.lock_backbone:
-            self.student.lock_backbone()
-        self.student.set_fused_attention(not r.original and fused_attention(cfg, device.type))
+        task = tasks.for_config(r.cfg)
+        self.student = build_student(r.cfg, device, task=task)
         self.student.set_layer_scale_folding(not r.original)
-        if not r.original:
-            self.student.set_grad_checkpointing(cfg.grad_checkpointing)
-            if cfg.channels_last:
-                self.student.to(memory_format=torch.channels_last)
         self.teacher = EMATeacher(self.student, cfg.ema_decay)
         self.optimizer = build_optimizer(self.student, cfg, fused=not r.original)
         self.ddp = ddp(self.student, device, find_unused_parameters=r.original,
                        gradient_as_bucket_view=not r.original)
-        self.forward = torch.compile(self.ddp) if (cfg.compile and not r.original) else self.ddp
+        self.forward = torch.compile(self.ddp) if r.cfg.compile else self.ddp
         self.precision = Precision(r.precision, device)
-        self.criterion = build_criterion(cfg.criterion.name, cfg.criterion.kwargs)
-        self.opt = replace(method.options if method else SemiOptions(), conf_thresh=cfg.conf_thresh,
-                           lossu_weight=cfg.lossu_weight, fused=not r.original)
-        self.methods = [method.for_benchmark(replace(cfg, method=r.name), self.student, device)] if method else []
-        # who labels the weak view: the EMA teacher, or the online student (`teacher: online`)
-        self.labeler = self.teacher if cfg.teacher == 'ema' else self.forward
+        method = methods.get(r.cfg.method)
+        self.opt = replace(method.options, fused=not r.original)
+        self.methods = SteadyMethods([method.for_benchmark(r.cfg, self.student, device)]
+                                     if r.name in METHOD_RECIPES else [])
+        # No data and no run directory: the benchmark writes nothing.
+        run = Run(r.cfg, run_dir=None, device=device, log=None, split='', labeled=None, unlabeled=None, val=None,
+                  task=task)
+        training = Training(run, self.student, self.forward, self.teacher, self.optimizer, self.precision,
+                            TrainState(), tb=None, methods=self.methods)
+        self.semi_step = make_step(training, self.opt, iters_per_epoch=1)    # (batch_u, batch_l) -> losses
         self.it = 0
 
     def step(self, batch_l: dict, batch_u: dict) -> float:
@@ -146,7 +162,7 @@ class Trainer:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with self.precision.autocast():
-            out = semi_step(self.forward, self.labeler, batch_l, batch_u, self.criterion, self.opt, self.methods)
+            out = self.semi_step(batch_u, batch_l)
         self.precision.backward_step(out['loss'], self.optimizer)
         (self.teacher.update_loop if self.r.original else self.teacher.update)(self.student, self.it)
         self.it += 1
@@ -212,22 +228,18 @@ def profile_default(cfg: Config, device: torch.device, steps: int) -> dict[str, 
     t = Trainer(recipe('default', cfg), cfg, device)
     student, (batch_l, batch_u) = t.student, make_batch(cfg, device, 0)
     n, views = len(batch_l['image']), t.opt.views
+    criterion = build_criterion(cfg.criterion.name, cfg.criterion.kwargs)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
 
     def now() -> float:
         sync()
         return time.perf_counter()
 
-    def losses(logits, targets):        # semi_step's total loss
+    def losses(logits, targets):        # semi_step's loss, from its own functions
         pred_x, *pred_s = logits.split([n] * (1 + views))
-        loss_u = sum(strong_losses(pred_s, targets, t.opt.conf_thresh).values()) / views
-        w = t.opt.lossu_weight
-        return (t.criterion(pred_x, batch_l['mask']) + w * loss_u) / (1 + w)
-
-    patch = student.patch_size
-
-    def decode(features, grid):        # DPTSegmentor.forward after the encoder
-        return to_input_size(student.head(features, grid), (grid[0] * patch, grid[1] * patch))
+        loss_u = sum(strong_losses(pred_s, targets, cfg.conf_thresh).values()) / views
+        return total_loss(criterion(pred_x, batch_l['mask']), loss_u, cfg.lossu_weight, (),
+                          cfg.total_loss == 'mean')
 
     parts = {}
     for i in range(steps + 1):
@@ -240,8 +252,8 @@ def profile_default(cfg: Config, device: torch.device, steps: int) -> dict[str, 
             t2 = now()
             features = student.perturb(student.decoder_inputs(x), True, n, False)
             t3 = now()
-            grid = (x.shape[-2] // patch, x.shape[-1] // patch)
-            logits = decode(features, grid)
+            grid, out_size = student.patch_grid(x)
+            logits = student.decode(features, grid, out_size)
             t4 = now()
             loss = losses(logits, targets)
             t5 = now()
@@ -253,7 +265,7 @@ def profile_default(cfg: Config, device: torch.device, steps: int) -> dict[str, 
         t8 = now()
         with t.precision.autocast():        # the decoder alone, on detached features
             detached = [f.detach().requires_grad_() for f in features]
-            loss = losses(decode(detached, grid), targets)
+            loss = losses(student.decode(detached, grid, out_size), targets)
         d0 = now()
         loss.backward()
         d1 = now()

@@ -30,7 +30,7 @@ from torch import nn
 
 from methods.base import Method, register
 from methods.step import StepContext
-from model.dpt import DPTSegmentor, to_input_size
+from model.dpt import DPTSegmentor
 from model.presets import PATCH_SIZE, ModelPreset
 from util import dist
 from util.losses import cutmix
@@ -198,7 +198,7 @@ class AllSparkSegmentor(DPTSegmentor):
         features = self.encode(x)
         features = [*features[:-1], self.allspark(features[-1], grid, n_labeled, group_prob, use_memory)]
         features = self.perturb(features, comp_drop, n_clean, need_fp)
-        logits = to_input_size(self.head(features, grid), out_size)
+        logits = self.decode(features, grid, out_size)
         return logits.chunk(2) if need_fp else logits
 
 

@@ -247,13 +247,18 @@ class DPTSegmentor(nn.Module):
         at_features = comp_drop and self.comp_drop_at == 'features'
         features = self.perturb(self.decoder_inputs(x), at_features, n_clean, need_fp, feat_drop)
         if comp_drop and not at_features:
-            logits = self.classify_with_comp_drop(self.head.fuse(features, grid), n_clean)
+            logits = to_input_size(self.classify_with_comp_drop(self.head.fuse(features, grid), n_clean), out_size)
         else:
-            logits = self.head(features, grid)
-        logits = to_input_size(logits, out_size)
+            logits = self.decode(features, grid, out_size)
         if need_fp:
             return logits.chunk(2)
         return logits
+
+    def decode(self, features: list[torch.Tensor], grid: tuple[int, int], out_size: tuple[int, int]
+               ) -> torch.Tensor:
+        """The head's logits for the decoder inputs of a `grid` of patches, brought to `out_size`
+        (`patch_grid`)."""
+        return to_input_size(self.head(features, grid), out_size)
 
     def classify_with_comp_drop(self, fused: torch.Tensor, n_clean: int) -> torch.Tensor:
         """The head's output convolutions with complementary channel dropout on the strong pairs'
