@@ -190,7 +190,7 @@ def test_save_config_round_trips(tmp_path, path):
     save_config(cfg, out)
     again = load_config(out)
     assert again == cfg
-    assert not (tmp_path / 'config.yaml.tmp').exists()
+    assert [p.name for p in tmp_path.iterdir()] == ['config.yaml']      # no temporary file left
 
 
 @pytest.mark.parametrize('dataset', ['levir', 'whu'])
