@@ -236,8 +236,7 @@ def _check(cfg: Config, sources: Sources) -> None:
          f'must be >= 1, got {cfg.pseudo_label_stats_images}')
     need(cfg.class_names is None or len(cfg.class_names) == cfg.nclass, 'class_names',
          f'has {len(cfg.class_names or [])} names but nclass is {cfg.nclass}')
-    running = methods.enabled(cfg)           # the run's method and those its keys turn on: checked once
-    for method in running:
+    for method in methods.REGISTRY.values():   # every method's keys are the config's: each value checked
         method.check(cfg, need)
     task = tasks.of_dataset(cfg.dataset)
     task.check(cfg, need, semi=methods.get(cfg.method).options is not None)
