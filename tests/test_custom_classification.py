@@ -7,14 +7,14 @@ written on scikit-learn's real handwritten digits.
 from __future__ import annotations
 
 import json
-import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests import launch
 import yaml
 from PIL import Image
 
@@ -201,13 +201,7 @@ def test_an_unreadable_image_and_a_foreign_line_are_named_with_file_and_line(tmp
 
 def run_as_documented(command: str, cwd: Path) -> subprocess.CompletedProcess:
     """A command of the page, run from `cwd` as from a checkout: its script from the repository."""
-    assert command in DOC.read_text(), f'the page no longer shows: {command}'
-    python, script, *rest = shlex.split(command)
-    assert python == 'python'
-    out = subprocess.run([sys.executable, str(ROOT / script), *rest], cwd=cwd, capture_output=True, text=True,
-                         timeout=TIMEOUT_S, env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    assert out.returncode == 0, f'{command}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}'
-    return out
+    return launch.run_as_documented(command, cwd, DOC, TIMEOUT_S)
 
 
 def test_the_custom_classification_recipe_runs_as_written_on_real_digits(tmp_path):

@@ -2,15 +2,14 @@
 image-only unlabeled folder), its commands -- taken verbatim from the page -- make the splits and
 the config, check the files and train a tiny epoch, in a fresh working directory."""
 import json
-import os
-import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import yaml
 from PIL import Image
+
+from tests import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / 'docs/custom_data.md'
@@ -39,13 +38,7 @@ def make_folder(root: Path, n_masked: int = 10, n_unlabeled: int = 4) -> None:
 
 def run_as_documented(command: str, cwd: Path) -> subprocess.CompletedProcess:
     """A command of the page, run from `cwd` as from a checkout: its script from the repository."""
-    assert command in DOC.read_text(), f'the page no longer shows: {command}'
-    python, script, *rest = shlex.split(command)
-    assert python == 'python'
-    out = subprocess.run([sys.executable, str(ROOT / script), *rest], cwd=cwd, capture_output=True, text=True,
-                         timeout=TIMEOUT_S, env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    assert out.returncode == 0, f'{command}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}'
-    return out
+    return launch.run_as_documented(command, cwd, DOC, TIMEOUT_S)
 
 
 def lines(path: Path) -> list[str]:

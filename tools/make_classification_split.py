@@ -18,14 +18,11 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, as a script
 
 from dataset.checks import DataError  # noqa: E402
 from dataset.image_folder import UNLABELED, classes_of, make_classification_split  # noqa: E402
-from util.checkpoint import write_text_atomic  # noqa: E402
-from engine.config import from_dict  # noqa: E402
+from tools.split_writer import checked_config, write_splits  # noqa: E402
 from util.config import ConfigError  # noqa: E402
 
 CONFIG_TEMPLATE = """\
@@ -65,10 +62,8 @@ eval_batch_size: 64
 
 def config_text(name: str, data_root: str, classes: list[str]) -> str:
     """The dataset's config, checked by the config loader."""
-    text = CONFIG_TEMPLATE.format(name=json.dumps(name), data_root=json.dumps(data_root), nclass=len(classes),
-                                  class_names=json.dumps(classes))
-    from_dict(yaml.safe_load(text), source='command line')
-    return text
+    return checked_config(CONFIG_TEMPLATE.format(name=json.dumps(name), data_root=json.dumps(data_root),
+                                                 nclass=len(classes), class_names=json.dumps(classes)))
 
 
 def main() -> None:
@@ -84,25 +79,11 @@ def main() -> None:
     parser.add_argument('--config', type=Path, help='also write this config for the dataset')
     parser.add_argument('--force', action='store_true', help='overwrite existing split files and config')
     args = parser.parse_args()
-    try:
-        config = config_text(args.name, args.root, classes_of(args.root)) if args.config else None
-        if config and args.config.exists() and not args.force:      # before any split file is written
-            raise FileExistsError(f'{args.config} exists')
-        paths = make_classification_split(args.root, args.name, args.labels_per_class, seed=args.seed,
-                                          split=args.split, splits_root=args.splits_root,
-                                          unlabeled=args.unlabeled, force=args.force)
-        if config:
-            args.config.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(config, args.config)
-    except FileExistsError as err:
-        raise SystemExit(f'error: {err}; nothing was written (--force overwrites)') from None
-    except (DataError, ConfigError) as err:
-        raise SystemExit(f'error: {err}') from None
-    for role, path in paths.items():
-        n = sum(1 for line in open(path) if line.strip())
-        print(f'{role:9s} {n:6d}  {path}')
-    if args.config:
-        print(f'config              {args.config}')
+    write_splits(lambda: make_classification_split(args.root, args.name, args.labels_per_class, seed=args.seed,
+                                                   split=args.split, splits_root=args.splits_root,
+                                                   unlabeled=args.unlabeled, force=args.force),
+                 (lambda: config_text(args.name, args.root, classes_of(args.root))) if args.config else None,
+                 args.config, args.force, (DataError, ConfigError))
 
 
 if __name__ == '__main__':

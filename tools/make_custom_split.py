@@ -17,14 +17,11 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, as a script
 
 from dataset.splits import DEFAULT_VAL_FRACTION, SplitError, make_custom_split  # noqa: E402
-from util.checkpoint import write_text_atomic  # noqa: E402
 from util.config import ConfigError  # noqa: E402
-from engine.config import from_dict  # noqa: E402
+from tools.split_writer import checked_config, write_splits  # noqa: E402
 
 CONFIG_TEMPLATE = """\
 # Custom dataset {name} (written by tools/make_custom_split.py; docs/custom_data.md). Every key not
@@ -40,9 +37,7 @@ class_names: null         # or a list of {nclass} names, for the logs and plots
 
 def config_text(name: str, data_root: str, nclass: int) -> str:
     """The dataset's config, checked by the config loader."""
-    text = CONFIG_TEMPLATE.format(name=json.dumps(name), data_root=json.dumps(data_root), nclass=nclass)
-    from_dict(yaml.safe_load(text), source='command line')
-    return text
+    return checked_config(CONFIG_TEMPLATE.format(name=json.dumps(name), data_root=json.dumps(data_root), nclass=nclass))
 
 
 def main() -> None:
@@ -66,25 +61,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.config and args.nclass is None:
         parser.error('--config needs --nclass')
-    try:
-        config = config_text(args.name, args.root, args.nclass) if args.config else None
-        if config and args.config.exists() and not args.force:      # before any split file is written
-            raise FileExistsError(f'{args.config} exists')
-        paths = make_custom_split(args.root, args.name, fraction=args.fraction, count=args.count,
-                                  split=args.split, val_fraction=args.val_fraction, seed=args.seed,
-                                  splits_root=args.splits_root, force=args.force, unlabeled=args.unlabeled)
-        if config:
-            args.config.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(config, args.config)
-    except FileExistsError as err:
-        raise SystemExit(f'error: {err}; nothing was written (--force overwrites)') from None
-    except (FileNotFoundError, ValueError, SplitError, ConfigError) as err:
-        raise SystemExit(f'error: {err}') from None
-    for role, path in paths.items():
-        n = sum(1 for line in open(path) if line.strip())
-        print(f'{role:9s} {n:6d}  {path}')
-    if args.config:
-        print(f'config              {args.config}')
+    write_splits(lambda: make_custom_split(args.root, args.name, fraction=args.fraction, count=args.count,
+                                           split=args.split, val_fraction=args.val_fraction, seed=args.seed,
+                                           splits_root=args.splits_root, force=args.force, unlabeled=args.unlabeled),
+                 (lambda: config_text(args.name, args.root, args.nclass)) if args.config else None, args.config,
+                 args.force, (FileNotFoundError, ValueError, SplitError, ConfigError))
 
 
 if __name__ == '__main__':
