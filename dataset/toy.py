@@ -93,16 +93,16 @@ def _texture(rng: np.random.Generator, kind: str, angle: float, x: np.ndarray,
     radius = rng.uniform(*DOT_RADIUS)
     if kind == 'dots':  # dots on a square lattice
         return (u % 1.0 - 0.5) ** 2 + (v % 1.0 - 0.5) ** 2 < radius ** 2
-    # 'spots': one dot per lattice cell at a random place inside it, so no rows line up to read as
-    # stripes (a lattice's rows do: the old toy's dots were taken for h-stripes and diagonals)
+    # 'spots': one dot per lattice cell at a random place inside it, so its rows line up less (a
+    # lattice's rows read as stripes: the old toy's dots were taken for h-stripes and diagonals)
     offsets = rng.uniform(radius, 1.0 - radius, size=(2, SPOT_TABLE, SPOT_TABLE))
     iu, iv = np.floor(u).astype(np.int64) % SPOT_TABLE, np.floor(v).astype(np.int64) % SPOT_TABLE
     return (u % 1.0 - offsets[0, iu, iv]) ** 2 + (v % 1.0 - offsets[1, iu, iv]) ** 2 < radius ** 2
 
 
 def toy_texture(rng: np.random.Generator, cls: int) -> tuple[str, float]:
-    """The toy classes 1..5: stripes at 90 / 0 / +-45 degrees, checker, dots, each tilted by up to
-    TILT_DEG, so the orientation classes stay 30+ degrees apart."""
+    """The toy classes 1..5: stripes at 90 / 0 / +-45 degrees, checker, dots ('spots': jittered, not
+    a lattice), each tilted by up to TILT_DEG, so the orientation classes stay 30+ degrees apart."""
     tilt = rng.uniform(-TILT_DEG, TILT_DEG)
     if cls in (1, 2, 3):
         return 'stripes', {1: 90.0, 2: 0.0, 3: float(rng.choice([45.0, -45.0]))}[cls] + tilt
