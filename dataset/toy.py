@@ -38,12 +38,11 @@ NCLASS = len(TOY_CLASSES)
 N_TRAIN = 400  # train images; 1_16 then has 25 labeled, few enough that labels are what limits
 N_VAL = 100  # val images: ~350 objects, a stable mIoU over 6 classes
 IMAGE_SIDE = (112, 168)  # px per side, drawn independently: 8-12 ViT patches, often not x14
-OBJECTS_PER_IMAGE = (4, 7)
+OBJECTS_PER_IMAGE = (3, 6)
 OBJECT_EXTENT = (48, 100)  # px across a shape: 3-7 patches and >= 3 texture periods
 PERIOD = (9.0, 14.0)  # texture period px: still >= 4.5 px at the 0.5x training rescale, and survives blur
 DUTY = (0.4, 0.6)  # fraction of a stripe period in the first colour
 DOT_RADIUS = (0.25, 0.35)  # dot radius in periods
-SPOT_TABLE = 64  # 'spots': cells of distinct random dot positions per side (repeats after 64 periods)
 TILT_DEG = 8.0  # random tilt of stripes/grids: orientation classes stay 30+ degrees apart
 WARP_PX = 1.0  # amplitude of a smooth coordinate warp: textures are not pixel-perfect
 WARP_CELLS = 4  # coarse grid of the warp field per side
@@ -59,7 +58,7 @@ _PARAMS = dict(nclass=NCLASS, image_side=IMAGE_SIDE, objects=OBJECTS_PER_IMAGE,
                extent=OBJECT_EXTENT, period=PERIOD, duty=DUTY, dot_radius=DOT_RADIUS,
                tilt=TILT_DEG, warp=WARP_PX, warp_cells=WARP_CELLS, min_color=MIN_COLOR_DIST,
                background=BACKGROUND_CELLS, noise=NOISE_STD, brightness=BRIGHTNESS,
-               jpeg=JPEG_QUALITY, spot_table=SPOT_TABLE, version=4)
+               jpeg=JPEG_QUALITY, version=3)
 
 
 def _smooth_field(rng: np.random.Generator, h: int, w: int, cells: int,
@@ -90,23 +89,17 @@ def _texture(rng: np.random.Generator, kind: str, angle: float, x: np.ndarray,
     v = (-x * math.sin(angle) + y * math.cos(angle)) / period + rng.random()
     if kind == 'checker':  # two cells per period
         return (np.floor(2 * u) + np.floor(2 * v)) % 2 == 0
-    radius = rng.uniform(*DOT_RADIUS)
-    if kind == 'dots':  # dots on a square lattice
-        return (u % 1.0 - 0.5) ** 2 + (v % 1.0 - 0.5) ** 2 < radius ** 2
-    # 'spots': one dot per lattice cell at a random place inside it, so its rows line up less (a
-    # lattice's rows read as stripes: the old toy's dots were taken for h-stripes and diagonals)
-    offsets = rng.uniform(radius, 1.0 - radius, size=(2, SPOT_TABLE, SPOT_TABLE))
-    iu, iv = np.floor(u).astype(np.int64) % SPOT_TABLE, np.floor(v).astype(np.int64) % SPOT_TABLE
-    return (u % 1.0 - offsets[0, iu, iv]) ** 2 + (v % 1.0 - offsets[1, iu, iv]) ** 2 < radius ** 2
+    radius = rng.uniform(*DOT_RADIUS)  # dots on a square lattice
+    return (u % 1.0 - 0.5) ** 2 + (v % 1.0 - 0.5) ** 2 < radius ** 2
 
 
 def toy_texture(rng: np.random.Generator, cls: int) -> tuple[str, float]:
-    """The toy classes 1..5: stripes at 90 / 0 / +-45 degrees, checker, dots ('spots': jittered, not
-    a lattice), each tilted by up to TILT_DEG, so the orientation classes stay 30+ degrees apart."""
+    """The toy classes 1..5: stripes at 90 / 0 / +-45 degrees, checker, dots, each tilted by up to
+    TILT_DEG, so the orientation classes stay 30+ degrees apart."""
     tilt = rng.uniform(-TILT_DEG, TILT_DEG)
     if cls in (1, 2, 3):
         return 'stripes', {1: 90.0, 2: 0.0, 3: float(rng.choice([45.0, -45.0]))}[cls] + tilt
-    return ('checker' if cls == 4 else 'spots'), tilt
+    return ('checker' if cls == 4 else 'dots'), tilt
 
 
 def _shape(rng: np.random.Generator, h: int, w: int,

@@ -146,22 +146,6 @@ def test_classes_differ_by_texture():
     assert (gx[0] + gy[0]) < 0.4 * (gx[1:] + gy[1:]).min()
 
 
-def row_profile_contrast(kind: str, seed: int) -> float:
-    """Std of the row means of an untilted `kind` pattern: high where the pattern forms rows."""
-    y, x = np.mgrid[0:400, 0:400].astype(np.float32)
-    pattern = toy._texture(np.random.default_rng(seed), kind, 0.0, x, y, (12.0, 12.0))
-    return float(pattern.mean(1).std())
-
-
-def test_spots_break_up_rows():
-    # The toy's class 5 places one dot per lattice cell at a random place inside it: its rows line up
-    # less than a dot lattice's (the old toy's lattice dots were read as h-stripes and diagonals).
-    spots = np.mean([row_profile_contrast('spots', seed) for seed in range(8)])
-    dots = np.mean([row_profile_contrast('dots', seed) for seed in range(8)])
-    assert spots < 0.8 * dots, (spots, dots)
-    assert [toy.toy_texture(np.random.default_rng(0), c)[0] for c in (4, 5)] == ['checker', 'spots']
-
-
 def test_toy_loads_through_semi_dataset(toy_tree):
     from dataset.semi import SemiDataset, split_paths
 
