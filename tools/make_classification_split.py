@@ -30,7 +30,7 @@ CONFIG_TEMPLATE = """\
 # docs/custom_classification.md). The recipe below is OURS (the paper has none for custom data):
 # configs/imagenet.yaml's DINOv2-S + linear head at 224 x 224 (pretrained/dinov2_small.pth), SGD
 # 0.001 for the encoder and 0.03 for the head, cosine schedule, batch 32 labeled + 32 unlabeled,
-# threshold 0.95, EMA 0.999, 30 epochs of 256 iterations. Every other key: util/config.py.
+# threshold 0.95, EMA 0.999, 30 epochs of 256 iterations. Every other key: engine/config.py.
 dataset: custom_cls
 name: {name}              # splits/<name>/ and the run directories exp/<name>/...
 data_root: {data_root}
