@@ -174,7 +174,8 @@ def semi_step(student: nn.Module, teacher: Callable, batch_l: Batch, batch_u: Ba
         s.streams.append(('loss_fp', pred_fp, None, opt.fp_weight))
 
     out = {'loss_x': criterion(s.pred_x, y)}
-    out.update(replaced_strong_losses(s, methods) or strong_losses(s.pred_s, s.targets, opt.conf_thresh))
+    replaced = replaced_strong_losses(s, methods)
+    out.update(replaced if replaced is not None else strong_losses(s.pred_s, s.targets, opt.conf_thresh))
     if pred_fp is not None:
         out['loss_fp'] = masked_unlabeled_loss(pred_fp, s.pseudo, s.conf, valid, opt.conf_thresh)
     loss_u = sum(w * out[name] for name, _, _, w in s.streams)
