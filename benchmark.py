@@ -10,10 +10,11 @@ Recipes, on the same generated batches:
             (a Python loop over tensors on the CPU), EMA in a Python loop over tensors, DDP with
             find_unused_parameters=True (the original release's step; for change detection its
             remote-sensing step: pseudo-labels from the online model, as the config's `teacher`)
-  default   the config's precision (bf16 by default), one fused student forward, LayerScale folded
-            into the projections, fused AdamW, foreach EMA, DDP without find_unused_parameters and
-            with gradients as bucket views, plus the config's attention (auto: fused SDPA, except
-            math attention for bf16/fp16 on the CPU) / channels_last / compile / grad_checkpointing
+  default   the config's precision (auto: bf16 where the device has it in hardware, else fp32),
+            one fused student forward, LayerScale folded into the projections, fused AdamW, foreach
+            EMA, DDP without find_unused_parameters and with gradients as bucket views, plus the
+            config's attention (auto: fused SDPA, except math attention for bf16/fp16 on the CPU) /
+            channels_last / compile / grad_checkpointing
   <method>  default + what each method that declares a benchmark recipe adds (`python -m methods`
             marks them), in its steady state (`Method.for_benchmark`: warm-ups over, banks and
             memories in use), with the config's keys of that method
@@ -51,7 +52,7 @@ from util.dist import ddp
 from util.ema import EMATeacher
 from util.losses import build_criterion
 from util.memory import peak_memory_mib
-from util.precision import Precision
+from util.precision import Precision, resolve_precision
 from engine.build import build_optimizer, build_student, make_step
 from engine.run import Run
 from engine.state import TrainState, Training
@@ -339,6 +340,7 @@ def main() -> None:
     if not recipes or set(recipes) - set(available):
         p.error(f'--recipes: choose from {available}, got {args.recipes!r}')
     device = device_for_run()
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))    # 'auto' made concrete
     init_single_process_group()
     print(f'{cfg.backbone}, crop {cfg.crop_size}, batch {cfg.batch_size}+{cfg.batch_size} per step, '
           f'{cfg.nclass} classes, {device.type} ({torch.get_num_threads()} threads), default precision '

@@ -29,8 +29,9 @@ from model.inference import EVAL_MODES
 from util.config import ConfigError, Sources, apply_overrides_traced, coerce, read_yaml, unknown_keys
 from util.labels import IGNORE_INDEX
 from util.losses import CRITERIA
+from util.precision import resolve_precision
 
-PRECISIONS = ('fp32', 'bf16', 'fp16')
+PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
 ATTENTIONS = ('auto', 'sdpa', 'math')
 RESUME_CHANGES = ('refuse', 'allow')
 TEACHERS = ('ema', 'online')
@@ -98,7 +99,8 @@ class RunConfig:
     scale_lr: bool = True                # lr *= world_size * accum / reference_gpus
     seed: int = 0
     num_workers: int = -1                # -1 = sized to the machine
-    precision: str = 'bf16'             # autocast dtype of forward passes (fp32: none)
+    precision: str = 'auto'             # autocast dtype of forward passes (fp32: none); auto: bf16 where
+                                        # the device has it in hardware, else fp32 (util/precision.py)
     channels_last: bool = True           # channels-last conv weights and maps (bf16 convs ~3x faster on CPU)
     attention: str = 'auto'              # sdpa | math | auto: sdpa on CUDA and in fp32, math for bf16/fp16
                                          # on the CPU (its fused backward is slower there: docs/speed.md)
@@ -260,7 +262,7 @@ def fused_attention(cfg: Config, device_type: str) -> bool:
     only for bf16/fp16 training on the CPU, where the fused kernel's backward is the slower one."""
     if cfg.attention != 'auto':
         return cfg.attention == 'sdpa'
-    return device_type != 'cpu' or cfg.precision == 'fp32'
+    return device_type != 'cpu' or resolve_precision(cfg.precision, device_type) == 'fp32'
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from tasks.base import Task
 from util import dist
 from util.config import run_directory
 from util.logger import get_logger
+from util.precision import resolve_precision
 
 
 def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,6 +74,7 @@ def setup_run(args: argparse.Namespace, method: str | None = None) -> Run:
     device = dist.setup()
     overrides = list(args.overrides) + ([f'method={method}'] if method else [])
     cfg = load_config(args.config, overrides)
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))    # 'auto' made concrete
     if device.type == 'cpu':
         size_cpu_threads(cfg)
     task = tasks.for_config(cfg)
@@ -95,7 +97,7 @@ def setup_run(args: argparse.Namespace, method: str | None = None) -> Run:
         torch.backends.cudnn.benchmark = True   # autotuned convolutions, as the original
     log = get_logger(hold=True)
     log.info(f'config {args.config} ({" ".join(overrides) or "no overrides"}) -> {run_dir}, '
-             f'{dist.world_size()} process(es) on {device.type}')
+             f'{dist.world_size()} process(es) on {device.type}, precision {cfg.precision}')
     return Run(cfg, run_dir, device, log, split, labeled, unlabeled, val, task)
 
 
