@@ -69,3 +69,20 @@ def test_a_run_logs_and_saves_the_precision_it_took(toy, tmp_path):  # noqa: F81
     first = (tmp_path / 'train.log').read_text().splitlines()[0]
     assert first.endswith(f'1 process(es) on cpu, precision {taken}'), first
     assert safe_load(tmp_path / 'latest.pth')['config']['precision'] == taken
+
+
+def test_a_resume_on_hardware_that_takes_the_other_precision_is_refused(toy, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """A bf16 run resumed where auto means fp32 would change what it computes: refused, naming the
+    key; `precision=bf16` resumes it as it was trained."""
+    argv = train_argv(toy, tmp_path, ['epochs=1', 'max_iters_per_epoch=1'])
+    unimatch_v2.main(argv + ['precision=bf16'])
+    saved = (tmp_path / 'latest.pth').read_bytes()
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: False)
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        unimatch_v2.main(argv[:-2] + ['epochs=2', 'max_iters_per_epoch=1'])
+    assert stop.value.code == 1
+    assert "precision: 'bf16' -> 'fp32'" in capsys.readouterr().err
+    assert (tmp_path / 'latest.pth').read_bytes() == saved        # nothing on disk touched
+    unimatch_v2.main(argv[:-2] + ['epochs=2', 'max_iters_per_epoch=1', 'precision=bf16'])
+    assert safe_load(tmp_path / 'latest.pth')['epoch'] == 1
