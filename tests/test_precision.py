@@ -71,7 +71,8 @@ def test_a_run_logs_and_saves_the_precision_it_took(toy, tmp_path):  # noqa: F81
     assert safe_load(tmp_path / 'latest.pth')['config']['precision'] == taken
 
 
-def test_a_resume_on_hardware_that_takes_the_other_precision_is_refused(toy, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_a_resume_on_hardware_that_takes_the_other_precision_is_refused(  # noqa: F811 (the toy fixture)
+        toy, tmp_path, monkeypatch, capsys):
     """A bf16 run resumed where auto means fp32 would change what it computes: refused, naming the
     key; `precision=bf16` resumes it as it was trained."""
     argv = train_argv(toy, tmp_path, ['epochs=1', 'max_iters_per_epoch=1'])

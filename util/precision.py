@@ -2,7 +2,9 @@
 
 `auto` (the default) is bf16 where the device multiplies bf16 matrices in hardware and fp32 where
 it would emulate them: on an AVX2-only CPU (AMD EPYC without AVX-512 BF16) a bf16 step of the toy
-takes about 6x a fp32 one (docs/speed.md). Forward passes run under autocast; softmax of pseudo-labels, confidences and every loss are computed
+takes about 6x a fp32 one (docs/speed.md).
+
+Forward passes run under autocast; softmax of pseudo-labels, confidences and every loss are computed
 in fp32 by the code that uses them (`.float()` on logits). fp16 gets a gradient scaler.
 """
 from __future__ import annotations
